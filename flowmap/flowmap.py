@@ -17,8 +17,13 @@ __all__ = ["FlowMap", "as_time"]
 
 
 def as_time(t: float | Tensor, x: Tensor) -> Tensor:
-    """A time (float, 0-d or ``(B,)`` tensor) as a float32 vector ``(B,)`` on ``x``'s device."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+    """A time (float, 0-d or ``(B,)`` tensor) as a vector ``(B,)`` on ``x``'s device.
+
+    Times are float32 (DESIGN §2), except next to float64 samples, where they stay float64 so that
+    analytic oracles can be checked to float64 precision.
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    t = torch.as_tensor(t, device=x.device).to(dtype)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):

@@ -107,8 +107,8 @@ class AffinePath:
         self.schedule = get_schedule(schedule)
 
     def coefficients(self, t: Tensor, x: Tensor) -> ScheduleOutput:
-        """Schedule coefficients at ``t``, shaped to broadcast against ``x``."""
-        out = self.schedule(t.to(torch.float32))
+        """Schedule coefficients at ``t`` (float32; float64 beside float64 ``x``), shaped like ``x``."""
+        out = self.schedule(t.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
         return ScheduleOutput(*(expand_like(c, x).to(x.dtype) for c in vars(out).values()))
 
     def sample(self, x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

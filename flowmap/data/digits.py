@@ -5,10 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["load_digits_split"]
+from flowmap.data.base import FiniteFlowDataModule
+
+__all__ = ["DigitsDataModule", "load_digits_split"]
 
 
-def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def load_digits_split(
+    seed: int = 0, test_fraction: float = 0.2
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Return ``(x_train, y_train, x_test, y_test)``: images ``(N, 1, 8, 8)`` float32 in [-1, 1].
 
     The split is a fixed permutation drawn with ``seed`` (1797 images; 20% test by default).
@@ -23,3 +27,36 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor
     n_test = int(round(test_fraction * len(x)))
     test, train = perm[:n_test], perm[n_test:]
     return x[train], y[train], x[test], y[test]
+
+
+class DigitsDataModule(FiniteFlowDataModule):
+    """sklearn's 8×8 digits as images ``(1, 8, 8)`` in ``[-1, 1]`` (pixel ``p/16 · 2 − 1``).
+
+    The split is always :func:`load_digits_split` with its defaults (1438 train / 359 test
+    images), whatever ``seed`` is: every run, and the digits feature classifier, see the same
+    test set. ``seed`` only drives the shuffling of training batches. Labels are dropped.
+
+    Args:
+        batch_size: training batch size (``drop_last=True``; 5 batches per epoch at 256).
+        seed: seed of the training shuffle.
+        n_val: size of the fixed validation set (test images; capped at 359).
+        num_workers: DataLoader workers.
+    """
+
+    is_image = True
+    dataset_name = "digits"
+
+    def __init__(
+        self, batch_size: int = 256, seed: int = 0, n_val: int = 256, num_workers: int = 0
+    ) -> None:
+        super().__init__(batch_size=batch_size, n_val=n_val, num_workers=num_workers, seed=seed)
+        self.save_hyperparameters()
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """``(1, 8, 8)``."""
+        return (1, 8, 8)
+
+    def _load_split(self, split: str) -> Tensor:
+        x_train, _, x_test, _ = load_digits_split()
+        return x_train if split == "train" else x_test

@@ -1,0 +1,221 @@
+"""Common base of every DataModule in ``flowmap.data`` and the pixel-range helpers.
+
+Conventions (DESIGN.md §2): a sample ``x1`` is data at time ``t = 1``; a batch is a plain float32
+tensor ``(B, *data_shape)`` in *model space*. Images live in ``[-1, 1]``; :func:`to_uint8` and
+:func:`from_uint8` are the only two places that know the map between model space and pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "REFERENCE_SPLITS",
+    "FiniteFlowDataModule",
+    "FlowDataModule",
+    "TensorSamples",
+    "check_split",
+    "from_uint8",
+    "mix_seed",
+    "to_uint8",
+]
+
+#: Names accepted by :meth:`FlowDataModule.reference_samples`.
+REFERENCE_SPLITS: tuple[str, ...] = ("train", "test")
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Map images from model space ``[-1, 1]`` to uint8 pixels: ``round((x + 1) · 127.5)``.
+
+    Values outside ``[-1, 1]`` are clamped to ``[0, 255]``; the shape is unchanged.
+    """
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(x: Tensor) -> Tensor:
+    """Map uint8 pixels ``p ∈ {0..255}`` to model space: ``p / 127.5 − 1`` (float32, ``[-1, 1]``).
+
+    Exact inverse of :func:`to_uint8` on uint8 input.
+    """
+    return x.to(torch.float32) / 127.5 - 1.0
+
+
+def mix_seed(*parts: int) -> int:
+    """Hash integers (a base seed, a stream tag, a rank, a worker id, …) into one 63-bit seed.
+
+    Nearby inputs (``seed`` and ``seed + 1``, rank 0 and rank 1) give unrelated streams, unlike
+    ``seed + rank`` offsets, which make run ``seed=1, rank=0`` replay run ``seed=0, rank=1``.
+    """
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def check_split(split: str) -> None:
+    """Raise ``ValueError`` unless ``split`` is one of :data:`REFERENCE_SPLITS`."""
+    if split not in REFERENCE_SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(REFERENCE_SPLITS)}.")
+
+
+class TensorSamples(Dataset):
+    """Map-style dataset over a tensor ``(N, *data_shape)`` whose items are plain tensors.
+
+    uint8 storage (images kept at a quarter of the memory) is converted to model space with
+    :func:`from_uint8` item by item; float storage is returned as float32 unchanged. Items are
+    single tensors, not ``(x, label)`` tuples, so the default collate stacks them into a batch.
+    """
+
+    def __init__(self, data: Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Tensor:
+        x = self.data[index]
+        return from_uint8(x) if x.dtype == torch.uint8 else x.to(torch.float32)
+
+
+class FlowDataModule(L.LightningDataModule):
+    """Base DataModule: plain-tensor batches ``x1`` of shape ``(B, *data_shape)``, float32.
+
+    Subclasses provide :attr:`data_shape`, :meth:`reference_samples` and
+    :meth:`train_dataloader`. The validation loader is shared: a fixed set of ``n_val``
+    reference samples of the ``"test"`` split (``seed=0``), cut into batches of at most
+    ``batch_size``, in the same plain-tensor format as training batches.
+
+    Attributes:
+        is_image: whether samples are images ``(C, H, W)`` in ``[-1, 1]``.
+        batch_size: training (and validation) batch size.
+        n_val: number of validation reference samples.
+        num_workers: DataLoader worker processes.
+    """
+
+    is_image: bool = False
+
+    def __init__(self, batch_size: int, n_val: int, num_workers: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+        if n_val < 1:
+            raise ValueError(f"n_val must be a positive integer, got {n_val}.")
+        self.batch_size = batch_size
+        self.n_val = n_val
+        self.num_workers = num_workers
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. ``(2,)`` for toy 2D or ``(3, 32, 32)`` for CIFAR-10."""
+        raise NotImplementedError
+
+    def reference_samples(self, n: int, split: str = "test", seed: int = 0) -> Tensor:
+        """Return ``n`` real samples ``(n, *data_shape)`` float32 in model space, for metrics.
+
+        ``split`` is ``"train"`` or ``"test"``; the same ``(n, split, seed)`` always gives the
+        same samples, and the two splits are disjoint (finite sets) or drawn from independent
+        streams (toy 2D), so data-vs-data metric floors are honest.
+        """
+        raise NotImplementedError
+
+    def val_samples(self) -> Tensor:
+        """The fixed validation set: ``reference_samples(n_val, "test", seed=0)``."""
+        return self.reference_samples(self.n_val, split="test", seed=0)
+
+    def val_dataloader(self) -> DataLoader:
+        """Fixed reference batches (plain tensors ``(b, *data_shape)``), never shuffled."""
+        x = self.val_samples()
+        return DataLoader(TensorSamples(x), batch_size=min(self.batch_size, len(x)), shuffle=False)
+
+
+class FiniteFlowDataModule(FlowDataModule):
+    """Base for finite datasets (digits, torchvision sets, image folders).
+
+    Subclasses implement :meth:`_load_split` returning the whole split as a tensor
+    ``(N, *data_shape)`` (uint8 pixels or float32 in model space). Splits are loaded lazily, on
+    first use, and cached; the cache is dropped when pickling (``ddp_spawn`` sends the
+    DataModule to each process, which reloads from disk instead of receiving a copy).
+
+    Training batches come from the ``"train"`` split, shuffled by a generator seeded with
+    ``seed``, with ``drop_last=True`` so every batch has exactly ``batch_size`` samples. Under
+    DDP, Lightning swaps in a ``DistributedSampler`` (seeded by ``seed_everything``) instead.
+    The validation set is ``min(n_val, len(test split))`` test samples.
+    """
+
+    is_image: bool = True
+    #: Human-readable dataset name used in error messages.
+    dataset_name: str = "dataset"
+
+    def __init__(self, batch_size: int, n_val: int, num_workers: int, seed: int) -> None:
+        super().__init__(batch_size=batch_size, n_val=n_val, num_workers=num_workers)
+        self.seed = seed
+        self._cache: dict[str, Tensor] = {}
+
+    def _load_split(self, split: str) -> Tensor:
+        """Load the whole ``split`` as a tensor ``(N, *data_shape)`` (uint8 or float32)."""
+        raise NotImplementedError
+
+    def split_data(self, split: str) -> Tensor:
+        """The cached storage tensor of ``split`` (uint8 pixels or float32), loading it once."""
+        check_split(split)
+        if split not in self._cache:
+            self._cache[split] = self._load_split(split)
+        return self._cache[split]
+
+    def num_samples(self, split: str) -> int:
+        """Number of samples in ``split``."""
+        return len(self.split_data(split))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits this stage needs (train and test for ``fit``; test otherwise)."""
+        if stage in (None, "fit"):
+            self.split_data("train")
+        self.split_data("test")
+
+    def reference_samples(self, n: int, split: str = "test", seed: int = 0) -> Tensor:
+        """Return ``n`` distinct samples of ``split`` (a seeded random subset), float32.
+
+        Raises ``ValueError`` when ``n`` exceeds the size of the split: sampling with
+        replacement would duplicate images and bias metrics such as FID.
+        """
+        data = self.split_data(split)
+        if not 0 < n <= len(data):
+            raise ValueError(
+                f"Asked for {n} reference samples from the {split} split of "
+                f"{self.dataset_name}, but it only has {len(data)}; ask for between 1 and "
+                f"{len(data)} (samples are never repeated)."
+            )
+        index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+        x = data[index]
+        return from_uint8(x) if x.dtype == torch.uint8 else x.to(torch.float32)
+
+    def val_samples(self) -> Tensor:
+        """The fixed validation set: ``min(n_val, len(test))`` test samples, ``seed=0``."""
+        return self.reference_samples(min(self.n_val, self.num_samples("test")), "test", 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches ``(batch_size, *data_shape)`` of the train split (drop_last)."""
+        data = self.split_data("train")
+        if self.batch_size > len(data):
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the {len(data)} training samples "
+                f"of {self.dataset_name}; with drop_last no batch would be produced."
+            )
+        return DataLoader(
+            TensorSamples(data),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, 1)),
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state

@@ -1,0 +1,116 @@
+"""Any folder of PNG/JPEG images, resized and centre-cropped to a square, in ``[-1, 1]``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from flowmap.data.base import FiniteFlowDataModule
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataModule", "list_images"]
+
+#: File extensions read by :class:`ImageFolderDataModule` (case-insensitive).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """All files under ``root`` (recursively) with an :data:`IMAGE_EXTENSIONS` suffix, sorted."""
+    return sorted(
+        p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def load_image(path: str | Path, image_size: int, channels: int) -> Tensor:
+    """Read one image as uint8 ``(channels, image_size, image_size)``.
+
+    The image is converted to grey (``channels=1``) or RGB (``channels=3``), its shorter side
+    resized to ``image_size`` (bicubic) and the centre square cropped.
+    """
+    with Image.open(path) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BICUBIC)
+        arr = np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageFolderDataModule(FiniteFlowDataModule):
+    """Images read recursively from ``root`` (``.png``/``.jpg``/``.jpeg``), as
+    ``(channels, image_size, image_size)`` in ``[-1, 1]`` (pixel ``p / 127.5 − 1``).
+
+    The file list is taken (and checked non-empty) in the constructor; the pixels are decoded on
+    first use and held in memory as uint8, so this suits small images (≤ 64 px). A fixed,
+    seeded ``test_fraction`` of the files (at least one) is held out as the ``"test"`` split;
+    the rest is ``"train"``.
+
+    Args:
+        root: folder searched recursively.
+        image_size: side of the square output.
+        channels: 1 (greyscale) or 3 (RGB).
+        batch_size: training batch size (``drop_last=True``).
+        n_val: size of the fixed validation set (test images; capped at the test split size).
+        num_workers: DataLoader workers.
+        seed: seed of the training shuffle.
+        test_fraction: fraction of files held out as the test split (fixed by ``split_seed``).
+        split_seed: seed of the train/test split.
+    """
+
+    is_image = True
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        channels: int = 3,
+        batch_size: int = 128,
+        n_val: int = 1024,
+        num_workers: int = 0,
+        seed: int = 0,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}.")
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+        super().__init__(batch_size=batch_size, n_val=n_val, num_workers=num_workers, seed=seed)
+        self.save_hyperparameters()
+        self.root = os.path.expanduser(root)
+        self.image_size = image_size
+        self.channels = channels
+        self.dataset_name = f"the image folder {self.root}"
+        if not Path(self.root).is_dir():
+            raise FileNotFoundError(
+                f"Image folder {self.root} does not exist; create it and put .png or .jpg images "
+                f"in it (subfolders are searched), or point --data.root at such a folder."
+            )
+        files = list_images(self.root)
+        if len(files) < 2:
+            raise FileNotFoundError(
+                f"Found {len(files)} .png/.jpg/.jpeg images under {self.root} (searched "
+                f"recursively) but need at least 2 (a train and a test split); put images there "
+                f"or point --data.root at a folder that has them."
+            )
+        perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(split_seed))
+        n_test = min(max(1, round(test_fraction * len(files))), len(files) - 1)
+        self._files = {
+            "test": [str(files[i]) for i in perm[:n_test].sort().values],
+            "train": [str(files[i]) for i in perm[n_test:].sort().values],
+        }
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """``(channels, image_size, image_size)``."""
+        return (self.channels, self.image_size, self.image_size)
+
+    def files(self, split: str) -> list[str]:
+        """Paths of the images of ``split`` (``"train"`` or ``"test"``), sorted."""
+        return list(self._files[split])
+
+    def _load_split(self, split: str) -> Tensor:
+        images = [load_image(p, self.image_size, self.channels) for p in self._files[split]]
+        return torch.stack(images)

@@ -1,0 +1,120 @@
+r"""Time samplers: single times :math:`t` for CFM and pairs :math:`(s, t)` for flow maps.
+
+One implementation serves every loss (DESIGN §4, "Pairs"). A fraction :math:`\eta` of each batch
+lies on the diagonal :math:`s = t`; the rest is drawn off the diagonal from
+
+* ``"uniform"`` — uniform on the triangle :math:`0 \le s < t \le 1` (min/max of two uniforms);
+* ``"logit_normal"`` — sorted pair of :math:`\mathrm{sigmoid}(N(\mathrm{loc}, \mathrm{scale}^2))` draws;
+* ``"gap"`` — gap-controlled: :math:`t - s \sim U[0, g]`, :math:`s \sim U[0, 1 - (t - s)]`.
+
+A curriculum caps the gap :math:`t - s \le g(k)` with :math:`g(k)` growing linearly from
+``gap_start`` to ``max_gap`` over ``gap_warmup_steps`` training steps. With ``backward_fraction``
+> 0 that fraction of off-diagonal pairs is swapped to :math:`s > t` (data → noise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["sample_times", "TimePairs", "TimePairSampler", "TIME_DISTRIBUTIONS"]
+
+TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
+
+
+def sample_times(
+    n: int,
+    distribution: str = "uniform",
+    *,
+    loc: float = 0.0,
+    scale: float = 1.0,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""``n`` float32 times in [0, 1]: uniform, or :math:`\mathrm{sigmoid}(N(\mathrm{loc}, \mathrm{scale}^2))`."""
+    if distribution == "uniform":
+        return torch.rand(n, device=device, generator=generator)
+    if distribution == "logit_normal":
+        z = torch.randn(n, device=device, generator=generator)
+        return torch.sigmoid(loc + scale * z)
+    raise ValueError(
+        f"Unknown time distribution {distribution!r}; choose one of {list(TIME_DISTRIBUTIONS)}."
+    )
+
+
+@dataclass
+class TimePairs:
+    """Start times ``s``, end times ``t`` (both ``(B,)``); the first ``n_diag`` rows have ``s = t``."""
+
+    s: Tensor
+    t: Tensor
+    n_diag: int
+
+
+class TimePairSampler:
+    """Draws :class:`TimePairs`; see the module docstring for the distributions and curriculum."""
+
+    def __init__(
+        self,
+        distribution: str = "uniform",
+        eta: float = 0.75,
+        loc: float = 0.0,
+        scale: float = 1.0,
+        max_gap: float = 1.0,
+        gap_start: float | None = None,
+        gap_warmup_steps: int = 0,
+        backward_fraction: float = 0.0,
+    ) -> None:
+        if distribution not in (*TIME_DISTRIBUTIONS, "gap"):
+            raise ValueError(
+                f"Unknown pair distribution {distribution!r}; "
+                f"choose one of {[*TIME_DISTRIBUTIONS, 'gap']}."
+            )
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta (the diagonal fraction) must lie in [0, 1], got {eta}.")
+        if not 0.0 < max_gap <= 1.0:
+            raise ValueError(f"max_gap must lie in (0, 1], got {max_gap}.")
+        if not 0.0 <= backward_fraction <= 1.0:
+            raise ValueError(f"backward_fraction must lie in [0, 1], got {backward_fraction}.")
+        self.distribution, self.eta, self.loc, self.scale = distribution, eta, loc, scale
+        self.max_gap, self.gap_warmup_steps = max_gap, gap_warmup_steps
+        self.gap_start = max_gap if gap_start is None else gap_start
+        self.backward_fraction = backward_fraction
+
+    def gap_cap(self, step: int) -> float:
+        """The curriculum's cap :math:`g(k)` on :math:`|t - s|` at training step ``k``."""
+        if self.gap_warmup_steps <= 0:
+            return self.max_gap
+        frac = min(1.0, step / self.gap_warmup_steps)
+        return self.gap_start + frac * (self.max_gap - self.gap_start)
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        step: int = 0,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> TimePairs:
+        n_diag = int(round(self.eta * batch_size))
+        n_off = batch_size - n_diag
+        kw = dict(loc=self.loc, scale=self.scale, device=device, generator=generator)
+        t_diag = sample_times(n_diag, "uniform" if self.distribution == "gap" else
+                              self.distribution, **kw)
+        cap = self.gap_cap(step)
+        if self.distribution == "gap":
+            gap = cap * torch.rand(n_off, device=device, generator=generator)
+            s = (1 - gap) * torch.rand(n_off, device=device, generator=generator)
+            t = s + gap
+        else:
+            a = sample_times(n_off, self.distribution, **kw)
+            b = sample_times(n_off, self.distribution, **kw)
+            s, t = torch.minimum(a, b), torch.maximum(a, b)
+            if cap < 1.0:  # shrink the pair towards a random anchor so that t - s <= cap
+                t = s + (t - s) * cap
+        if self.backward_fraction > 0:
+            flip = torch.rand(n_off, device=device, generator=generator) < self.backward_fraction
+            s, t = torch.where(flip, t, s), torch.where(flip, s, t)
+        return TimePairs(torch.cat([t_diag, s]), torch.cat([t_diag, t]), n_diag)

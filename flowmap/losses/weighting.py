@@ -1,0 +1,45 @@
+r"""Loss weighting shared by every loss (DESIGN §4, "Weighting").
+
+* ``"none"``: :math:`\ell`.
+* ``"learned"``: a learned log-variance :math:`w(s, t)` per pair, :math:`e^{-w(s,t)}\,\ell + w(s,t)`
+  (EDM2; Boffi et al.). At the optimum :math:`e^{w} = E[\ell \mid s, t]`, so every pair counts equally.
+* ``"adaptive"``: :math:`\ell / \mathrm{sg}(\ell + \varepsilon)^p` (MeanFlow), per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.nets.embedding import TwoTimeEmbedding
+
+__all__ = ["LossWeighting", "WEIGHTINGS"]
+
+WEIGHTINGS = ("none", "learned", "adaptive")
+
+
+class LossWeighting(nn.Module):
+    """Maps per-sample losses :math:`\\ell` ``(B,)`` at pairs :math:`(s, t)` to weighted losses ``(B,)``."""
+
+    def __init__(self, kind: str = "none", p: float = 1.0, eps: float = 1e-3, dim: int = 32) -> None:
+        super().__init__()
+        if kind not in WEIGHTINGS:
+            raise ValueError(f"Unknown loss weighting {kind!r}; choose one of {list(WEIGHTINGS)}.")
+        self.kind, self.p, self.eps = kind, p, eps
+        if kind == "learned":
+            self.embed = TwoTimeEmbedding(dim, hidden=dim)
+            self.head = nn.Linear(dim, 1)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def log_variance(self, s: Tensor, t: Tensor) -> Tensor:
+        """:math:`w(s, t)` ``(B,)`` (learned weighting only)."""
+        return self.head(torch.nn.functional.silu(self.embed(s, t))).squeeze(-1)
+
+    def forward(self, loss: Tensor, s: Tensor, t: Tensor) -> Tensor:
+        if self.kind == "learned":
+            w = self.log_variance(s, t)
+            return torch.exp(-w) * loss + w
+        if self.kind == "adaptive":
+            return loss / (loss.detach() + self.eps) ** self.p
+        return loss

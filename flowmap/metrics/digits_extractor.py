@@ -1,0 +1,371 @@
+"""A small CNN on sklearn's 8×8 digits whose penultimate layer serves as an FID feature space.
+
+Inception-v3 is meaningless on 8×8 grey digits (and its weights are not available offline), so
+FID on digits is measured in the features of :class:`DigitsClassifier`, a classifier trained on
+the train split of :func:`flowmap.data.digits.load_digits_split` and shipped as
+``flowmap/metrics/weights/digits_cnn.pt`` (a plain ``state_dict``) with a sidecar
+``digits_cnn.json`` recording its seed, test accuracy, torch version and the command that
+regenerates it::
+
+    python -m flowmap.metrics.digits_extractor --out flowmap/metrics/weights/digits_cnn.pt
+
+Two adapters expose the frozen network to the FID libraries:
+
+* :class:`DigitsFeatureExtractor`, a torch-fidelity ``FeatureExtractorBase`` registered as
+  ``"flowmap-digits"`` by :func:`register_digits_feature_extractor` (uint8 ``N×3×H×W`` input);
+* :class:`DigitsFeatures`, an ``nn.Module`` for ``torchmetrics``'
+  ``FrechetInceptionDistance(feature=DigitsFeatures())``.
+
+Both map uint8 pixels ``p`` back to model space with ``p / 127.5 − 1`` (the exact inverse of
+:func:`flowmap.data.base.to_uint8`) and use channel 0 of RGB input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_fidelity import FeatureExtractorBase
+
+from flowmap.data.base import from_uint8
+from flowmap.data.digits import load_digits_split
+
+__all__ = [
+    "DIGITS_FEATURE_EXTRACTOR_NAME",
+    "DIGITS_WEIGHTS_PATH",
+    "DigitsClassifier",
+    "DigitsFeatureExtractor",
+    "DigitsFeatures",
+    "digits_classifier_accuracy",
+    "load_digits_extractor",
+    "register_digits_feature_extractor",
+    "train_digits_classifier",
+]
+
+#: Name under which :class:`DigitsFeatureExtractor` is registered in torch-fidelity.
+DIGITS_FEATURE_EXTRACTOR_NAME = "flowmap-digits"
+#: The shipped weights (plain ``state_dict``); the sidecar JSON sits next to it.
+DIGITS_WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "digits_cnn.pt"
+
+_IMAGE_SIZE = 8
+
+
+class DigitsClassifier(nn.Module):
+    """CNN for ``(N, 1, 8, 8)`` digits in ``[-1, 1]``; ``features`` is its penultimate layer.
+
+    Layout: ``conv3×3(1→32)`` → ReLU → ``conv3×3(32→64)`` → ReLU → maxpool 2 →
+    ``conv3×3(64→128)`` → ReLU → maxpool 2 → flatten (512) → ``linear(512→feature_dim)``
+    (= :meth:`features`, taken *before* the ReLU so that no unit is identically zero and the
+    feature covariance has full rank) → ReLU → dropout → ``linear(feature_dim→10)`` (= logits).
+    No batch norm, so eval-mode output does not depend on batch composition.
+    """
+
+    def __init__(self, feature_dim: int = 128, num_classes: int = 10, dropout: float = 0.3) -> None:
+        super().__init__()
+        if feature_dim < 1 or num_classes < 2:
+            raise ValueError(
+                f"feature_dim must be >= 1 and num_classes >= 2, got {feature_dim} and {num_classes}."
+            )
+        self.feature_dim = feature_dim
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
+        self.fc = nn.Linear(128 * 2 * 2, feature_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != (1, _IMAGE_SIZE, _IMAGE_SIZE):
+            raise ValueError(
+                f"DigitsClassifier expects images of shape (N, 1, 8, 8), got {tuple(x.shape)}."
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"DigitsClassifier expects float images in [-1, 1], got {x.dtype}.")
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate-layer features ``(N, feature_dim)``: the pre-activation of ``fc``."""
+        self._check_input(x)
+        h = F.relu(self.conv1(x))
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        h = F.max_pool2d(F.relu(self.conv3(h)), 2)
+        return self.fc(h.flatten(1))
+
+    def logits(self, features: Tensor) -> Tensor:
+        """Class logits ``(N, num_classes)`` from :meth:`features`."""
+        return self.head(self.dropout(F.relu(features)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits ``(N, num_classes)`` of images ``(N, 1, 8, 8)`` in ``[-1, 1]``."""
+        return self.logits(self.features(x))
+
+
+def _random_shift(x: Tensor, generator: torch.Generator, max_shift: int = 1) -> Tensor:
+    """Translate each image by an integer offset in ``[-max_shift, max_shift]²``; fill with -1."""
+    n = x.shape[0]
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
+    out = torch.empty_like(x)
+    for i, (dy, dx) in enumerate(offsets.tolist()):
+        out[i] = padded[i, :, dy : dy + _IMAGE_SIZE, dx : dx + _IMAGE_SIZE]
+    return out
+
+
+@torch.no_grad()
+def digits_classifier_accuracy(
+    model: DigitsClassifier, x: Tensor, y: Tensor, batch_size: int = 512
+) -> float:
+    """Fraction of images ``x`` (``(N, 1, 8, 8)`` in ``[-1, 1]``) whose argmax logit equals ``y``."""
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"Need as many labels as images (at least one), got {len(y)} and {len(x)}.")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size].to(device=device, dtype=dtype))
+        correct += int((logits.argmax(1).cpu() == y[i : i + batch_size]).sum())
+    model.train(was_training)
+    return correct / len(x)
+
+
+def train_digits_classifier(
+    seed: int = 0,
+    epochs: int = 40,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+) -> tuple[DigitsClassifier, float]:
+    """Train :class:`DigitsClassifier` on the train split; return ``(model, test_accuracy)``.
+
+    Adam with cosine-decayed learning rate, cross-entropy, random ±1 pixel translations as
+    augmentation. Everything random (initialisation, shuffling, augmentation, dropout) derives
+    from ``seed``, so a fixed seed on the same torch build and device gives the same weights.
+    The returned model is in eval mode, on CPU; the accuracy is on the 359-image test split.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}.")
+    x_train, y_train, x_test, y_test = load_digits_split()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = DigitsClassifier().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x_train), generator=gen)
+        for i in range(0, len(x_train), batch_size):
+            idx = perm[i : i + batch_size]
+            xb = _random_shift(x_train[idx], gen).to(device)
+            loss = F.cross_entropy(model(xb), y_train[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model = model.cpu().eval()
+    return model, digits_classifier_accuracy(model, x_test, y_test)
+
+
+def load_digits_extractor(path: str | Path | None = None) -> DigitsClassifier:
+    """Load a :class:`DigitsClassifier` state_dict (default: the shipped weights), frozen, eval.
+
+    The file is read with ``torch.load(..., weights_only=True)``, so a file carrying a pickle
+    payload is refused rather than executed. ``feature_dim`` is read from the weights' shapes.
+    """
+    path = Path(path) if path is not None else DIGITS_WEIGHTS_PATH
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Digits classifier weights {path} not found; regenerate them with "
+            f"`python -m flowmap.metrics.digits_extractor --out {path}`."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        raise ValueError(f"{path} does not hold a DigitsClassifier state_dict.")
+    model = DigitsClassifier(feature_dim=int(state["fc.weight"].shape[0]))
+    model.load_state_dict(state)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _uint8_to_model_space(x: Tensor) -> Tensor:
+    """uint8 ``(N, C, 8, 8)`` with ``C ∈ {1, 3}`` → float32 ``(N, 1, 8, 8)`` via ``p/127.5 − 1``."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3) or tuple(x.shape[2:]) != (8, 8):
+        raise ValueError(
+            f"Digits features expect images of shape (N, 1 or 3, 8, 8), got {tuple(x.shape)}."
+        )
+    return from_uint8(x[:, :1])
+
+
+class DigitsFeatures(nn.Module):
+    """Digits-classifier features for ``torchmetrics.image.fid.FrechetInceptionDistance``.
+
+    Use as ``FrechetInceptionDistance(feature=DigitsFeatures())``. Input ``(N, C, 8, 8)`` with
+    ``C ∈ {1, 3}`` (channel 0 is used): uint8 pixels (torchmetrics' ``normalize=False``
+    convention) map through ``p / 127.5 − 1``; float images are taken to lie in ``float_range``
+    (default ``(0, 1)``, torchmetrics' ``normalize=True`` convention; pass ``(-1, 1)`` for model
+    space) and are mapped affinely to ``[-1, 1]``. Output ``(N, num_features)`` in the dtype of
+    the module's parameters (float64 after ``metric.set_dtype(torch.float64)``). The network is
+    frozen and stays in eval mode even if a parent calls ``.train()``.
+    """
+
+    def __init__(
+        self,
+        model: DigitsClassifier | None = None,
+        weights_path: str | Path | None = None,
+        float_range: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        super().__init__()
+        if model is not None and weights_path is not None:
+            raise ValueError("Pass either a model or a weights_path to DigitsFeatures, not both.")
+        lo, hi = float(float_range[0]), float(float_range[1])
+        if not hi > lo:
+            raise ValueError(f"float_range must be (low, high) with high > low, got {float_range}.")
+        self.float_range = (lo, hi)
+        self.model = model if model is not None else load_digits_extractor(weights_path)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.num_features: int = self.model.feature_dim
+
+    def train(self, mode: bool = True) -> DigitsFeatures:
+        """Stay in eval mode whatever ``mode`` is (the extractor is frozen)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """Features ``(N, num_features)`` of uint8 or float images ``(N, 1|3, 8, 8)``."""
+        if x.dtype == torch.uint8:
+            x = _uint8_to_model_space(x)
+        elif x.is_floating_point():
+            if x.dim() != 4 or x.shape[1] not in (1, 3):
+                raise ValueError(
+                    f"Digits features expect images of shape (N, 1 or 3, 8, 8), got {tuple(x.shape)}."
+                )
+            lo, hi = self.float_range
+            x = (x[:, :1] - lo) * (2.0 / (hi - lo)) - 1.0
+        else:
+            raise TypeError(f"DigitsFeatures expects uint8 or float images, got {x.dtype}.")
+        param = next(self.model.parameters())
+        return self.model.features(x.to(device=param.device, dtype=param.dtype))
+
+
+class DigitsFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity feature extractor ``"flowmap-digits"`` over :class:`DigitsClassifier`.
+
+    Receives uint8 ``N×3×8×8`` (torch-fidelity's convention), uses channel 0, maps pixels to
+    ``[-1, 1]`` and returns float32 features in the order of ``features_list``:
+    ``"features"`` (penultimate layer, default for FID/KID/PRC) and ``"logits"`` (default for
+    the Inception Score). ``feature_extractor_weights_path`` (a ``calculate_metrics`` keyword)
+    selects other weights than the shipped ones; torch-fidelity's statistics cache is keyed by
+    extractor *name*, so do not reuse a cache name across different weights.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        features_list: Sequence[str],
+        feature_extractor_weights_path: str | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(name, list(features_list))
+        self.classifier = load_digits_extractor(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return {"isc": "logits"}.get(metric, "features")
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> Tensor:
+        return torch.zeros(1, 3, _IMAGE_SIZE, _IMAGE_SIZE, dtype=torch.uint8)
+
+    def train(self, mode: bool = True) -> DigitsFeatureExtractor:
+        """Stay in eval mode whatever ``mode`` is (the extractor is frozen)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        if not torch.is_tensor(x) or x.dtype != torch.uint8:
+            raise TypeError("The flowmap-digits feature extractor expects a uint8 image tensor.")
+        param = next(self.classifier.parameters())
+        h = _uint8_to_model_space(x).to(device=param.device, dtype=param.dtype)
+        feats = self.classifier.features(h)
+        out = {"features": feats, "logits": self.classifier.logits(feats)}
+        return tuple(out[name].to(torch.float32) for name in self.features_list)
+
+
+def register_digits_feature_extractor() -> str:
+    """Register :class:`DigitsFeatureExtractor` in torch-fidelity (idempotent); return its name.
+
+    A stale registration under the same name (e.g. after ``importlib.reload``) is replaced.
+    """
+    from torch_fidelity import register_feature_extractor
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    name = DIGITS_FEATURE_EXTRACTOR_NAME
+    current = FEATURE_EXTRACTORS_REGISTRY.get(name)
+    if current is DigitsFeatureExtractor:
+        return name
+    if current is not None:
+        FEATURE_EXTRACTORS_REGISTRY[name] = DigitsFeatureExtractor
+        return name
+    register_feature_extractor(name, DigitsFeatureExtractor)
+    return name
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Train the digits classifier and write its state_dict plus a sidecar JSON."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flowmap.metrics.digits_extractor",
+        description="Train the digits FID feature extractor and save its weights.",
+    )
+    parser.add_argument("--out", type=Path, default=DIGITS_WEIGHTS_PATH, help="output .pt file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--min-accuracy", type=float, default=0.97)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model, acc = train_digits_classifier(seed=args.seed, epochs=args.epochs)
+    print(f"test accuracy: {acc:.4f}")
+    if acc < args.min_accuracy:
+        raise SystemExit(f"Test accuracy {acc:.4f} is below --min-accuracy {args.min_accuracy}.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.out)
+    command = "python -m flowmap.metrics.digits_extractor " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    meta = {
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "test_accuracy": acc,
+        "n_test": len(load_digits_split()[3]),
+        "feature_dim": model.feature_dim,
+        "torch_version": torch.__version__,
+        "command": command.strip(),
+        "sha256": _sha256(args.out),
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Test helpers shared by several test files."""
+
+import torch
+
+from flowmap.oracles import GaussianTarget
+
+
+class ExactPhi(torch.nn.Module):
+    r"""The exact :math:`\phi(x,s,t) = (X(s,t,x) - x)/(t-s)` of a Gaussian target (``b_t`` on the diagonal)."""
+
+    def __init__(self, target: GaussianTarget, perturb: float = 0.0) -> None:
+        super().__init__()
+        self.target, self.perturb = target, perturb
+
+    def forward(self, x, s, t):
+        gap = (t - s)[:, None]
+        safe = torch.where(gap.abs() > 1e-12, gap, torch.ones_like(gap))
+        chord = (self.target.flow_map(x, s, t) - x) / safe
+        phi = torch.where(gap.abs() > 1e-12, chord, self.target.velocity(x, t))
+        # a smooth perturbation in x, s and t, so that no residual vanishes by accident
+        return phi + self.perturb * torch.sin(x + s[:, None] + 2 * t[:, None])

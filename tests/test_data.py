@@ -1,0 +1,319 @@
+"""Tests of flowmap.data: shapes, dtypes, ranges, seeding, splits and early, clear failures."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from torch import Tensor, nn
+
+from flowmap.data import (
+    TOY2D_NAMES,
+    DigitsDataModule,
+    FlowDataModule,
+    ImageFolderDataModule,
+    TorchvisionDataModule,
+    Toy2DDataModule,
+    load_digits_split,
+    make_datamodule,
+    to_uint8,
+    toy2d_sample,
+)
+from flowmap.data.base import from_uint8
+
+try:
+    from fakes import make_fake_cifar10, make_fake_mnist, make_image_folder
+except ImportError:  # tests/ imported as a package
+    from tests.fakes import make_fake_cifar10, make_fake_mnist, make_image_folder
+
+
+def _first(loader) -> Tensor:
+    return next(iter(loader))
+
+
+def _check_batches(dm: FlowDataModule, batch_size: int, lo: float, hi: float) -> None:
+    """Train and val batches are plain float32 tensors (b, *data_shape) within [lo, hi]."""
+    x = _first(dm.train_dataloader())
+    assert isinstance(x, Tensor)
+    assert x.shape == (batch_size, *dm.data_shape)
+    assert x.dtype == torch.float32
+    assert lo <= x.min() and x.max() <= hi
+    for v in dm.val_dataloader():
+        assert isinstance(v, Tensor) and v.dtype == torch.float32
+        assert v.shape[1:] == dm.data_shape and len(v) <= batch_size
+    ref = dm.reference_samples(4, split="train")
+    assert ref.shape == (4, *dm.data_shape) and ref.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- pixel range
+
+
+def test_to_uint8_round_trips_pixels_and_clamps() -> None:
+    pixels = torch.arange(256, dtype=torch.uint8)
+    x = from_uint8(pixels)
+    assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1
+    assert torch.equal(to_uint8(x), pixels)
+    assert to_uint8(torch.tensor([-3.0, 0.0, 5.0])).tolist() == [0, 128, 255]
+
+
+# --------------------------------------------------------------------------- toy 2D
+
+
+@pytest.mark.parametrize("name", TOY2D_NAMES)
+def test_toy2d_sample_shape_scale_and_seeding(name: str) -> None:
+    x = toy2d_sample(name, 4096, torch.Generator().manual_seed(0))
+    assert x.shape == (4096, 2) and x.dtype == torch.float32
+    assert (x.abs() <= 4).float().mean() > 0.999
+    assert ((0.9 < x.std(0)) & (x.std(0) < 2.0)).all()
+    assert torch.equal(x, toy2d_sample(name, 4096, torch.Generator().manual_seed(0)))
+    assert not torch.equal(x, toy2d_sample(name, 4096, torch.Generator().manual_seed(1)))
+
+
+def test_toy2d_unknown_name_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="Unknown toy 2D dataset 'swissroll'; choose one of"):
+        Toy2DDataModule(name="swissroll")
+    with pytest.raises(ValueError, match="choose one of checkerboard, 8gaussians"):
+        toy2d_sample("nope", 3, torch.Generator())
+
+
+def test_toy2d_datamodule_batches() -> None:
+    dm = Toy2DDataModule("moons", batch_size=64, n_val=100)
+    assert dm.data_shape == (2,) and not dm.is_image
+    _check_batches(dm, 64, -5.0, 5.0)
+    val = list(dm.val_dataloader())
+    assert [len(v) for v in val] == [64, 36]
+    assert torch.equal(torch.cat(val), dm.reference_samples(100, "test", seed=0))
+
+
+def test_toy2d_stream_is_reproducible_and_distinct_per_rank_seed_and_split() -> None:
+    def stream(seed: int = 0, rank: int = 0) -> Tensor:
+        dm = Toy2DDataModule(batch_size=32, seed=seed)
+        if rank:
+            dm.trainer = SimpleNamespace(global_rank=rank)
+        it = iter(dm.train_dataloader())
+        return torch.cat([next(it), next(it)])
+
+    base = stream()
+    assert torch.equal(base, stream())
+    assert not torch.equal(base[:32], base[32:])  # consecutive batches differ
+    assert not torch.equal(base, stream(rank=1))
+    assert not torch.equal(base, stream(seed=1))
+    assert not torch.equal(stream(seed=1, rank=0), stream(seed=0, rank=1))
+
+    dm = Toy2DDataModule(batch_size=32)
+    train, test = dm.reference_samples(256, "train"), dm.reference_samples(256, "test")
+    assert torch.equal(test, dm.reference_samples(256, "test"))
+    assert not torch.equal(train, test)
+    assert not torch.equal(test, dm.reference_samples(256, "test", seed=1))
+    assert not torch.equal(train[:32], base[:32])  # reference draws are not the training stream
+    with pytest.raises(ValueError, match="Unknown split 'valid'"):
+        dm.reference_samples(4, "valid")
+
+
+def test_toy2d_workers_get_distinct_streams() -> None:
+    single = _first(Toy2DDataModule(batch_size=16).train_dataloader())
+    it = iter(Toy2DDataModule(batch_size=16, num_workers=2).train_dataloader())
+    from_worker0, from_worker1 = next(it), next(it)
+    assert torch.equal(from_worker0, single)  # worker 0 continues the single-process stream
+    assert not torch.equal(from_worker0, from_worker1)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_split_is_fixed_and_a_partition() -> None:
+    x_tr, y_tr, x_te, y_te = load_digits_split()
+    assert x_tr.shape == (1438, 1, 8, 8) and x_te.shape == (359, 1, 8, 8)
+    assert len(y_tr) == 1438 and len(y_te) == 359
+    x_tr2, _, x_te2, _ = load_digits_split()
+    assert torch.equal(x_tr, x_tr2) and torch.equal(x_te, x_te2)
+
+    from sklearn.datasets import load_digits
+
+    full = torch.as_tensor(load_digits().images, dtype=torch.float32).flatten(1) / 8.0 - 1.0
+    parts = torch.cat([x_tr, x_te]).flatten(1)
+    # The two splits together are the dataset, each image exactly as often as in the original.
+    u_full, c_full = torch.unique(full, dim=0, return_counts=True)
+    u_parts, c_parts = torch.unique(parts, dim=0, return_counts=True)
+    assert torch.equal(u_full, u_parts) and torch.equal(c_full, c_parts)
+
+
+def test_digits_datamodule() -> None:
+    dm = DigitsDataModule(batch_size=256, n_val=100)
+    assert dm.data_shape == (1, 8, 8) and dm.is_image
+    _check_batches(dm, 256, -1.0, 1.0)
+    assert len(dm.train_dataloader()) == 1438 // 256
+    x_tr, _, x_te, _ = load_digits_split()
+    test = dm.reference_samples(359, "test")
+    assert torch.equal(torch.unique(test, dim=0), torch.unique(x_te, dim=0))
+    assert torch.equal(test, dm.reference_samples(359, "test"))
+    assert len(torch.cat(list(dm.val_dataloader()))) == 100
+    # A different training seed changes the shuffle, never the split.
+    other = DigitsDataModule(seed=1)
+    assert torch.equal(other.reference_samples(359, "test"), test)
+    assert not torch.equal(_first(other.train_dataloader()), _first(dm.train_dataloader()))
+
+
+def test_finite_reference_samples_never_repeat() -> None:
+    dm = DigitsDataModule()
+    with pytest.raises(ValueError, match="only has 359; ask for between 1 and 359"):
+        dm.reference_samples(360, "test")
+    with pytest.raises(ValueError, match="batch_size=2000 is larger than the 1438 training"):
+        DigitsDataModule(batch_size=2000).train_dataloader()
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def test_torchvision_fake_cifar10(tmp_path: Path) -> None:
+    make_fake_cifar10(tmp_path, n_train=40, n_test=12)
+    dm = TorchvisionDataModule(
+        "cifar10", str(tmp_path), batch_size=8, n_val=20, check_integrity=False
+    )
+    assert dm.data_shape == (3, 32, 32) and dm.is_image
+    _check_batches(dm, 8, -1.0, 1.0)
+    assert len(dm.train_dataloader()) == 5
+    assert len(torch.cat(list(dm.val_dataloader()))) == 12  # n_val capped at the test size
+    with pytest.raises(ValueError, match="CIFAR-10, but it only has 12"):
+        dm.reference_samples(13, "test")
+    # Pixels survive the trip: the model-space sample maps back to the stored uint8 image.
+    stored = dm.split_data("test")
+    x = dm.reference_samples(12, "test")
+    assert torch.equal(
+        torch.sort(to_uint8(x).flatten(1), dim=0).values,
+        torch.sort(stored.flatten(1), dim=0).values,
+    )
+
+
+def test_torchvision_md5_check_rejects_fake_with_a_hint(tmp_path: Path) -> None:
+    make_fake_cifar10(tmp_path)
+    dm = TorchvisionDataModule("cifar10", str(tmp_path))  # files present: constructor passes
+    with pytest.raises(RuntimeError, match="--data.check_integrity=false"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_torchvision_fake_mnist(tmp_path: Path, pad: bool) -> None:
+    make_fake_mnist(tmp_path, n_train=32, n_test=8)
+    dm = TorchvisionDataModule("mnist", str(tmp_path), batch_size=16, n_val=8, pad_to_32=pad)
+    size = 32 if pad else 28
+    assert dm.data_shape == (1, size, size)
+    _check_batches(dm, 16, -1.0, 1.0)
+    x = dm.reference_samples(8, "test")
+    border = 4 if pad else 2  # fake digits are black (-1) on a 2-pixel border, +2 if padded
+    assert (x[..., :border, :] == -1).all() and (x[..., :, -border:] == -1).all()
+
+
+def test_torchvision_missing_root_fails_early_offline(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(
+        FileNotFoundError, match=r"CIFAR-10 is not in .*nowhere.*data.download=true"
+    ):
+        TorchvisionDataModule("cifar10", str(missing))
+    with pytest.raises(FileNotFoundError, match=r"MNIST is not in .*MNIST/raw \(missing train-"):
+        TorchvisionDataModule("mnist", str(missing))
+    # With download=True the constructor defers to prepare_data (which would fetch the files).
+    TorchvisionDataModule("mnist", str(missing), download=True)
+
+
+def test_torchvision_unknown_name() -> None:
+    with pytest.raises(ValueError, match="Unknown torchvision dataset 'svhn'; choose one of"):
+        TorchvisionDataModule("svhn", "/tmp")
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder(tmp_path: Path, channels: int) -> None:
+    make_image_folder(tmp_path, n=10, size=16)
+    dm = ImageFolderDataModule(str(tmp_path), image_size=12, channels=channels, batch_size=4)
+    assert dm.data_shape == (channels, 12, 12) and dm.is_image
+    assert len(dm.files("train")) == 9 and len(dm.files("test")) == 1
+    assert not set(dm.files("train")) & set(dm.files("test"))
+    assert any("/sub/" in f for f in dm.files("train"))
+    assert any(f.endswith(".jpg") for f in dm.files("train") + dm.files("test"))
+    _check_batches(dm, 4, -1.0, 1.0)
+
+
+def test_image_folder_missing_or_empty_root(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="Image folder .*nope does not exist"):
+        ImageFolderDataModule(str(tmp_path / "nope"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=r"Found 0 \.png/\.jpg/\.jpeg images under"):
+        ImageFolderDataModule(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- factory, pickling
+
+
+def test_make_datamodule(tmp_path: Path) -> None:
+    assert isinstance(make_datamodule("spirals"), Toy2DDataModule)
+    assert make_datamodule("8gaussians", batch_size=8).hparams.batch_size == 8
+    assert isinstance(make_datamodule("digits"), DigitsDataModule)
+    make_fake_mnist(tmp_path)
+    assert make_datamodule("mnist", root=str(tmp_path)).data_shape == (1, 28, 28)
+    make_image_folder(tmp_path / "imgs")
+    assert isinstance(make_datamodule("folder", root=str(tmp_path / "imgs")), ImageFolderDataModule)
+    with pytest.raises(ValueError, match="Unknown dataset 'imagenet'; choose one of checkerboard"):
+        make_datamodule("imagenet")
+
+
+def test_datamodules_pickle_without_their_cached_data(tmp_path: Path) -> None:
+    make_fake_cifar10(tmp_path)
+    modules = [
+        Toy2DDataModule("circles", seed=3),
+        DigitsDataModule(),
+        TorchvisionDataModule("cifar10", str(tmp_path), check_integrity=False),
+    ]
+    for dm in modules:
+        ref = dm.reference_samples(8, "test", seed=2)
+        clone = pickle.loads(pickle.dumps(dm))
+        assert getattr(clone, "_cache", {}) == {}
+        assert torch.equal(clone.reference_samples(8, "test", seed=2), ref)
+        assert clone.hparams == dm.hparams
+
+
+# --------------------------------------------------------------------------- Lightning wiring
+
+
+class _Mean(L.LightningModule):
+    """Fits a mean by regression; records the shapes of the batches it is fed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mu = nn.Parameter(torch.zeros(2))
+        self.seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def training_step(self, x1: Tensor, batch_idx: int) -> Tensor:
+        self.seen.append(("train", tuple(x1.shape)))
+        return ((x1 - self.mu) ** 2).mean()
+
+    def validation_step(self, x1: Tensor, batch_idx: int) -> None:
+        self.seen.append(("val", tuple(x1.shape)))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_toy2d_endless_stream_trains_with_max_steps() -> None:
+    model = _Mean()
+    trainer = L.Trainer(
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=Toy2DDataModule("gaussian", batch_size=16, n_val=8))
+    assert model.seen.count(("train", (16, 2))) == 4
+    assert ("val", (8, 2)) in model.seen

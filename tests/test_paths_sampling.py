@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from flowmap.flowmap import FlowMap
+from flowmap.oracles import GaussianMixtureTarget, GaussianTarget
+from flowmap.paths import AffinePath, get_schedule
+from flowmap.sampling import (
+    sample_flow_map,
+    solve_adaptive,
+    solve_between,
+    solve_ode,
+    steps_for_nfe,
+    time_grid,
+)
+from tests.helpers import ExactPhi
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_schedule_derivatives_match_finite_differences(name):
+    sch = get_schedule(name)
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    h = 1e-6
+    up, down, mid = sch(t + h), sch(t - h), sch(t)
+    assert torch.allclose((up.alpha - down.alpha) / (2 * h), mid.d_alpha, atol=1e-8)
+    assert torch.allclose((up.sigma - down.sigma) / (2 * h), mid.d_sigma, atol=1e-8)
+    ends = sch(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert ends.alpha.tolist() == pytest.approx([0.0, 1.0], abs=1e-12)
+    assert ends.sigma.tolist() == pytest.approx([1.0, 0.0], abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_interpolant_endpoints_and_conversions(name):
+    path = AffinePath(name)
+    x0, x1 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    assert torch.equal(path.sample(x0, x1, torch.zeros(5, dtype=torch.float64))[0], x0)
+    assert torch.allclose(path.sample(x0, x1, torch.ones(5, dtype=torch.float64))[0], x1)
+    t = torch.rand(5, dtype=torch.float64) * 0.8 + 0.1
+    x_t, v = path.sample(x0, x1, t)
+    assert torch.allclose(path.velocity_to_data(v, x_t, t), x1)
+    assert torch.allclose(path.velocity_to_noise(v, x_t, t), x0)
+    assert torch.allclose(path.data_to_velocity(x1, x_t, t), v)
+    assert torch.allclose(path.noise_to_velocity(x0, x_t, t), v)
+
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown schedule 'sigmoid'"):
+        get_schedule("sigmoid")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("method,order", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
+def test_fixed_step_solvers_converge_at_their_order(schedule, method, order):
+    g = GaussianTarget(torch.tensor([1.0, -2.0], dtype=torch.float64),
+                       torch.tensor([0.5, 2.0], dtype=torch.float64), schedule)
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = g.flow_map(x, 0.0, 1.0)
+    steps = [8, 16, 32, 64]
+    errs = [(solve_ode(g.velocity, x, method, steps=n).x - exact).abs().max().item() for n in steps]
+    slope = -torch.tensor(errs).log2().diff().mean().item()  # error ~ h^slope, h halves per entry
+    assert order - 0.25 < slope < order + 1.25, (errs, slope)
+
+
+def test_nfe_is_what_was_asked_for():
+    g = GaussianMixtureTarget.ring()
+    x = torch.randn(8, 2)
+    for method, k in [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)]:
+        for nfe in (k, 2 * k, 8 * k):
+            assert solve_ode(g.velocity, x, method, nfe=nfe).nfe == nfe
+    assert steps_for_nfe("rk4", 8) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="heun", nfe=3), "cannot take exactly 3 NFE"),
+        (dict(method="euler", nfe=0), "at least 1"),
+        (dict(method="euler", steps=0), "at least 1"),
+        (dict(method="euler", grid=[0.0, 0.5, 0.4, 1.0]), "not strictly monotone"),
+        (dict(method="rk45", steps=2), "Unknown solver"),
+        (dict(method="euler"), "exactly one of"),
+    ],
+)
+def test_bad_solver_requests_fail_early(kwargs, match):
+    g = GaussianMixtureTarget.ring()
+    with pytest.raises(ValueError, match=match):
+        solve_ode(g.velocity, torch.randn(4, 2), **kwargs)
+
+
+def test_adaptive_solve_matches_closed_form_and_reports_nfe(gaussian):
+    x = torch.randn(32, 2, dtype=torch.float64)
+    sol = solve_adaptive(gaussian.velocity, x, rtol=1e-9, atol=1e-9)
+    assert (sol.x - gaussian.flow_map(x, 0.0, 1.0)).abs().max() < 1e-5
+    assert sol.nfe > 6 and sol.nfe % 1 == 0
+
+
+def test_custom_grid_and_per_row_intervals(gaussian):
+    x = torch.randn(16, 2, dtype=torch.float64)
+    grid = torch.tensor([0.0, 0.1, 0.3, 0.6, 1.0]) ** 1.0
+    sol = solve_ode(gaussian.velocity, x, "rk4", grid=grid)
+    assert sol.nfe == 16
+    assert (sol.x - gaussian.flow_map(x, 0.0, 1.0)).abs().max() < 5e-3
+    s = torch.rand(16, dtype=torch.float64) * 0.5
+    t = s + 0.25
+    end = solve_between(gaussian.velocity, x, s, t, steps=8, method="rk4").x
+    assert (end - gaussian.flow_map(x, s, t)).abs().max() < 1e-6
+
+
+def test_flow_map_identity_and_exact_one_step_sampling(gaussian):
+    fm = FlowMap(ExactPhi(gaussian))
+    x = torch.randn(32, 2, dtype=torch.float64)
+    s = torch.rand(32, dtype=torch.float64)
+    assert torch.equal(fm(x, s, s), x)  # X(s, s, x) = x exactly
+    one = sample_flow_map(fm, x, steps=1)
+    assert one.nfe == 1
+    assert torch.allclose(one.x, gaussian.flow_map(x, 0.0, 1.0), atol=1e-12)
+    # inverse: data -> noise returns the noise
+    back = sample_flow_map(fm, one.x, steps=2, t0=1.0, t1=0.0)
+    assert back.nfe == 2 and torch.allclose(back.x, x, atol=1e-10)
+    assert math.isclose(float(time_grid(4)[-1]), 1.0)
