@@ -214,8 +214,12 @@ def test_torchvision_missing_root_fails_early_offline(tmp_path: Path) -> None:
         FileNotFoundError, match=r"CIFAR-10 is not in .*nowhere.*data.download=true"
     ):
         TorchvisionDataModule("cifar10", str(missing))
-    with pytest.raises(FileNotFoundError, match=r"MNIST is not in .*MNIST/raw \(missing train-"):
+    with pytest.raises(FileNotFoundError, match=r"MNIST is not in .*MNIST/raw \(no such folder\)"):
         TorchvisionDataModule("mnist", str(missing))
+    make_fake_mnist(tmp_path)
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match=r"\(missing t10k-labels-idx1-ubyte\); put"):
+        TorchvisionDataModule("mnist", str(tmp_path))
     # With download=True the constructor defers to prepare_data (which would fetch the files).
     TorchvisionDataModule("mnist", str(missing), download=True)
 

@@ -119,8 +119,9 @@ class TorchvisionDataModule(FiniteFlowDataModule):
         missing = _missing_files(self.name, self.root)
         if missing:
             folder = _folder(self.name, self.root)
+            what = f"missing {', '.join(missing)}" if folder.is_dir() else "no such folder"
             raise FileNotFoundError(
-                f"{self.dataset_name} is not in {folder} (missing {', '.join(missing)}); put "
+                f"{self.dataset_name} is not in {folder} ({what}); put "
                 f"torchvision's {self.dataset_name} files there, point --data.root at the "
                 f"folder that holds them, or pass --data.download=true when online."
             )

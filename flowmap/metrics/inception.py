@@ -1,0 +1,164 @@
+"""Inception-v3 (torch-fidelity's ``inception-v3-compat``) for FID on natural images, offline.
+
+The weights (``weights-inception-2015-12-05-6726825d.pth``, the TF-1 FID network converted by
+torch-fidelity) cannot be downloaded here, so every builder first calls
+:func:`verified_inception_weights`, which
+
+1. resolves the file (:func:`resolve_inception_weights`): an explicit path, else the
+   environment variable ``FLOWMAP_INCEPTION_WEIGHTS``, else the torch hub cache file
+   ``torch.hub.get_dir()/checkpoints/weights-inception-2015-12-05-6726825d.pth``; a missing file
+   raises ``FileNotFoundError`` at once instead of a ``URLError`` deep inside torch;
+2. checks that it is a plain tensor ``state_dict`` by loading it with
+   ``torch.load(path, weights_only=True)`` (:func:`check_weights_file`). This matters because
+   torch-fidelity (and torchmetrics through it) later loads the same file with
+   ``torch.load(weights_only=False)``, which would execute any pickle payload in it.
+
+The resolved path is then passed *explicitly* (``feature_extractor_weights_path``) to
+torch-fidelity / torchmetrics, so neither ever tries the network.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "INCEPTION_ENV_VAR",
+    "INCEPTION_FEATURE_EXTRACTOR_NAME",
+    "INCEPTION_WEIGHTS_FILENAME",
+    "build_inception_extractor",
+    "check_weights_file",
+    "resolve_inception_weights",
+    "save_random_inception_weights",
+    "verified_inception_weights",
+]
+
+#: File name of torch-fidelity's Inception-v3 FID weights (also its torch hub cache name).
+INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+#: Environment variable that may point at the weights file.
+INCEPTION_ENV_VAR = "FLOWMAP_INCEPTION_WEIGHTS"
+#: torch-fidelity's registered name of the extractor.
+INCEPTION_FEATURE_EXTRACTOR_NAME = "inception-v3-compat"
+
+# (resolved path, size, mtime_ns) of files already checked in this process.
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def _hub_cache_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+
+
+def resolve_inception_weights(path: str | os.PathLike[str] | None = None) -> Path:
+    """Locate the Inception-v3 weights file; raise ``FileNotFoundError`` if it is absent.
+
+    Order: ``path`` if given, else ``$FLOWMAP_INCEPTION_WEIGHTS`` if set, else the torch hub
+    cache file. An explicit path or environment variable that names a missing file is an
+    error (no silent fallback to another location).
+    """
+    hub = _hub_cache_path()
+    if path is not None:
+        candidate, origin = Path(path), "the path given"
+    elif os.environ.get(INCEPTION_ENV_VAR):
+        candidate, origin = Path(os.environ[INCEPTION_ENV_VAR]), f"${INCEPTION_ENV_VAR}"
+    else:
+        candidate, origin = hub, "the torch hub cache"
+    candidate = candidate.expanduser()
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(
+        f"Inception-v3 weights file {INCEPTION_WEIGHTS_FILENAME} not found at {candidate} "
+        f"({origin}), and this machine is offline so it cannot be downloaded: copy it to {hub} "
+        f"or point ${INCEPTION_ENV_VAR} (or the weights path argument) at a local copy."
+    )
+
+
+def check_weights_file(path: str | os.PathLike[str]) -> Path:
+    """Verify that ``path`` holds a plain ``state_dict`` of tensors; return it as a ``Path``.
+
+    Loads with ``torch.load(path, map_location="cpu", weights_only=True)``, whose restricted
+    unpickler refuses arbitrary globals, so a pickle payload is rejected (``ValueError``)
+    without being run. Successful checks are remembered per (path, size, mtime) to avoid
+    reloading a ~95 MB file on every call.
+    """
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key in _CHECKED:
+        return p
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"Refusing weights file {p}: it does not load with torch.load(weights_only=True) "
+            f"(it contains objects other than tensors, possibly a code payload): {err}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"Weights file {p} cannot be read (corrupt or truncated?): {err}") from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"Refusing weights file {p}: it is not a state_dict of named tensors.")
+    _CHECKED.add(key)
+    return p
+
+
+def verified_inception_weights(path: str | os.PathLike[str] | None = None) -> Path:
+    """:func:`resolve_inception_weights` then :func:`check_weights_file`; call before building."""
+    return check_weights_file(resolve_inception_weights(path))
+
+
+def build_inception_extractor(
+    weights_path: str | os.PathLike[str] | None = None,
+    features: Sequence[str] = ("2048",),
+    internal_dtype: str | None = None,
+) -> torch.nn.Module:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` (frozen, eval, CPU) from local weights.
+
+    ``features`` ⊂ ``{"64", "192", "768", "2048", "logits_unbiased", "logits"}``; the module maps
+    uint8 ``N×3×H×W`` to a tuple of features in that order. The weights file is resolved and
+    checked (:func:`verified_inception_weights`) first, so a missing or unsafe file fails here.
+    """
+    from torch_fidelity import FeatureExtractorInceptionV3
+
+    path = verified_inception_weights(weights_path)
+    return FeatureExtractorInceptionV3(
+        INCEPTION_FEATURE_EXTRACTOR_NAME,
+        list(features),
+        feature_extractor_weights_path=str(path),
+        feature_extractor_internal_dtype=internal_dtype,
+    )
+
+
+def save_random_inception_weights(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write a randomly initialised ``FeatureExtractorInceptionV3`` state_dict to ``path``.
+
+    For wiring tests only (the features are meaningless): the file has exactly the keys and
+    shapes of the real weights (~95 MB), so torch-fidelity and torchmetrics accept it. The
+    module is built without touching the network by overriding ``load_state_dict`` while a
+    placeholder (empty) weights file is "loaded"; initialisation is seeded with ``seed``.
+    """
+    from torch_fidelity import FeatureExtractorInceptionV3
+
+    class _Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[override]
+            return None
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    placeholder = out.with_name(out.name + ".empty")
+    torch.save({}, placeholder)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = _Unloaded(
+                INCEPTION_FEATURE_EXTRACTOR_NAME, ["2048"], feature_extractor_weights_path=str(placeholder)
+            )
+    finally:
+        placeholder.unlink(missing_ok=True)
+    torch.save(module.state_dict(), out)
+    return out

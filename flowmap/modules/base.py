@@ -1,0 +1,132 @@
+"""What the teacher and flow-map LightningModules share: EMA, optimiser, guards, data shape."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+__all__ = ["FlowModuleBase", "NonFiniteLossError", "build"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf; raised before the optimiser step, so no weight is spoiled."""
+
+
+def build(cls: type[L.LightningModule], config: Mapping[str, Any]) -> L.LightningModule:
+    """Instantiate ``cls`` from a plain config, as the CLI does, e.g.
+    ``build(VelocityModule, {"net": {"class_path": "flowmap.nets.MLP", "init_args": {...}}})``.
+
+    The module's hyperparameters then hold the config (plain data), not live objects, so its
+    checkpoints load with ``weights_only=True`` and rebuild with no arguments.
+    """
+    from lightning.pytorch.cli import instantiate_module
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    config = dict(config)
+    with _given_hyperparameters_context(
+        hparams=config, instantiator="lightning.pytorch.cli.instantiate_module"
+    ):
+        return instantiate_module(cls, config)
+
+
+class FlowModuleBase(L.LightningModule):
+    """Holds ``self.net`` and its EMA copy (``torch.optim.swa_utils.AveragedModel``).
+
+    The EMA covers the trained net only (never a frozen teacher); it is updated after every
+    optimiser step, saved in the checkpoint's ``state_dict`` (so resume is exact) and used for
+    validation, sampling and as a teacher.
+    """
+
+    module_kind = "base"
+
+    def _setup_common(
+        self,
+        net: nn.Module,
+        lr: float,
+        weight_decay: float,
+        warmup_steps: int,
+        ema_decay: float | None,
+        data_shape: Sequence[int] | None,
+    ) -> None:
+        if lr <= 0:
+            raise ValueError(f"The learning rate must be positive, got {lr}.")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1) (or be null for no EMA), got {ema_decay}.")
+        self.net = net
+        self.ema = None
+        if ema_decay is not None:
+            self.ema = AveragedModel(
+                net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
+            )
+            self.ema.requires_grad_(False)
+        self.data_shape = tuple(data_shape) if data_shape is not None else None
+
+    # ----------------------------------------------------------------- EMA and sampling net
+    @property
+    def sampling_net(self) -> nn.Module:
+        """The EMA net if there is one (and it has been updated), else the raw net."""
+        if self.ema is not None and int(self.ema.n_averaged) > 0:
+            return self.ema.module
+        return self.net
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+
+    # ----------------------------------------------------------------- data shape
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        shape = getattr(dm, "data_shape", None)
+        if shape is not None:
+            shape = tuple(int(d) for d in shape)
+            if self.data_shape is not None and self.data_shape != shape:
+                raise ValueError(
+                    f"This {type(self).__name__} was built for data of shape {list(self.data_shape)} "
+                    f"but the data has shape {list(shape)}; use matching data or a new model."
+                )
+            self.data_shape = shape
+            self.hparams["data_shape"] = list(shape)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["flowmap_module"] = self.module_kind
+
+    # ----------------------------------------------------------------- guards and optimiser
+    def check_finite(self, terms: Mapping[str, Tensor]) -> None:
+        """Raise :class:`NonFiniteLossError` naming the step and the terms that are NaN/Inf."""
+        bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(v).all()}
+        if bad:
+            raise NonFiniteLossError(
+                f"Non-finite loss at step {self.global_step}: {bad}; training stopped before the "
+                "optimiser step, so the last saved checkpoint still holds good weights "
+                "(lower the learning rate or enable gradient clipping, then resume)."
+            )
+
+    def log_terms(self, prefix: str, terms: Mapping[str, Tensor], **kw: Any) -> None:
+        for k, v in terms.items():
+            self.log(f"{prefix}/{k}", v, prog_bar=(k == "loss"), sync_dist=prefix == "val", **kw)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay
+        )
+        warm = max(int(hp.warmup_steps), 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @staticmethod
+    def _check_nfe(nfe: int) -> int:
+        if int(nfe) < 1 or not math.isfinite(nfe):
+            raise ValueError(f"NFE must be at least 1, got {nfe}.")
+        return int(nfe)
