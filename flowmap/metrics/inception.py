@@ -98,7 +98,9 @@ def check_weights_file(path: str | os.PathLike[str]) -> Path:
             f"(it contains objects other than tensors, possibly a code payload): {err}"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"Weights file {p} cannot be read (corrupt or truncated?): {err}") from None
+        raise ValueError(
+            f"Weights file {p} cannot be read (corrupt or truncated?): {err}"
+        ) from None
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
@@ -156,7 +158,9 @@ def save_random_inception_weights(path: str | os.PathLike[str], seed: int = 0) -
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = _Unloaded(
-                INCEPTION_FEATURE_EXTRACTOR_NAME, ["2048"], feature_extractor_weights_path=str(placeholder)
+                INCEPTION_FEATURE_EXTRACTOR_NAME,
+                ["2048"],
+                feature_extractor_weights_path=str(placeholder),
             )
     finally:
         placeholder.unlink(missing_ok=True)

@@ -40,7 +40,9 @@ def _samples(x: ArrayLike, name: str) -> np.ndarray:
 def _pair(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     a, b = _samples(x, "x"), _samples(y, "y")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"x and y must have the same dimension d, got {a.shape[1]} and {b.shape[1]}.")
+        raise ValueError(
+            f"x and y must have the same dimension d, got {a.shape[1]} and {b.shape[1]}."
+        )
     return a, b
 
 
@@ -89,9 +91,7 @@ def sliced_wasserstein2(
     return float(np.sqrt(max(float(np.mean(w2_sq)), 0.0)))
 
 
-def mmd_rbf(
-    x: ArrayLike, y: ArrayLike, bandwidths: Sequence[float] = (0.1, 0.5, 1, 2, 5)
-) -> float:
+def mmd_rbf(x: ArrayLike, y: ArrayLike, bandwidths: Sequence[float] = (0.1, 0.5, 1, 2, 5)) -> float:
     r"""Biased (V-statistic) estimate of the squared MMD with a mixture of Gaussian kernels.
 
     .. math:: k(u, v) = \frac1{|H|} \sum_{h ∈ H} \exp\!\Big(-\frac{\|u - v\|^2}{2h^2}\Big),\qquad
@@ -105,7 +105,9 @@ def mmd_rbf(
     """
     hs = np.asarray(list(bandwidths), dtype=np.float64)
     if hs.ndim != 1 or hs.size == 0 or not (hs > 0).all():
-        raise ValueError(f"bandwidths must be a non-empty sequence of positive numbers, got {bandwidths}.")
+        raise ValueError(
+            f"bandwidths must be a non-empty sequence of positive numbers, got {bandwidths}."
+        )
     a, b = _pair(x, y)
     xt, yt = torch.from_numpy(a), torch.from_numpy(b)
     inv = torch.from_numpy(1.0 / (2.0 * hs**2))
@@ -129,7 +131,9 @@ def teacher_endpoint_error(x: ArrayLike, x_ref: ArrayLike) -> float:
     if a.shape != b.shape:
         raise ValueError(f"x and x_ref must have the same shape, got {a.shape} and {b.shape}.")
     if a.ndim < 2 or a.shape[0] < 1:
-        raise ValueError(f"x must have shape (N, ...) with N >= 1 and a sample dimension, got {a.shape}.")
+        raise ValueError(
+            f"x must have shape (N, ...) with N >= 1 and a sample dimension, got {a.shape}."
+        )
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("x or x_ref contains NaN or infinite values.")
     diff = (a - b).reshape(a.shape[0], -1)

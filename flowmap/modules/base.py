@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 __all__ = ["FlowModuleBase", "NonFiniteLossError", "build"]
+
+# Nets are constructor arguments on purpose: the CLI records their config (not the object) in the
+# hyperparameters, which is what lets `load_from_checkpoint(path)` rebuild them with no arguments.
+warnings.filterwarnings("ignore", message=r"Attribute 'net' is an instance of `nn.Module`")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -33,6 +38,19 @@ def build(cls: type[L.LightningModule], config: Mapping[str, Any]) -> L.Lightnin
         hparams=config, instantiator="lightning.pytorch.cli.instantiate_module"
     ):
         return instantiate_module(cls, config)
+
+
+def ema_with_warmup(decay: float):
+    r"""``avg_fn`` for :class:`~torch.optim.swa_utils.AveragedModel`: EMA with decay warm-up
+    :math:`\beta_n = \min(\beta, (1 + n)/(10 + n))` (as in Meta's flow_matching), so that short runs
+    are not dominated by the initial weights."""
+
+    def avg_fn(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        n = float(num_averaged)
+        beta = min(decay, (1.0 + n) / (10.0 + n))
+        return beta * averaged + (1.0 - beta) * current
+
+    return avg_fn
 
 
 class FlowModuleBase(L.LightningModule):
@@ -61,9 +79,7 @@ class FlowModuleBase(L.LightningModule):
         self.net = net
         self.ema = None
         if ema_decay is not None:
-            self.ema = AveragedModel(
-                net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
-            )
+            self.ema = AveragedModel(net, avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
         self.data_shape = tuple(data_shape) if data_shape is not None else None
 
