@@ -101,9 +101,16 @@ def lightning_overhead(width: int, depth: int, batch: int, steps: int) -> dict[s
     def lightning() -> float:
         torch.manual_seed(0)
         module = VelocityModule(MLP((2,), width, depth), lr=1e-3, ema_decay=None)
-        trainer = L.Trainer(max_steps=steps + 3, accelerator="cpu", devices=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, limit_val_batches=0)
+        trainer = L.Trainer(
+            max_steps=steps + 3,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         times: list[float] = []
 
         class Clock(L.Callback):
@@ -145,11 +152,14 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_to_cfm": {k: v / med["cfm"] for k, v in med.items()},
         "lightning": lightning_overhead(args.width, args.depth, args.batch, args.steps * 2),
     }
-    lines = [f"| step | s/step | × CFM |", "|---|---|---|"]
+    lines = ["| step | s/step | × CFM |", "|---|---|---|"]
     lines += [f"| {k} | {med[k]:.4f} | {result['ratio_to_cfm'][k]:.2f} |" for k in med]
     lt = result["lightning"]
-    lines += ["", f"Lightning fit vs plain loop: {lt['lightning_s_per_step']:.4f} vs "
-                  f"{lt['plain_s_per_step']:.4f} s/step, overhead {100 * lt['overhead']:+.1f}%"]
+    lines += [
+        "",
+        f"Lightning fit vs plain loop: {lt['lightning_s_per_step']:.4f} vs "
+        f"{lt['plain_s_per_step']:.4f} s/step, overhead {100 * lt['overhead']:+.1f}%",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -159,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"# Training-step throughput\n\n- command: `{result['command']}`\n- machine: "
             f"{result['machine']}, torch {result['torch']}\n- MLP width {args.width}, depth "
             f"{args.depth}, batch {args.batch}, eta {args.eta}; median of {args.rounds} rounds "
-            f"of {args.steps} steps\n\n{text}\n")
+            f"of {args.steps} steps\n\n{text}\n"
+        )
     return result
 
 

@@ -56,10 +56,19 @@ class FlowmapCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step}",
-                             "checkpoint.auto_insert_metric_name": False})
-        parser.add_argument("--logger", type=str, default="csv",
-                            help=f"Logger when trainer.logger is left unset: one of {LOGGERS}.")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_argument(
+            "--logger",
+            type=str,
+            default="csv",
+            help=f"Logger when trainer.logger is left unset: one of {LOGGERS}.",
+        )
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but a bad argument surfaces as the model's or data's own one-sentence

@@ -77,7 +77,9 @@ class GaussianMixtureTarget:
         """``k`` equal components on a circle of ``radius`` in 2D (an 8-Gaussians toy)."""
         ang = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
         means = radius * torch.stack([ang.cos(), ang.sin()], dim=1)
-        return cls(torch.ones(k, dtype=dtype), means.to(dtype), torch.full_like(means, std).to(dtype))
+        return cls(
+            torch.ones(k, dtype=dtype), means.to(dtype), torch.full_like(means, std).to(dtype)
+        )
 
     def velocity(self, x: Tensor, t: Tensor | float) -> Tensor:
         r""":math:`b_t(x) = \sum_k w_k(x,t)\, b^k_t(x)`, :math:`w_k \propto \pi_k N(x; \alpha_t\mu_k, v^k_t)`."""

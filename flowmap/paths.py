@@ -88,9 +88,7 @@ def get_schedule(name: str | Schedule) -> Schedule:
     if isinstance(name, Schedule):
         return name
     if name not in _SCHEDULES:
-        raise ValueError(
-            f"Unknown schedule {name!r}; choose one of {sorted(_SCHEDULES)}."
-        )
+        raise ValueError(f"Unknown schedule {name!r}; choose one of {sorted(_SCHEDULES)}.")
     return _SCHEDULES[name]()
 
 

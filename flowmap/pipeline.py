@@ -28,11 +28,16 @@ def fit_stage(config: Path, root: Path, overrides: Sequence[str] = ()) -> Path:
     if done.exists():
         return Path(json.loads(done.read_text())["checkpoint"])
     start = time.time()
-    cli = cli_main(["fit", "--config", str(config), f"--trainer.default_root_dir={root}",
-                    *overrides])
+    cli = cli_main(
+        ["fit", "--config", str(config), f"--trainer.default_root_dir={root}", *overrides]
+    )
     ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
-    done.write_text(json.dumps({"checkpoint": str(ckpt), "seconds": time.time() - start,
-                                "overrides": list(overrides)}, indent=2))
+    done.write_text(
+        json.dumps(
+            {"checkpoint": str(ckpt), "seconds": time.time() - start, "overrides": list(overrides)},
+            indent=2,
+        )
+    )
     return ckpt
 
 
@@ -53,25 +58,33 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     t0 = time.time()
-    teacher = fit_stage(recipe / "teacher.yaml", out / "teacher",
-                        [*data_overrides, *teacher_overrides])
+    teacher = fit_stage(
+        recipe / "teacher.yaml", out / "teacher", [*data_overrides, *teacher_overrides]
+    )
     times["teacher"] = time.time() - t0
     flowmaps = []
     for loss in losses:
         t0 = time.time()
-        ckpt = fit_stage(recipe / f"{loss}.yaml", out / loss,
-                         [f"--model.teacher_ckpt={teacher}", *data_overrides, *flowmap_overrides])
+        ckpt = fit_stage(
+            recipe / f"{loss}.yaml",
+            out / loss,
+            [f"--model.teacher_ckpt={teacher}", *data_overrides, *flowmap_overrides],
+        )
         times[loss] = time.time() - t0
         flowmaps += ["--flowmap", f"{loss}={ckpt}"]
     t0 = time.time()
-    results = report_main(["--teacher", str(teacher), *flowmaps, "--out", str(out),
-                           "--save-samples", *report_args])
+    results = report_main(
+        ["--teacher", str(teacher), *flowmaps, "--out", str(out), "--save-samples", *report_args]
+    )
     times["report"] = time.time() - t0
     cmd = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv))
     results["pipeline_command"] = cmd
     results["stage_seconds"] = times
     (out / "results.json").write_text(json.dumps(results, indent=2))
     with open(out / "report.md", "a") as f:
-        f.write(f"\nMade by `{cmd}`; stage wall times (s): "
-                + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + ".\n")
+        f.write(
+            f"\nMade by `{cmd}`; stage wall times (s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+            + ".\n"
+        )
     return results

@@ -83,9 +83,12 @@ class Metric:
         shape = tuple(dm.data_shape)
         self.is_image = bool(getattr(dm, "is_image", len(shape) == 3))
         self.name = "fid" if self.is_image else "w2"
-        self.reference = dm.reference_samples(n if not self.is_image else self._ref_n(), "train",
-                                              seed)
-        self.feature = feature or ("flowmap-digits" if shape == (1, 8, 8) else "inception-v3-compat")
+        self.reference = dm.reference_samples(
+            n if not self.is_image else self._ref_n(), "train", seed
+        )
+        self.feature = feature or (
+            "flowmap-digits" if shape == (1, 8, 8) else "inception-v3-compat"
+        )
         self.weights = weights
         if self.is_image and self.feature == "inception-v3-compat":
             from flowmap.metrics.inception import verified_inception_weights
@@ -111,8 +114,9 @@ class Metric:
             register_digits_feature_extractor()
         elif self.weights:
             kw["feature_extractor_weights_path"] = self.weights
-        out = fid_torch_fidelity(to_uint8(samples.clamp(-1, 1)), to_uint8(self.reference),
-                                 self.feature, **kw)
+        out = fid_torch_fidelity(
+            to_uint8(samples.clamp(-1, 1)), to_uint8(self.reference), self.feature, **kw
+        )
         return float(out["frechet_inception_distance"])
 
     def floor(self) -> float:
@@ -165,10 +169,20 @@ def plan_rows(
                     f"from --nfe or {solver} from --solvers."
                 )
             else:
-                rows.append(Row(f"teacher/{solver}", nfe,
-                                lambda x, s=solver, n=nfe: teacher.generate(x, n, s)))
-    rows.append(Row("teacher/dopri5", 0, lambda x: teacher.generate(
-        x, method="dopri5", rtol=cfg.rtol, atol=cfg.atol)))
+                rows.append(
+                    Row(
+                        f"teacher/{solver}",
+                        nfe,
+                        lambda x, s=solver, n=nfe: teacher.generate(x, n, s),
+                    )
+                )
+    rows.append(
+        Row(
+            "teacher/dopri5",
+            0,
+            lambda x: teacher.generate(x, method="dopri5", rtol=cfg.rtol, atol=cfg.atol),
+        )
+    )
     for label, fm in flowmaps.items():
         for nfe in cfg.nfe:
             rows.append(Row(f"flowmap/{label}", nfe, lambda x, m=fm, n=nfe: m.generate(x, n)))
@@ -193,8 +207,16 @@ def machine_description() -> str:
 
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("flowmap", "torch", "lightning", "torchmetrics", "torch-fidelity", "POT",
-                 "torchdiffeq", "numpy"):
+    for name in (
+        "flowmap",
+        "torch",
+        "lightning",
+        "torchmetrics",
+        "torch-fidelity",
+        "POT",
+        "torchdiffeq",
+        "numpy",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -219,8 +241,10 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("NFE (network evaluations per sample)")
     ax.set_ylabel(results["metric"].upper())
-    ax.set_title(f"{results['dataset']}: {results['metric'].upper()} vs sampling steps "
-                 f"(n={results['n_samples']})")
+    ax.set_title(
+        f"{results['dataset']}: {results['metric'].upper()} vs sampling steps "
+        f"(n={results['n_samples']})"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -254,12 +278,20 @@ def _markdown(results: dict[str, Any], skipped: list[str], endpoint: dict[str, f
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for r in results["rows"]:
         if r["method"].endswith("dopri5"):
-            lines += ["", f"Adaptive reference `{r['method']}` (rtol {results['rtol']}, atol "
-                          f"{results['atol']}): {metric} {r['value']:.4g} at NFE {r['nfe']} "
-                          "(what the solver used)."]
+            lines += [
+                "",
+                f"Adaptive reference `{r['method']}` (rtol {results['rtol']}, atol "
+                f"{results['atol']}): {metric} {r['value']:.4g} at NFE {r['nfe']} "
+                "(what the solver used).",
+            ]
     if endpoint:
-        lines += ["", "Mean distance from the teacher's adaptive-solve endpoint for the same noise:",
-                  "", "| row | distance |", "|---|---|"]
+        lines += [
+            "",
+            "Mean distance from the teacher's adaptive-solve endpoint for the same noise:",
+            "",
+            "| row | distance |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {v:.4g} |" for k, v in endpoint.items()]
     if skipped:
         lines += ["", "Not run (below one step of the solver): " + "; ".join(skipped) + "."]
@@ -289,8 +321,10 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     shape = tuple(dm.data_shape)
     for name, mod in [("teacher", teacher), *flowmaps.items()]:
         if mod.data_shape is not None and tuple(mod.data_shape) != shape:
-            raise ValueError(f"The {name} checkpoint was trained on shape {list(mod.data_shape)} "
-                             f"but the data has shape {list(shape)}; use checkpoints of one dataset.")
+            raise ValueError(
+                f"The {name} checkpoint was trained on shape {list(mod.data_shape)} "
+                f"but the data has shape {list(shape)}; use checkpoints of one dataset."
+            )
     rows, skipped = plan_rows(teacher, flowmaps, cfg)
     n = cfg.n_samples or (dm.num_samples("test") if hasattr(dm, "num_samples") else 2000)
     metric = Metric(dm, n, cfg.seed, cfg.feature, cfg.inception_weights)
@@ -314,6 +348,7 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         floor_rec = cached("floor", lambda: (torch.zeros(0), 0, metric.floor()))
         bar.advance(task)
         for row in rows:
+
             def compute(row: Row = row) -> tuple[Tensor, int, float]:
                 sol = _batched(row.run, x0, cfg.batch_size)
                 if row.nfe and sol.nfe != row.nfe:
@@ -321,17 +356,28 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
                 return sol.x, sol.nfe, metric(sol.x)
 
             records[row.key] = cached(row.key, compute)
-            bar.update(task, advance=1, description=f"{row.key}: {float(records[row.key]['value']):.4g}")
+            bar.update(
+                task, advance=1, description=f"{row.key}: {float(records[row.key]['value']):.4g}"
+            )
     ref_x = torch.as_tensor(records["teacher/dopri5"]["x"])
-    endpoint = {k: float((torch.as_tensor(r["x"]) - ref_x).flatten(1).norm(dim=1).mean())
-                for k, r in records.items() if k != "teacher/dopri5"}
+    endpoint = {
+        k: float((torch.as_tensor(r["x"]) - ref_x).flatten(1).norm(dim=1).mean())
+        for k, r in records.items()
+        if k != "teacher/dopri5"
+    }
     results = {
         "dataset": str(getattr(dm, "name", None) or type(dm).__name__),
         "metric": metric.name,
         "n_samples": int(n),
         "floor": float(floor_rec["value"]),
-        "rows": [{"method": r.method, "nfe": int(records[r.key]["nfe"]),
-                  "value": float(records[r.key]["value"])} for r in rows],
+        "rows": [
+            {
+                "method": r.method,
+                "nfe": int(records[r.key]["nfe"]),
+                "value": float(records[r.key]["value"]),
+            }
+            for r in rows
+        ],
         "command": cfg.command,
         "machine": machine_description(),
         "versions": package_versions(),
@@ -339,8 +385,11 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         "feature": metric.feature if metric.is_image else "exact W2 (POT)",
         "rtol": cfg.rtol,
         "atol": cfg.atol,
-        "endpoint_error": [{"method": r.method, "nfe": int(records[r.key]["nfe"]),
-                            "value": endpoint[r.key]} for r in rows if r.key in endpoint],
+        "endpoint_error": [
+            {"method": r.method, "nfe": int(records[r.key]["nfe"]), "value": endpoint[r.key]}
+            for r in rows
+            if r.key in endpoint
+        ],
         "seconds": time.time() - start,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -356,21 +405,33 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowmap report", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="VelocityModule checkpoint")
-    p.add_argument("--flowmap", action="append", default=[], dest="flowmaps",
-                   help="FlowMapModule checkpoint, optionally label=path (repeatable)")
+    p.add_argument(
+        "--flowmap",
+        action="append",
+        default=[],
+        dest="flowmaps",
+        help="FlowMapModule checkpoint, optionally label=path (repeatable)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_NFE))
     p.add_argument("--solvers", nargs="+", default=["euler", "heun"], choices=list(STAGES))
-    p.add_argument("--n-samples", type=int, default=None,
-                   help="samples per row (default: the test split's size, or 2000 for toy data)")
+    p.add_argument(
+        "--n-samples",
+        type=int,
+        default=None,
+        help="samples per row (default: the test split's size, or 2000 for toy data)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--save-samples", action="store_true")
-    p.add_argument("--feature", default=None,
-                   help="torch-fidelity feature extractor (default: flowmap-digits on 8×8, "
-                        "inception-v3-compat otherwise)")
+    p.add_argument(
+        "--feature",
+        default=None,
+        help="torch-fidelity feature extractor (default: flowmap-digits on 8×8, "
+        "inception-v3-compat otherwise)",
+    )
     p.add_argument("--inception-weights", default=None, help="path to Inception-v3 weights")
     return p
 

@@ -32,13 +32,22 @@ def _residuals(fm, target, x, s, t):
     return {
         "lagrangian": lagrangian_residual(fm, target.velocity, x, s, t)[0],
         "eulerian": eulerian_residual(fm, target.velocity, x, s, t)[0],
-        "semigroup_mid": semigroup_residual(fm, target.velocity, x, s, t,
-                                            gamma=torch.full_like(s, 0.5))[0],
-        "semigroup_uniform": semigroup_residual(fm, target.velocity, x, s, t,
-                                                gamma=torch.rand_like(s))[0],
-        "semigroup_teacher": semigroup_residual(fm, target.velocity, x, s, t,
-                                                gamma=torch.full_like(s, 0.5),
-                                                teacher_gap=1.0, teacher_steps=64)[0],
+        "semigroup_mid": semigroup_residual(
+            fm, target.velocity, x, s, t, gamma=torch.full_like(s, 0.5)
+        )[0],
+        "semigroup_uniform": semigroup_residual(
+            fm, target.velocity, x, s, t, gamma=torch.rand_like(s)
+        )[0],
+        "semigroup_teacher": semigroup_residual(
+            fm,
+            target.velocity,
+            x,
+            s,
+            t,
+            gamma=torch.full_like(s, 0.5),
+            teacher_gap=1.0,
+            teacher_steps=64,
+        )[0],
         "diagonal": diagonal_residual(fm, x, t, target.velocity(x, t)),
     }
 

@@ -52,8 +52,11 @@ def test_unknown_schedule_is_a_clear_error():
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("method,order", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
 def test_fixed_step_solvers_converge_at_their_order(schedule, method, order):
-    g = GaussianTarget(torch.tensor([1.0, -2.0], dtype=torch.float64),
-                       torch.tensor([0.5, 2.0], dtype=torch.float64), schedule)
+    g = GaussianTarget(
+        torch.tensor([1.0, -2.0], dtype=torch.float64),
+        torch.tensor([0.5, 2.0], dtype=torch.float64),
+        schedule,
+    )
     x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     exact = g.flow_map(x, 0.0, 1.0)
     steps = [8, 16, 32, 64]

@@ -10,13 +10,26 @@ from flowmap.checkpoints import CheckpointError, load_module
 from flowmap.cli import cli_main
 from flowmap.modules import FlowMapModule, VelocityModule
 
-TINY_NET = ["--model.net=flowmap.nets.MLP", "--model.net.data_shape=[2]",
-            "--model.net.width=64", "--model.net.depth=1"]
+TINY_NET = [
+    "--model.net=flowmap.nets.MLP",
+    "--model.net.data_shape=[2]",
+    "--model.net.width=64",
+    "--model.net.depth=1",
+]
 
 
 def _fit(cfg: str, root: Path, *extra: str) -> Path:
-    cli_main(["fit", "--config", cfg, f"--trainer.default_root_dir={root}",
-              "--trainer.enable_progress_bar=false", *TINY_NET, *extra])
+    cli_main(
+        [
+            "fit",
+            "--config",
+            cfg,
+            f"--trainer.default_root_dir={root}",
+            "--trainer.enable_progress_bar=false",
+            *TINY_NET,
+            *extra,
+        ]
+    )
     return next(root.rglob("last.ckpt"))
 
 
@@ -28,9 +41,15 @@ def _train_losses(root: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def toy_teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
-    ckpt = _fit("recipes/toy2d/teacher.yaml", root, "--trainer.max_steps=300",
-                "--trainer.val_check_interval=150", "--data.batch_size=256",
-                "--trainer.log_every_n_steps=10", "--data.name=8gaussians")
+    ckpt = _fit(
+        "recipes/toy2d/teacher.yaml",
+        root,
+        "--trainer.max_steps=300",
+        "--trainer.val_check_interval=150",
+        "--data.batch_size=256",
+        "--trainer.log_every_n_steps=10",
+        "--data.name=8gaussians",
+    )
     return root, ckpt
 
 
@@ -52,9 +71,15 @@ def test_cli_teacher_fit_lowers_the_loss_and_reloads_without_arguments(toy_teach
 @pytest.mark.parametrize("loss", ["lagrangian", "eulerian", "semigroup"])
 def test_cli_flow_map_fit_runs_each_loss(toy_teacher, tmp_path, loss):
     _, teacher_ckpt = toy_teacher
-    ckpt = _fit(f"recipes/toy2d/{loss}.yaml", tmp_path, f"--model.teacher_ckpt={teacher_ckpt}",
-                "--trainer.max_steps=20", "--data.batch_size=128", "--trainer.val_check_interval=10",
-                "--data.name=8gaussians")
+    ckpt = _fit(
+        f"recipes/toy2d/{loss}.yaml",
+        tmp_path,
+        f"--model.teacher_ckpt={teacher_ckpt}",
+        "--trainer.max_steps=20",
+        "--data.batch_size=128",
+        "--trainer.val_check_interval=10",
+        "--data.name=8gaussians",
+    )
     fm = load_module(FlowMapModule, ckpt)
     assert fm.teacher is None  # the teacher is not part of the student's checkpoint
     state = torch.load(ckpt, weights_only=True)["state_dict"]
@@ -69,8 +94,19 @@ def test_teacher_checkpoint_problems_are_one_sentence(toy_teacher, tmp_path):
         _fit("recipes/toy2d/lagrangian.yaml", tmp_path, "--model.teacher_ckpt=nope.ckpt")
     fm_ckpt = tmp_path / "fm"
     fm_ckpt.mkdir()
-    flow = _fit("recipes/toy2d/lagrangian.yaml", fm_ckpt, f"--model.teacher_ckpt={teacher_ckpt}",
-                "--trainer.max_steps=2", "--data.name=8gaussians")
-    with pytest.raises(CheckpointError, match="is a FlowMapModule checkpoint, but a VelocityModule"):
-        _fit("recipes/toy2d/lagrangian.yaml", tmp_path / "x", f"--model.teacher_ckpt={flow}",
-             "--trainer.max_steps=2")
+    flow = _fit(
+        "recipes/toy2d/lagrangian.yaml",
+        fm_ckpt,
+        f"--model.teacher_ckpt={teacher_ckpt}",
+        "--trainer.max_steps=2",
+        "--data.name=8gaussians",
+    )
+    with pytest.raises(
+        CheckpointError, match="is a FlowMapModule checkpoint, but a VelocityModule"
+    ):
+        _fit(
+            "recipes/toy2d/lagrangian.yaml",
+            tmp_path / "x",
+            f"--model.teacher_ckpt={flow}",
+            "--trainer.max_steps=2",
+        )

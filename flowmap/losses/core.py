@@ -55,8 +55,9 @@ def phi_jvp(
         return flow_map.net(kw["x"], kw["s"], kw["t"])
 
     with torch.autocast(device_type=x.device.type, enabled=False):
-        prim = tuple(primals[k].float() if primals[k].dtype != torch.float64 else primals[k]
-                     for k in keys)
+        prim = tuple(
+            primals[k].float() if primals[k].dtype != torch.float64 else primals[k] for k in keys
+        )
         tang = tuple(tangents[k].to(p.dtype) for k, p in zip(keys, prim))
         return torch.func.jvp(phi, prim, tang)
 

@@ -101,8 +101,9 @@ class TimePairSampler:
         n_diag = int(round(self.eta * batch_size))
         n_off = batch_size - n_diag
         kw = dict(loc=self.loc, scale=self.scale, device=device, generator=generator)
-        t_diag = sample_times(n_diag, "uniform" if self.distribution == "gap" else
-                              self.distribution, **kw)
+        t_diag = sample_times(
+            n_diag, "uniform" if self.distribution == "gap" else self.distribution, **kw
+        )
         cap = self.gap_cap(step)
         if self.distribution == "gap":
             gap = cap * torch.rand(n_off, device=device, generator=generator)

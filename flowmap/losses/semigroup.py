@@ -85,7 +85,13 @@ class SemigroupLoss(FlowMapLoss):
     ) -> Tensor:
         gamma = torch.full_like(s, 0.5) if self.split == "midpoint" else torch.rand_like(s)
         r, _ = semigroup_residual(
-            flow_map, teacher, x_s, s, t, gamma=gamma,
-            teacher_gap=self.teacher_gap, teacher_steps=self.teacher_steps,
+            flow_map,
+            teacher,
+            x_s,
+            s,
+            t,
+            gamma=gamma,
+            teacher_gap=self.teacher_gap,
+            teacher_steps=self.teacher_steps,
         )
         return mean_square(r)

@@ -21,7 +21,9 @@ WEIGHTINGS = ("none", "learned", "adaptive")
 class LossWeighting(nn.Module):
     """Maps per-sample losses :math:`\\ell` ``(B,)`` at pairs :math:`(s, t)` to weighted losses ``(B,)``."""
 
-    def __init__(self, kind: str = "none", p: float = 1.0, eps: float = 1e-3, dim: int = 32) -> None:
+    def __init__(
+        self, kind: str = "none", p: float = 1.0, eps: float = 1e-3, dim: int = 32
+    ) -> None:
         super().__init__()
         if kind not in WEIGHTINGS:
             raise ValueError(f"Unknown loss weighting {kind!r}; choose one of {list(WEIGHTINGS)}.")

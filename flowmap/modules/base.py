@@ -75,7 +75,9 @@ class FlowModuleBase(L.LightningModule):
         if lr <= 0:
             raise ValueError(f"The learning rate must be positive, got {lr}.")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1) (or be null for no EMA), got {ema_decay}.")
+            raise ValueError(
+                f"ema_decay must lie in [0, 1) (or be null for no EMA), got {ema_decay}."
+            )
         self.net = net
         self.ema = None
         if ema_decay is not None:
@@ -132,9 +134,7 @@ class FlowModuleBase(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt = torch.optim.AdamW(
-            self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay
-        )
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         warm = max(int(hp.warmup_steps), 0)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0

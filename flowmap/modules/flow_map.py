@@ -71,13 +71,21 @@ class FlowMapModule(FlowModuleBase):
             )
         self.save_hyperparameters()
         pairs = TimePairSampler(
-            pair_distribution, eta=eta, loc=pair_loc, scale=pair_scale, max_gap=max_gap,
-            gap_start=gap_start, gap_warmup_steps=gap_warmup_steps,
+            pair_distribution,
+            eta=eta,
+            loc=pair_loc,
+            scale=pair_scale,
+            max_gap=max_gap,
+            gap_start=gap_start,
+            gap_warmup_steps=gap_warmup_steps,
             backward_fraction=backward_fraction,
         )
         self.loss_fn = make_loss(
-            loss, pairs=pairs, weighting=LossWeighting(weighting, p=weighting_p),
-            schedule=schedule, **(loss_options or {}),
+            loss,
+            pairs=pairs,
+            weighting=LossWeighting(weighting, p=weighting_p),
+            schedule=schedule,
+            **(loss_options or {}),
         )
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape)
         object.__setattr__(self, "_teacher", None)  # not a submodule: outside optimiser/EMA/ckpt
@@ -93,8 +101,11 @@ class FlowMapModule(FlowModuleBase):
             return
         teacher = load_module(VelocityModule, self.hparams.teacher_ckpt)
         teacher.requires_grad_(False)
-        if teacher.data_shape is not None and self.data_shape is not None and \
-                tuple(teacher.data_shape) != tuple(self.data_shape):
+        if (
+            teacher.data_shape is not None
+            and self.data_shape is not None
+            and tuple(teacher.data_shape) != tuple(self.data_shape)
+        ):
             raise ValueError(
                 f"The teacher {self.hparams.teacher_ckpt!r} was trained on data of shape "
                 f"{list(teacher.data_shape)} but this data has shape {list(self.data_shape)}; "
@@ -107,7 +118,7 @@ class FlowMapModule(FlowModuleBase):
             except RuntimeError:
                 raise ValueError(
                     "warm_start needs the student net to have the teacher's architecture, but "
-                    f"they differ; copy the teacher's `net` config or set warm_start: false."
+                    "they differ; copy the teacher's `net` config or set warm_start: false."
                 ) from None
             if self.ema is not None:
                 self.ema.module.load_state_dict(self.net.state_dict())
@@ -160,5 +171,6 @@ class FlowMapModule(FlowModuleBase):
     @torch.no_grad()
     def invert(self, x1: Tensor, nfe: int = 1) -> Solution:
         """``nfe`` uniform jumps backwards, from data at :math:`t=1` to noise at :math:`t=0`."""
-        return sample_flow_map(self.sampling_flow_map, x1, steps=self._check_nfe(nfe),
-                               t0=1.0, t1=0.0)
+        return sample_flow_map(
+            self.sampling_flow_map, x1, steps=self._check_nfe(nfe), t0=1.0, t1=0.0
+        )

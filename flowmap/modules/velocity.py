@@ -59,8 +59,14 @@ class VelocityModule(FlowModuleBase):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         hp = self.hparams
-        loss = cfm_loss(self._train_velocity, batch, self.path,
-                        time_distribution=hp.time_distribution, loc=hp.time_loc, scale=hp.time_scale)
+        loss = cfm_loss(
+            self._train_velocity,
+            batch,
+            self.path,
+            time_distribution=hp.time_distribution,
+            loc=hp.time_loc,
+            scale=hp.time_scale,
+        )
         self.check_finite({"cfm": loss})
         self.log_terms("train", {"loss": loss})
         return loss
@@ -72,8 +78,14 @@ class VelocityModule(FlowModuleBase):
         self.log_terms("val", {"loss": cfm_loss(self.velocity, batch, self.path, x0=x0, t=t)})
 
     @torch.no_grad()
-    def generate(self, x0: Tensor, nfe: int | None = None, method: str = "euler",
-                 rtol: float = 1e-5, atol: float = 1e-5) -> Solution:
+    def generate(
+        self,
+        x0: Tensor,
+        nfe: int | None = None,
+        method: str = "euler",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+    ) -> Solution:
         """Samples from noise ``x0``: ``method`` in :data:`FIXED_STEP_METHODS` at ``nfe``, or
         ``"dopri5"`` (adaptive, ``nfe`` ignored; the NFE used is returned)."""
         if method in FIXED_STEP_METHODS:

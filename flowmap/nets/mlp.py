@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from flowmap.nets.embedding import TwoTimeEmbedding
@@ -20,7 +19,9 @@ class _Block(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.film = nn.Linear(cond_dim, 2 * width)
-        self.lin = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.lin = nn.Sequential(
+            nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)
+        )
 
     def forward(self, h: Tensor, c: Tensor) -> Tensor:
         scale, shift = self.film(c).chunk(2, dim=-1)
@@ -47,7 +48,9 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
-            raise ValueError(f"MLP needs width >= 1 and depth >= 1, got width={width}, depth={depth}.")
+            raise ValueError(
+                f"MLP needs width >= 1 and depth >= 1, got width={width}, depth={depth}."
+            )
         self.data_shape = tuple(int(d) for d in data_shape)
         dim = math.prod(self.data_shape)
         self.time = TwoTimeEmbedding(time_dim, hidden=width)

@@ -97,19 +97,28 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 skips.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([_ResBlock(ch, ch, cond, dropout), _Attention(ch),
-                                  _ResBlock(ch, ch, cond, dropout)])
+        self.mid = nn.ModuleList(
+            [_ResBlock(ch, ch, cond, dropout), _Attention(ch), _ResBlock(ch, ch, cond, dropout)]
+        )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
-                layers = nn.ModuleList([_ResBlock(ch + skips.pop(), channels * mult, cond, dropout)])
+                layers = nn.ModuleList(
+                    [_ResBlock(ch + skips.pop(), channels * mult, cond, dropout)]
+                )
                 ch = channels * mult
                 if res in attention_resolutions:
                     layers.append(_Attention(ch))
                 self.up.append(layers)
             if level > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
-                                               nn.Conv2d(ch, ch, 3, padding=1)]))
+                self.up.append(
+                    nn.ModuleList(
+                        [
+                            nn.Upsample(scale_factor=2, mode="nearest"),
+                            nn.Conv2d(ch, ch, 3, padding=1),
+                        ]
+                    )
+                )
                 res *= 2
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)

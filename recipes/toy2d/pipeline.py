@@ -28,17 +28,29 @@ def main(argv=None):
     data = [f"--data.name={args.dataset}"]
     teacher, flowmap, report = [], [], ["--n-samples", str(args.n_samples)]
     if args.tiny:
-        net = ["--model.net.width=32", "--model.net.depth=1", "--data.batch_size=128",
-               "--trainer.val_check_interval=5", "--trainer.enable_progress_bar=false"]
+        net = [
+            "--model.net.width=32",
+            "--model.net.depth=1",
+            "--data.batch_size=128",
+            "--trainer.val_check_interval=5",
+            "--trainer.enable_progress_bar=false",
+        ]
         teacher, flowmap = [*net, "--trainer.max_steps=20"], [*net, "--trainer.max_steps=10"]
         report += ["--nfe", "1", "2", "4"]
     if args.teacher_steps:
         teacher.append(f"--trainer.max_steps={args.teacher_steps}")
     if args.flowmap_steps:
         flowmap.append(f"--trainer.max_steps={args.flowmap_steps}")
-    return run_pipeline(HERE, args.out, data_overrides=data, teacher_overrides=teacher,
-                        flowmap_overrides=flowmap, losses=args.losses, report_args=report,
-                        argv=[sys.executable, *sys.argv] if argv is None else argv)
+    return run_pipeline(
+        HERE,
+        args.out,
+        data_overrides=data,
+        teacher_overrides=teacher,
+        flowmap_overrides=flowmap,
+        losses=args.losses,
+        report_args=report,
+        argv=[sys.executable, *sys.argv] if argv is None else argv,
+    )
 
 
 if __name__ == "__main__":
