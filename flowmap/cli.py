@@ -18,6 +18,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from flowmap.callbacks import ConfigBesideCheckpoints, InterruptCheckpoint
 from flowmap.checkpoints import CheckpointError
 from flowmap.data.base import FlowDataModule
 from flowmap.modules.base import FlowModuleBase, NonFiniteLossError
@@ -86,10 +87,16 @@ class FlowmapCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         kind = cfg.get("logger", "csv")
+        root = cfg["trainer"].get("default_root_dir") or os.getcwd()
         if kwargs.get("logger") in (None, True):
-            root = cfg["trainer"].get("default_root_dir") or os.getcwd()
             kwargs["logger"] = make_logger(kind, root)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        ckpt = trainer.checkpoint_callback
+        if isinstance(ckpt, ModelCheckpoint):
+            if ckpt.dirpath is None:  # one place per run root, so `--ckpt_path last` finds it
+                ckpt.dirpath = os.path.join(root, "checkpoints")
+            trainer.callbacks.append(InterruptCheckpoint(ckpt))
+        return trainer
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> FlowmapCLI:
@@ -99,6 +106,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FlowmapCLI:
         FlowDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=ConfigBesideCheckpoints,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -17,3 +17,38 @@ def gaussian():
         torch.tensor([0.5, 1.5], dtype=torch.float64),
         "linear",
     )
+
+
+@pytest.fixture(scope="session")
+def toy_teacher(tmp_path_factory):
+    """A tiny 8-Gaussians teacher fitted through the CLI (300 steps): ``(root, last.ckpt)``."""
+    from tests.helpers import fit_cli
+
+    root = tmp_path_factory.mktemp("teacher")
+    ckpt = fit_cli(
+        "recipes/toy2d/teacher.yaml",
+        root,
+        "--trainer.max_steps=300",
+        "--trainer.val_check_interval=150",
+        "--data.batch_size=256",
+        "--trainer.log_every_n_steps=10",
+        "--data.name=8gaussians",
+    )
+    return root, ckpt
+
+
+@pytest.fixture(scope="session")
+def toy_flowmap(toy_teacher, tmp_path_factory):
+    """A tiny Lagrangian flow map distilled from :func:`toy_teacher` (40 steps): ``last.ckpt``."""
+    from tests.helpers import fit_cli
+
+    root = tmp_path_factory.mktemp("flowmap")
+    return fit_cli(
+        "recipes/toy2d/lagrangian.yaml",
+        root,
+        f"--model.teacher_ckpt={toy_teacher[1]}",
+        "--trainer.max_steps=40",
+        "--data.batch_size=128",
+        "--trainer.val_check_interval=20",
+        "--data.name=8gaussians",
+    )

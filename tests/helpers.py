@@ -1,5 +1,7 @@
 """Test helpers shared by several test files."""
 
+from pathlib import Path
+
 import torch
 
 from flowmap.oracles import GaussianTarget
@@ -19,3 +21,29 @@ class ExactPhi(torch.nn.Module):
         phi = torch.where(gap.abs() > 1e-12, chord, self.target.velocity(x, t))
         # a smooth perturbation in x, s and t, so that no residual vanishes by accident
         return phi + self.perturb * torch.sin(x + s[:, None] + 2 * t[:, None])
+
+
+TINY_NET = [
+    "--model.net=flowmap.nets.MLP",
+    "--model.net.data_shape=[2]",
+    "--model.net.width=64",
+    "--model.net.depth=1",
+]
+
+
+def fit_cli(cfg: str, root: Path, *extra: str) -> Path:
+    """``flowmap fit --config cfg`` with a tiny MLP into ``root``; returns ``last.ckpt``."""
+    from flowmap.cli import cli_main
+
+    cli_main(
+        [
+            "fit",
+            "--config",
+            cfg,
+            f"--trainer.default_root_dir={root}",
+            "--trainer.enable_progress_bar=false",
+            *TINY_NET,
+            *extra,
+        ]
+    )
+    return next(Path(root).rglob("last.ckpt"))

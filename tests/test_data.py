@@ -93,7 +93,7 @@ def test_toy2d_stream_is_reproducible_and_distinct_per_rank_seed_and_split() -> 
     def stream(seed: int = 0, rank: int = 0) -> Tensor:
         dm = Toy2DDataModule(batch_size=32, seed=seed)
         if rank:
-            dm.trainer = SimpleNamespace(global_rank=rank)
+            dm.trainer = SimpleNamespace(global_rank=rank, global_step=0, accumulate_grad_batches=1)
         it = iter(dm.train_dataloader())
         return torch.cat([next(it), next(it)])
 
@@ -112,6 +112,14 @@ def test_toy2d_stream_is_reproducible_and_distinct_per_rank_seed_and_split() -> 
     assert not torch.equal(train[:32], base[:32])  # reference draws are not the training stream
     with pytest.raises(ValueError, match="Unknown split 'valid'"):
         dm.reference_samples(4, "valid")
+
+
+def test_toy2d_stream_resumes_at_the_restored_step() -> None:
+    dm = Toy2DDataModule(batch_size=8)
+    it = iter(dm.train_dataloader())
+    batches = [next(it) for _ in range(5)]
+    dm.trainer = SimpleNamespace(global_rank=0, global_step=3, accumulate_grad_batches=1)
+    assert torch.equal(next(iter(dm.train_dataloader())), batches[3])
 
 
 def test_toy2d_workers_get_distinct_streams() -> None:

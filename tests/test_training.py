@@ -7,50 +7,13 @@ import pytest
 import torch
 
 from flowmap.checkpoints import CheckpointError, load_module
-from flowmap.cli import cli_main
 from flowmap.modules import FlowMapModule, VelocityModule
-
-TINY_NET = [
-    "--model.net=flowmap.nets.MLP",
-    "--model.net.data_shape=[2]",
-    "--model.net.width=64",
-    "--model.net.depth=1",
-]
-
-
-def _fit(cfg: str, root: Path, *extra: str) -> Path:
-    cli_main(
-        [
-            "fit",
-            "--config",
-            cfg,
-            f"--trainer.default_root_dir={root}",
-            "--trainer.enable_progress_bar=false",
-            *TINY_NET,
-            *extra,
-        ]
-    )
-    return next(root.rglob("last.ckpt"))
+from tests.helpers import fit_cli as _fit
 
 
 def _train_losses(root: Path) -> list[float]:
     rows = list(csv.DictReader(open(next(root.rglob("metrics.csv")))))
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-
-
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    ckpt = _fit(
-        "recipes/toy2d/teacher.yaml",
-        root,
-        "--trainer.max_steps=300",
-        "--trainer.val_check_interval=150",
-        "--data.batch_size=256",
-        "--trainer.log_every_n_steps=10",
-        "--data.name=8gaussians",
-    )
-    return root, ckpt
 
 
 def test_cli_teacher_fit_lowers_the_loss_and_reloads_without_arguments(toy_teacher):

@@ -127,24 +127,30 @@ def toy2d_sample(name: str, n: int, generator: torch.Generator) -> Tensor:
 
 
 class _Toy2DStream(IterableDataset):
-    """Endless stream of whole batches ``(batch_size, 2)``; one independent stream per worker.
+    """Endless stream of whole batches ``(batch_size, 2)``, batch ``k`` drawn with the seed
+    ``mix_seed(seed, stream tag, rank, k)``.
 
-    The generator seed is ``mix_seed(seed, stream tag, rank, worker id)``: DDP ranks and
-    DataLoader workers never replay each other's samples.
+    DDP ranks never replay each other's samples; DataLoader workers split the batch indices
+    (worker ``w`` of ``W`` yields ``k = start + w, start + w + W, …``), so the stream does not
+    depend on the number of workers; and a run resumed at step ``start`` sees exactly the batches
+    the uninterrupted run would have seen.
     """
 
-    def __init__(self, name: str, batch_size: int, seed: int, rank: int) -> None:
+    def __init__(self, name: str, batch_size: int, seed: int, rank: int, start: int = 0) -> None:
         self.name = name
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
+        self.start = start
 
     def __iter__(self) -> Iterator[Tensor]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        g = torch.Generator().manual_seed(mix_seed(self.seed, _TAG_STREAM, self.rank, worker))
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        k = self.start + worker
         while True:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, _TAG_STREAM, self.rank, k))
             yield toy2d_sample(self.name, self.batch_size, g)
+            k += workers
 
 
 class Toy2DDataModule(FlowDataModule):
@@ -195,8 +201,11 @@ class Toy2DDataModule(FlowDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Endless plain-tensor batches ``(batch_size, 2)``, distinct per rank and worker."""
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        stream = _Toy2DStream(self.name, self.batch_size, self.seed, rank)
+        rank, start = 0, 0
+        if self.trainer is not None:  # resume where the restored run stopped
+            rank = self.trainer.global_rank
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        stream = _Toy2DStream(self.name, self.batch_size, self.seed, rank, start)
         return DataLoader(
             stream,
             batch_size=None,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-__all__ = ["FlowModuleBase", "NonFiniteLossError", "build"]
+__all__ = ["FlowModuleBase", "NonFiniteLossError", "build", "fork_rng"]
 
 # Nets are constructor arguments on purpose: the CLI records their config (not the object) in the
 # hyperparameters, which is what lets `load_from_checkpoint(path)` rebuild them with no arguments.
@@ -51,6 +52,19 @@ def ema_with_warmup(decay: float):
         return beta * averaged + (1.0 - beta) * current
 
     return avg_fn
+
+
+def fork_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` seeded by its batch index inside :func:`torch.random.fork_rng`: validation is
+    reproducible and leaves the training RNG untouched (so resumed runs replay exactly)."""
+
+    @functools.wraps(fn)
+    def wrapped(self: Any, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_idx)
+            return fn(self, batch, batch_idx, *args, **kwargs)
+
+    return wrapped
 
 
 class FlowModuleBase(L.LightningModule):
@@ -93,7 +107,9 @@ class FlowModuleBase(L.LightningModule):
             return self.ema.module
         return self.net
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the EMA update — before any callback can checkpoint the step."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 
@@ -113,6 +129,17 @@ class FlowModuleBase(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["flowmap_module"] = self.module_kind
+        # the RNG state drives the noise and times of the next step: saving it makes resume exact
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_rng_state = checkpoint.get("torch_rng_state")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        state = getattr(self, "_pending_rng_state", None)
+        if state is not None:  # restored here, after the data loaders have drawn their seeds
+            torch.set_rng_state(state)
+            self._pending_rng_state = None
 
     # ----------------------------------------------------------------- guards and optimiser
     def check_finite(self, terms: Mapping[str, Tensor]) -> None:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from flowmap.checkpoints import CheckpointError, load_module
 from flowmap.flowmap import FlowMap
 from flowmap.losses import LOSSES, LossWeighting, TimePairSampler, make_loss
-from flowmap.modules.base import FlowModuleBase
+from flowmap.modules.base import FlowModuleBase, fork_rng
 from flowmap.modules.velocity import VelocityModule
 from flowmap.sampling import Solution, sample_flow_map
 
@@ -155,6 +155,7 @@ class FlowMapModule(FlowModuleBase):
         self.log_terms("train", terms)
         return terms["loss"]
 
+    @fork_rng
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         g = torch.Generator(device=batch.device).manual_seed(batch_idx)
         x0 = torch.randn(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from flowmap.losses.cfm import cfm_loss
 from flowmap.losses.pairs import TIME_DISTRIBUTIONS
-from flowmap.modules.base import FlowModuleBase
+from flowmap.modules.base import FlowModuleBase, fork_rng
 from flowmap.paths import AffinePath
 from flowmap.sampling import FIXED_STEP_METHODS, Solution, solve_adaptive, solve_ode
 
@@ -71,6 +71,7 @@ class VelocityModule(FlowModuleBase):
         self.log_terms("train", {"loss": loss})
         return loss
 
+    @fork_rng
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         g = torch.Generator(device=batch.device).manual_seed(batch_idx)
         x0 = torch.randn(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)

@@ -1,0 +1,159 @@
+"""DDP on CPU (ddp_spawn, 2 gloo ranks): gradients equal one process's on the same total batch.
+
+The batch carries its own noise and times (columns ``x1 | x0 | s | t``) so both runs see exactly
+the same samples; each rank holds one half, and every half puts its diagonal rows first.
+"""
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from flowmap.losses import TimePairs, cfm_loss
+from flowmap.modules import FlowMapModule, VelocityModule, build
+
+NET = {"class_path": "flowmap.nets.MLP", "init_args": {"data_shape": [2], "width": 16, "depth": 1}}
+HALF, N_DIAG = 8, 3
+
+
+def _full_batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    halves = []
+    for _ in range(2):
+        x1, x0 = 2 * torch.randn(HALF, 2, generator=g), torch.randn(HALF, 2, generator=g)
+        a, b = torch.rand(HALF, generator=g), torch.rand(HALF, generator=g)
+        s, t = torch.minimum(a, b), torch.maximum(a, b)
+        s[:N_DIAG] = t[:N_DIAG]
+        halves.append(torch.cat([x1, x0, s[:, None], t[:, None]], dim=1))
+    return torch.cat(halves)
+
+
+def _split(batch: torch.Tensor):
+    return batch[:, :2], batch[:, 2:4], batch[:, 4], batch[:, 5]
+
+
+class _Grads(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_after_backward(self, trainer, module):
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        torch.save(grads, self.out / f"rank{trainer.global_rank}.pt")
+
+
+class _HalfPerRank(L.LightningDataModule):
+    def __init__(self, full: torch.Tensor) -> None:
+        super().__init__()
+        self.full = full
+
+    def train_dataloader(self):
+        r = self.trainer.global_rank
+        return DataLoader(TensorDataset(self.full[r * HALF : (r + 1) * HALF]), batch_size=HALF)
+
+
+class FixedNoiseTeacher(VelocityModule):
+    def training_step(self, batch, batch_idx):
+        x1, x0, _, t = _split(batch[0] if isinstance(batch, list) else batch)
+        return cfm_loss(lambda x, tt: self.net(x, tt, tt), x1, self.path, x0=x0, t=t)
+
+
+class FixedNoiseFlowMap(FlowMapModule):
+    def _terms(self, flow_map, batch, **kw):
+        x1, x0, s, t = _split(batch[0] if isinstance(batch, list) else batch)
+        order = torch.argsort((s != t).int(), stable=True)  # diagonal rows first
+        pairs = TimePairs(s[order], t[order], int((s == t).sum()))
+        return super()._terms(flow_map, x1[order], x0=x0[order], pairs=pairs)
+
+
+def _ddp_and_single(module: L.LightningModule, tmp_path: Path):
+    full = _full_batch()
+    single = copy.deepcopy(module)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_Grads(tmp_path)],
+    )
+    trainer.fit(module, _HalfPerRank(full))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # one process on the whole batch
+    single.trainer = None
+    if isinstance(single, FlowMapModule):
+        single.setup("fit")
+    single.zero_grad()
+    loss = (
+        single.training_step(full, 0)
+        if isinstance(single, VelocityModule)
+        else single._terms(single.student, full)["loss"]
+    )
+    loss.backward()
+    ref = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
+    return ranks, ref
+
+
+def _assert_same(ranks, ref):
+    assert set(ranks[0]) == set(ref) and ref
+    for name, g in ref.items():
+        assert torch.allclose(ranks[0][name], ranks[1][name], atol=1e-7), name
+        assert torch.allclose(ranks[0][name], g, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_teacher")
+    torch.manual_seed(0)
+    module = build(VelocityModule, {"net": NET, "data_shape": [2]})
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    trainer.fit(
+        module,
+        DataLoader(
+            TensorDataset(torch.randn(8, 2)),
+            batch_size=8,
+            collate_fn=lambda b: torch.stack([x[0] for x in b]),
+        ),
+    )
+    path = root / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_ddp_teacher_gradients_match_single_process(tmp_path):
+    torch.manual_seed(0)
+    _assert_same(*_ddp_and_single(build(FixedNoiseTeacher, {"net": NET}), tmp_path))
+
+
+@pytest.mark.parametrize(
+    "loss,options",
+    [
+        ("lagrangian", {"form": "regression"}),
+        ("eulerian", {"form": "regression"}),
+        ("semigroup", {"split": "midpoint", "teacher_gap": 0.3}),
+    ],
+)
+def test_ddp_distillation_gradients_match_single_process(tmp_path, teacher_ckpt, loss, options):
+    torch.manual_seed(0)
+    module = build(
+        FixedNoiseFlowMap,
+        {"net": NET, "teacher_ckpt": str(teacher_ckpt), "loss": loss, "loss_options": options},
+    )
+    _assert_same(*_ddp_and_single(module, tmp_path))
+
+
+def test_ddp_self_distillation_gradients_match_single_process(tmp_path):
+    torch.manual_seed(0)
+    module = build(FixedNoiseFlowMap, {"net": NET, "loss": "lagrangian"})
+    _assert_same(*_ddp_and_single(module, tmp_path))
