@@ -74,20 +74,24 @@ def test_report_writes_its_files_with_the_right_rows(toy_teacher, toy_flowmap, t
 def test_a_killed_report_resumes_with_finished_rows(
     toy_teacher, toy_flowmap, tmp_path, monkeypatch
 ):
-    calls = []
+    class Killed(Exception):
+        pass
+
+    calls, resumed = [], False
     real = report.Metric.__call__
 
     def flaky(self, samples):
         calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # killed during the fourth evaluation
+        if len(calls) == 4 and not resumed:
+            raise Killed  # the run dies during the fourth evaluation
         return real(self, samples)
 
     monkeypatch.setattr(report.Metric, "__call__", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         _run(toy_teacher, toy_flowmap, tmp_path)
     assert len(list((tmp_path / "rows").glob("*.npz"))) == 3
     calls.clear()
+    resumed = True
     res = _run(toy_teacher, toy_flowmap, tmp_path)
     # 1 floor + 9 rows = 10 evaluations in all; the 3 finished ones are not redone
     assert len(calls) == 10 - 3 and len(res["rows"]) == 9
