@@ -52,8 +52,9 @@ class SampleQuality(L.Callback):
     their EMA weights and the same noise (seeded) at every validation.
     """
 
-    def __init__(self, nfe: tuple[int, ...] = (1, 2, 4), n: int = 1000, solver: str = "euler",
-                 seed: int = 0) -> None:
+    def __init__(
+        self, nfe: tuple[int, ...] = (1, 2, 4), n: int = 1000, solver: str = "euler", seed: int = 0
+    ) -> None:
         if any(int(k) < 1 for k in nfe):
             raise ValueError(f"SampleQuality NFE values must be at least 1, got {list(nfe)}.")
         self.nfe, self.n, self.solver, self.seed = tuple(int(k) for k in nfe), n, solver, seed

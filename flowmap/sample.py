@@ -26,7 +26,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--nfe", type=int, default=1)
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--method", default="euler", help="teacher solver (euler/midpoint/heun/rk4/dopri5)")
+    p.add_argument(
+        "--method", default="euler", help="teacher solver (euler/midpoint/heun/rk4/dopri5)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--invert", action="store_true", help="flow maps: data (--data-npz) → noise")
@@ -41,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise SystemExit(f"flowmap sample: error: {args.ckpt} does not record its data shape.")
     if args.invert:
         if cls is not FlowMapModule or args.data_npz is None:
-            raise SystemExit("flowmap sample: error: --invert needs a flow-map --ckpt and --data-npz.")
+            raise SystemExit(
+                "flowmap sample: error: --invert needs a flow-map --ckpt and --data-npz."
+            )
         with np.load(args.data_npz, allow_pickle=False) as z:
             x1 = torch.as_tensor(z["samples"])
         sol = module.invert(x1, args.nfe)
@@ -49,8 +53,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     else:
         g = torch.Generator().manual_seed(args.seed)
         x0 = torch.randn(args.n, *module.data_shape, generator=g)
-        sol = (module.generate(x0, args.nfe) if cls is FlowMapModule
-               else module.generate(x0, args.nfe, args.method))
+        sol = (
+            module.generate(x0, args.nfe)
+            if cls is FlowMapModule
+            else module.generate(x0, args.nfe, args.method)
+        )
         np.savez(args.out, samples=sol.x.numpy(), noise=x0.numpy())
     print(f"{args.out}: {len(sol.x)} samples, NFE {sol.nfe}")
     return args.out

@@ -22,11 +22,14 @@ def gmm_endpoints():
     return gmm, x0, ref, euler1
 
 
-@pytest.mark.parametrize("name,options", [
-    ("lagrangian", {"form": "regression"}),
-    ("eulerian", {"form": "regression"}),
-    ("semigroup", {"split": "midpoint"}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("lagrangian", {"form": "regression"}),
+        ("eulerian", {"form": "regression"}),
+        ("semigroup", {"split": "midpoint"}),
+    ],
+)
 def test_distillation_from_the_mixture_teacher_beats_one_euler_step(gmm_endpoints, name, options):
     gmm, x0, ref, euler1 = gmm_endpoints
     torch.manual_seed(0)

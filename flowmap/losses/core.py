@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flowmap.flowmap import FlowMap, as_time
 from flowmap.losses.pairs import TimePairs, TimePairSampler
@@ -42,6 +43,7 @@ def phi_jvp(
     + \dot t\,\partial_t\phi` in one ``torch.func.jvp``, in float32 (autocast off).
 
     Only the inputs given a tangent are differentiated; the others are closed over as constants.
+    Attention runs on the math backend inside the JVP (fused kernels lack forward-mode AD).
     """
     names = ("x", "s", "t")
     primals = {"x": x, "s": s, "t": t}
@@ -54,7 +56,8 @@ def phi_jvp(
         kw = {**primals, **dict(zip(keys, args))}
         return flow_map.net(kw["x"], kw["s"], kw["t"])
 
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    # fused attention kernels have no forward-mode AD; the math backend is plain differentiable ops
+    with torch.autocast(device_type=x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
         prim = tuple(
             primals[k].float() if primals[k].dtype != torch.float64 else primals[k] for k in keys
         )

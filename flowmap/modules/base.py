@@ -31,14 +31,18 @@ def build(cls: type[L.LightningModule], config: Mapping[str, Any]) -> L.Lightnin
     The module's hyperparameters then hold the config (plain data), not live objects, so its
     checkpoints load with ``weights_only=True`` and rebuild with no arguments.
     """
-    from lightning.pytorch.cli import instantiate_module
+    import yaml
+    from jsonargparse import ArgumentParser
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
-    config = dict(config)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "module", fail_untyped=False)
+    cfg = parser.parse_object({"module": dict(config)})
+    full = yaml.safe_load(parser.dump(cfg, skip_none=False))["module"]  # defaults filled in
     with _given_hyperparameters_context(
-        hparams=config, instantiator="lightning.pytorch.cli.instantiate_module"
+        hparams=full, instantiator="lightning.pytorch.cli.instantiate_module"
     ):
-        return instantiate_module(cls, config)
+        return parser.instantiate_classes(cfg).module
 
 
 def ema_with_warmup(decay: float):

@@ -36,16 +36,27 @@ class _ResBlock(nn.Module):
 
 
 class _Attention(nn.Module):
+    """Self-attention over pixels through ``F.scaled_dot_product_attention`` (not
+    ``nn.MultiheadAttention``, whose inference fast path has no forward-mode AD for the JVPs)."""
+
     def __init__(self, ch: int, heads: int = 4) -> None:
         super().__init__()
+        self.heads = heads if ch % heads == 0 else 1
         self.norm = _norm(ch)
-        self.attn = nn.MultiheadAttention(ch, heads if ch % heads == 0 else 1, batch_first=True)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         b, ch, h, w = x.shape
-        q = self.norm(x).flatten(2).transpose(1, 2)
-        out, _ = self.attn(q, q, q, need_weights=False)
-        return x + out.transpose(1, 2).reshape(b, ch, h, w)
+        q, k, v = (
+            self.qkv(self.norm(x)).reshape(b, 3, self.heads, ch // self.heads, h * w).unbind(1)
+        )
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+        )
+        return x + self.proj(out.transpose(-1, -2).reshape(b, ch, h, w))
 
 
 class UNet(nn.Module):

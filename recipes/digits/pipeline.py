@@ -23,17 +23,27 @@ def main(argv=None):
     args = p.parse_args(argv)
     teacher, flowmap, report = [], [], []
     if args.tiny:
-        net = ["--model.net.width=32", "--model.net.depth=1", "--data.batch_size=64",
-               "--trainer.enable_progress_bar=false"]
+        net = [
+            "--model.net.width=32",
+            "--model.net.depth=1",
+            "--data.batch_size=64",
+            "--trainer.enable_progress_bar=false",
+        ]
         teacher, flowmap = [*net, "--trainer.max_steps=10"], [*net, "--trainer.max_steps=5"]
         report = ["--nfe", "1", "2", "--n-samples", "64"]
     if args.teacher_steps:
         teacher.append(f"--trainer.max_steps={args.teacher_steps}")
     if args.flowmap_steps:
         flowmap.append(f"--trainer.max_steps={args.flowmap_steps}")
-    return run_pipeline(HERE, args.out, teacher_overrides=teacher, flowmap_overrides=flowmap,
-                        losses=args.losses, report_args=report,
-                        argv=[sys.executable, *sys.argv] if argv is None else argv)
+    return run_pipeline(
+        HERE,
+        args.out,
+        teacher_overrides=teacher,
+        flowmap_overrides=flowmap,
+        losses=args.losses,
+        report_args=report,
+        argv=[sys.executable, *sys.argv] if argv is None else argv,
+    )
 
 
 if __name__ == "__main__":
