@@ -157,3 +157,45 @@ def test_ddp_self_distillation_gradients_match_single_process(tmp_path):
     torch.manual_seed(0)
     module = build(FixedNoiseFlowMap, {"net": NET, "loss": "lagrangian"})
     _assert_same(*_ddp_and_single(module, tmp_path))
+
+
+def _fid_rank(rank: int, world: int, port: int, out: str, real, fake) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from flowmap.metrics.digits_extractor import DigitsFeatures
+    from flowmap.metrics.fid import make_torchmetrics_fid
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    metric = make_torchmetrics_fid(DigitsFeatures())
+    metric.update(real.chunk(world)[rank], real=True)
+    metric.update(fake.chunk(world)[rank], real=False)
+    value = float(metric.compute())  # states are summed across ranks before computing
+    torch.save(torch.tensor(value), f"{out}/fid{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_torchmetrics_fid_states_reduce_across_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from flowmap.data import load_digits_split, to_uint8
+    from flowmap.metrics.digits_extractor import DigitsFeatures
+    from flowmap.metrics.fid import make_torchmetrics_fid
+
+    x_train, _, x_test, _ = load_digits_split()
+    real, fake = to_uint8(x_train[:200]), to_uint8((x_test[:200] + 0.2).clamp(-1, 1))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_fid_rank, args=(2, port, str(tmp_path), real, fake), nprocs=2)
+    single = make_torchmetrics_fid(DigitsFeatures())
+    single.update(real, real=True)
+    single.update(fake, real=False)
+    expected = float(single.compute())
+    for rank in range(2):
+        got = float(torch.load(tmp_path / f"fid{rank}.pt", weights_only=True))
+        assert got == pytest.approx(expected, rel=1e-6)
