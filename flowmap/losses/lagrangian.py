@@ -36,11 +36,15 @@ def lagrangian_residual(
 
 
 class LagrangianLoss(FlowMapLoss):
-    """Lagrangian loss; ``form`` is ``"regression"`` (default) or ``"backprop"``."""
+    """Lagrangian loss; ``form`` is ``"backprop"`` (default) or ``"regression"``.
+
+    The default is the paper's form: on the toy checkerboard it reached a one-step W2 within 1% of
+    the teacher's adaptive solve where the regression form stalled at 2.6× (benchmarks/results).
+    """
 
     name = "lagrangian"
 
-    def __init__(self, form: str = "regression", tangent_norm: float | None = None, **kw) -> None:
+    def __init__(self, form: str = "backprop", tangent_norm: float | None = None, **kw) -> None:
         super().__init__(**kw)
         if form not in FORMS:
             raise ValueError(f"Unknown Lagrangian form {form!r}; choose one of {list(FORMS)}.")
