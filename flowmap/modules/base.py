@@ -45,17 +45,18 @@ def build(cls: type[L.LightningModule], config: Mapping[str, Any]) -> L.Lightnin
         return parser.instantiate_classes(cfg).module
 
 
-def ema_with_warmup(decay: float):
+class EMAWithWarmup:
     r"""``avg_fn`` for :class:`~torch.optim.swa_utils.AveragedModel`: EMA with decay warm-up
     :math:`\beta_n = \min(\beta, (1 + n)/(10 + n))` (as in Meta's flow_matching), so that short runs
-    are not dominated by the initial weights."""
+    are not dominated by the initial weights. A class, not a closure, so modules pickle (ddp_spawn)."""
 
-    def avg_fn(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def __call__(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
         n = float(num_averaged)
-        beta = min(decay, (1.0 + n) / (10.0 + n))
+        beta = min(self.decay, (1.0 + n) / (10.0 + n))
         return beta * averaged + (1.0 - beta) * current
-
-    return avg_fn
 
 
 def fork_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -99,7 +100,7 @@ class FlowModuleBase(L.LightningModule):
         self.net = net
         self.ema = None
         if ema_decay is not None:
-            self.ema = AveragedModel(net, avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+            self.ema = AveragedModel(net, avg_fn=EMAWithWarmup(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
         self.data_shape = tuple(data_shape) if data_shape is not None else None
 
