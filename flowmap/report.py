@@ -13,6 +13,7 @@ run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -130,6 +131,7 @@ class Row:
     method: str
     nfe: int  # requested NFE (fixed-step, flow map) or 0 for adaptive
     run: Callable[[Tensor], Solution]
+    source: str = ""  # the checkpoint the row samples from (for the resume cache's key)
 
     @property
     def key(self) -> str:
@@ -145,7 +147,7 @@ def _flowmap_label(spec: str) -> tuple[str, str]:
 
 
 def plan_rows(
-    teacher: VelocityModule, flowmaps: dict[str, FlowMapModule], cfg: ReportConfig
+    teacher: VelocityModule, flowmaps: dict[str, tuple[FlowMapModule, str]], cfg: ReportConfig
 ) -> tuple[list[Row], list[str]]:
     """The rows to evaluate, and notes on (solver, NFE) pairs below one step that are skipped.
 
@@ -174,6 +176,7 @@ def plan_rows(
                         f"teacher/{solver}",
                         nfe,
                         lambda x, s=solver, n=nfe: teacher.generate(x, n, s),
+                        cfg.teacher,
                     )
                 )
     rows.append(
@@ -181,11 +184,13 @@ def plan_rows(
             "teacher/dopri5",
             0,
             lambda x: teacher.generate(x, method="dopri5", rtol=cfg.rtol, atol=cfg.atol),
+            cfg.teacher,
         )
     )
-    for label, fm in flowmaps.items():
+    for label, (fm, path) in flowmaps.items():
         for nfe in cfg.nfe:
-            rows.append(Row(f"flowmap/{label}", nfe, lambda x, m=fm, n=nfe: m.generate(x, n)))
+            run = lambda x, m=fm, n=nfe: m.generate(x, n)  # noqa: E731
+            rows.append(Row(f"flowmap/{label}", nfe, run, path))
     return rows, skipped
 
 
@@ -262,7 +267,8 @@ def _markdown(results: dict[str, Any], skipped: list[str], endpoint: dict[str, f
         "",
         f"- metric: {metric} ({'exact W2, POT' if metric == 'W2' else results.get('feature', '')}),"
         f" {results['n_samples']} samples per row, the same noise for every method",
-        f"- floor (data vs data, same size): {results['floor']:.4g}",
+        f"- floor (data vs data, same size): {results['floor']:.4g} — the metric's own sampling "
+        "noise at this sample size, not a lower bound: a model can land below it",
         f"- command: `{results['command']}`",
         f"- machine: {results['machine']}",
         f"- seed: {results['seed']}; wall time: {results.get('seconds', 0):.0f} s",
@@ -311,15 +317,15 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     rows_dir.mkdir(parents=True, exist_ok=True)
     ck = read_checkpoint(cfg.teacher, expected_kind="VelocityModule")
     teacher = load_module(VelocityModule, cfg.teacher)
-    flowmaps: dict[str, FlowMapModule] = {}
+    flowmaps: dict[str, tuple[FlowMapModule, str]] = {}
     for spec in cfg.flowmaps:
         label, path = _flowmap_label(spec)
         if label in flowmaps:
             raise ValueError(f"Two flow maps are labelled {label!r}; name them as label=path.")
-        flowmaps[label] = load_module(FlowMapModule, path)
+        flowmaps[label] = (load_module(FlowMapModule, path), path)
     dm = build_datamodule(ck.get("datamodule_hyper_parameters", {}))
     shape = tuple(dm.data_shape)
-    for name, mod in [("teacher", teacher), *flowmaps.items()]:
+    for name, mod in [("teacher", teacher), *((k, v[0]) for k, v in flowmaps.items())]:
         if mod.data_shape is not None and tuple(mod.data_shape) != shape:
             raise ValueError(
                 f"The {name} checkpoint was trained on shape {list(mod.data_shape)} "
@@ -330,8 +336,16 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     metric = Metric(dm, n, cfg.seed, cfg.feature, cfg.inception_weights)
     x0 = torch.randn(n, *shape, generator=torch.Generator().manual_seed(cfg.seed))
 
-    def cached(key: str, compute: Callable[[], tuple[Tensor, int, float]]) -> dict[str, Any]:
-        f = rows_dir / (key.replace("/", "__") + ".npz")
+    def cached(
+        key: str, compute: Callable[[], tuple[Tensor, int, float]], source: str = ""
+    ) -> dict[str, Any]:
+        """A finished row is reused only if its inputs are the same: the checkpoint file (path,
+        size, mtime), the sample count, seed, tolerances and metric."""
+        stat = os.stat(source) if source else None
+        ident = [source, stat and stat.st_size, stat and stat.st_mtime_ns, n, cfg.seed,
+                 cfg.rtol, cfg.atol, metric.name, metric.feature]
+        digest = hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
+        f = rows_dir / f"{key.replace('/', '__')}-{digest}.npz"
         if f.exists():
             with np.load(f, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
@@ -355,7 +369,7 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
                     raise RuntimeError(f"{row.key} used {sol.nfe} NFE, not {row.nfe}.")
                 return sol.x, sol.nfe, metric(sol.x)
 
-            records[row.key] = cached(row.key, compute)
+            records[row.key] = cached(row.key, compute, row.source)
             bar.update(
                 task, advance=1, description=f"{row.key}: {float(records[row.key]['value']):.4g}"
             )

@@ -1,6 +1,8 @@
 """The FID/W2-vs-steps report on tiny checkpoints: files, schema, rows, resume, bad requests."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +97,12 @@ def test_a_killed_report_resumes_with_finished_rows(
     res = _run(toy_teacher, toy_flowmap, tmp_path)
     # 1 floor + 9 rows = 10 evaluations in all; the 3 finished ones are not redone
     assert len(calls) == 10 - 3 and len(res["rows"]) == 9
+    # a changed flow-map checkpoint invalidates its rows (and only those)
+    calls.clear()
+    st = Path(toy_flowmap).stat()
+    os.utime(toy_flowmap, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _run(toy_teacher, toy_flowmap, tmp_path)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize(
