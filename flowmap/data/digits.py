@@ -51,6 +51,7 @@ class DigitsDataModule(FiniteFlowDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, n_val=n_val, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
+        self.name = "digits"
 
     @property
     def data_shape(self) -> tuple[int, ...]:
