@@ -106,8 +106,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FlowmapCLI:
         FlowDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"description": "flowmap: Lightning CLI subcommands below, plus "
-                       "`flowmap sample --help` and `flowmap report --help`."},
+        parser_kwargs={
+            "description": "flowmap: Lightning CLI subcommands below, plus "
+            "`flowmap sample --help` and `flowmap report --help`."
+        },
         save_config_callback=ConfigBesideCheckpoints,
         save_config_kwargs={"overwrite": True},
         args=args,

@@ -7,6 +7,7 @@ pipeline resumes where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fit_stage", "run_pipeline"]
+__all__ = ["fit_stage", "run_pipeline", "recipe_parser", "run_recipe"]
 
 LOSSES = ("lagrangian", "eulerian", "semigroup")
 
@@ -88,3 +89,49 @@ def run_pipeline(
             + ".\n"
         )
     return results
+
+
+def recipe_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every recipe pipeline takes (``--out``, step overrides, losses, ``--tiny``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--teacher-steps", type=int, default=None, help="override max_steps")
+    p.add_argument("--flowmap-steps", type=int, default=None, help="override max_steps")
+    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
+    return p
+
+
+def run_recipe(
+    recipe: Path,
+    args: argparse.Namespace,
+    *,
+    data_overrides: Sequence[str] = (),
+    tiny_overrides: Sequence[str] = (),
+    tiny_steps: tuple[int, int] = (20, 10),
+    report_args: Sequence[str] = (),
+    tiny_report_args: Sequence[str] = (),
+    argv: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Apply a recipe's command-line arguments and run :func:`run_pipeline`."""
+    teacher: list[str] = []
+    flowmap: list[str] = []
+    report = list(report_args)
+    if args.tiny:
+        teacher = [*tiny_overrides, f"--trainer.max_steps={tiny_steps[0]}"]
+        flowmap = [*tiny_overrides, f"--trainer.max_steps={tiny_steps[1]}"]
+        report += list(tiny_report_args)
+    if args.teacher_steps:
+        teacher.append(f"--trainer.max_steps={args.teacher_steps}")
+    if args.flowmap_steps:
+        flowmap.append(f"--trainer.max_steps={args.flowmap_steps}")
+    return run_pipeline(
+        recipe,
+        args.out,
+        data_overrides=data_overrides,
+        teacher_overrides=teacher,
+        flowmap_overrides=flowmap,
+        losses=args.losses,
+        report_args=report,
+        argv=[sys.executable, *sys.argv] if argv is None else argv,
+    )

@@ -342,8 +342,17 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         """A finished row is reused only if its inputs are the same: the checkpoint file (path,
         size, mtime), the sample count, seed, tolerances and metric."""
         stat = os.stat(source) if source else None
-        ident = [source, stat and stat.st_size, stat and stat.st_mtime_ns, n, cfg.seed,
-                 cfg.rtol, cfg.atol, metric.name, metric.feature]
+        ident = [
+            source,
+            stat and stat.st_size,
+            stat and stat.st_mtime_ns,
+            n,
+            cfg.seed,
+            cfg.rtol,
+            cfg.atol,
+            metric.name,
+            metric.feature,
+        ]
         digest = hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
         f = rows_dir / f"{key.replace('/', '__')}-{digest}.npz"
         if f.exists():

@@ -7,8 +7,14 @@ from flowmap.nets import MLP, TwoTimeEmbedding, UNet
 
 @pytest.mark.parametrize("size,channels,mult", [(8, 1, (1, 2)), (32, 3, (1, 2, 2))])
 def test_unet_takes_x_s_t_at_8_and_32(size, channels, mult):
-    net = UNet(image_size=size, in_channels=channels, channels=16, channel_mult=mult,
-               num_res_blocks=1, attention_resolutions=(size // 2,))
+    net = UNet(
+        image_size=size,
+        in_channels=channels,
+        channels=16,
+        channel_mult=mult,
+        num_res_blocks=1,
+        attention_resolutions=(size // 2,),
+    )
     x = torch.randn(3, channels, size, size)
     s, t = torch.rand(3), torch.rand(3)
     assert net(x, s, t).shape == x.shape

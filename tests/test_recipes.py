@@ -146,3 +146,17 @@ def test_toy_pipeline_runs_end_to_end_and_writes_its_report(tmp_path):
         "teacher/dopri5",
     } <= methods
     assert res["metric"] == "w2" and res["dataset"] == "checkerboard"
+
+
+def test_digits_pipeline_runs_end_to_end_with_fid_in_digits_features(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_pipeline", RECIPES / "digits/pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    res = module.main(["--out", str(tmp_path), "--tiny"])
+    assert res["metric"] == "fid" and res["dataset"] == "digits" and res["n_samples"] == 64
+    assert res["floor"] > 0
+    assert all(r["value"] > 0 for r in res["rows"])
+    euler = {r["nfe"]: r["value"] for r in res["rows"] if r["method"] == "teacher/euler"}
+    assert set(euler) == {1, 2}
