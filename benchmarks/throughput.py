@@ -34,6 +34,10 @@ VARIANTS = {
     "eulerian (regression)": ("eulerian", {"form": "regression"}),
     "eulerian (sg_advective)": ("eulerian", {"form": "sg_advective"}),
     "semigroup (midpoint)": ("semigroup", {"split": "midpoint"}),
+    "semigroup (toy recipe: δ=0.25, 4 Heun)": (
+        "semigroup",
+        {"split": "midpoint", "teacher_gap": 0.25, "teacher_steps": 4},
+    ),
 }
 
 
