@@ -124,11 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] == "report":
         from flowmap.report import main as report_main
 
-        return report_main(args[1:])
+        report_main(args[1:])  # the console script exits with main()'s value: return None
+        return None
     if args and args[0] == "sample":
         from flowmap.sample import main as sample_main
 
-        return sample_main(args[1:])
+        sample_main(args[1:])
+        return None
     try:
         cli_main(argv)
     except USER_ERRORS as err:  # one sentence, no traceback, for what the user can fix

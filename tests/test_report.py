@@ -123,3 +123,63 @@ def test_report_refuses_impossible_requests_early(
 def test_report_refuses_a_flow_map_as_teacher(toy_flowmap, tmp_path):
     with pytest.raises(CheckpointError, match="is a FlowMapModule checkpoint"):
         report.main(["--teacher", str(toy_flowmap), "--out", str(tmp_path)])
+
+
+def test_console_subcommands_sample_and_report_exit_cleanly(toy_teacher, toy_flowmap, tmp_path):
+    from flowmap.cli import main
+
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                str(toy_flowmap),
+                "--nfe",
+                "2",
+                "--n",
+                "50",
+                "--out",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        is None
+    )
+    z = np.load(tmp_path / "s.npz", allow_pickle=False)
+    assert z["samples"].shape == (50, 2) and np.isfinite(z["samples"]).all()
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                str(toy_teacher[1]),
+                "--nfe",
+                "4",
+                "--method",
+                "heun",
+                "--n",
+                "20",
+                "--out",
+                str(tmp_path / "t.npz"),
+            ]
+        )
+        is None
+    )
+    assert (
+        main(
+            [
+                "report",
+                "--teacher",
+                str(toy_teacher[1]),
+                "--out",
+                str(tmp_path / "r"),
+                "--nfe",
+                "1",
+                "--solvers",
+                "euler",
+                "--n-samples",
+                "50",
+            ]
+        )
+        is None
+    )
+    assert (tmp_path / "r" / "results.json").exists()
