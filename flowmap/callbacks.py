@@ -10,6 +10,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from flowmap.sampling import STAGES
+
 __all__ = ["InterruptCheckpoint", "ConfigBesideCheckpoints"]
 
 
@@ -87,7 +89,7 @@ class SampleQuality(L.Callback):
         if self._reference is None:
             self._reference = dm.reference_samples(min(n, self._max_reference(dm)), "test", 0)
         for nfe in self.nfe:
-            if nfe % {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}.get(self.solver, 1):
+            if nfe % STAGES.get(self.solver, 1):  # not a whole number of solver steps
                 continue
             x = self._generate(module, x0, nfe).float().cpu()
             if image:

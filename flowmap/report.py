@@ -121,8 +121,7 @@ class Metric:
         return float(out["frechet_inception_distance"])
 
     def floor(self) -> float:
-        split = "test" if self.is_image else "test"
-        return self(self.dm.reference_samples(self.n, split, self.seed + 1))
+        return self(self.dm.reference_samples(self.n, "test", self.seed + 1))
 
 
 # --------------------------------------------------------------------------- rows
