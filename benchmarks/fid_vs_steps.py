@@ -6,7 +6,7 @@
 See ``flowmap/report.py`` for the protocol and the files it writes.
 """
 
-from flowmap.report import main
+from flowmap.apps.report import main
 
 if __name__ == "__main__":
     main()

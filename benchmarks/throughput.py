@@ -84,7 +84,7 @@ def lightning_overhead(width: int, depth: int, batch: int, steps: int) -> dict[s
     import lightning as L
 
     from flowmap.data import Toy2DDataModule
-    from flowmap.modules import VelocityModule
+    from flowmap.training import VelocityModule
 
     def plain() -> float:
         torch.manual_seed(0)

@@ -1,4 +1,5 @@
-r"""The flow map :math:`X(s, t, x) = x + (t - s)\,\phi(x, s, t)` (DESIGN §2).
+r"""The flow map :math:`X(s, t, x) = x + (t - s)\,\phi(x, s, t)` (DESIGN §2), the one owner of the
+parameterisation, as EDM's preconditioner is: losses and samplers call :class:`FlowMap`, never its net.
 
 :math:`X(s, s, x) = x` holds exactly by construction, and the diagonal :math:`\phi(x, t, t)` is a
 velocity field, so the same network is a teacher (called on the diagonal) and a flow map.
@@ -6,60 +7,139 @@ velocity field, so the same network is a teacher (called on the diagonal) and a 
 
 from __future__ import annotations
 
-import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flowmap.paths import expand_like
+from flowmap.paths import AffinePath, Schedule, as_path, as_time, expand_like, time_dtype
 
-__all__ = ["FlowMap", "as_time"]
+__all__ = ["FlowMap", "FlowMapJVP"]
 
 
-def as_time(t: float | Tensor, x: Tensor) -> Tensor:
-    """A time (float, 0-d or ``(B,)`` tensor) as a vector ``(B,)`` on ``x``'s device.
+@dataclass
+class FlowMapJVP:
+    r"""A value of the map and its directional derivative along a tangent :math:`(\dot x, \dot s, \dot t)`.
 
-    Times are float32 (DESIGN §2), except next to float64 samples, where they stay float64 so that
-    analytic oracles can be checked to float64 precision.
+    ``dX`` :math:`= \dot x + (\dot t - \dot s)\,\phi + (t - s)\,\dot\phi`, with
+    ``dphi`` :math:`= \dot\phi = \dot x\cdot\nabla_x\phi + \dot s\,\partial_s\phi + \dot t\,\partial_t\phi`.
     """
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    t = torch.as_tensor(t, device=x.device).to(dtype)
-    if t.ndim == 0:
-        t = t.expand(x.shape[0])
-    if t.shape != (x.shape[0],):
-        raise ValueError(f"Times must be scalars or shape ({x.shape[0]},), got {tuple(t.shape)}.")
-    return t
+
+    X: Tensor
+    dX: Tensor
+    phi: Tensor
+    dphi: Tensor
+
+
+def _accepted_keywords(net: nn.Module) -> set[str] | None:
+    """The keyword arguments beyond ``(x, s, t)`` that ``net.forward`` takes (``None``: any)."""
+    params = list(inspect.signature(net.forward).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params[3:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 class FlowMap(nn.Module):
-    r"""Wraps a network :math:`\phi(x, s, t)` as the two-time map :math:`X(s,t,x) = x + (t-s)\phi(x,s,t)`.
+    r"""Wraps a network :math:`\phi(x, s, t)` as the two-time map :math:`X(s,t,x) = x + (t-s)\,\phi(x,s,t)`.
+
+    Args:
+        net: any module called as ``net(x, s, t)`` with ``x`` ``(B, *data_shape)`` and ``s, t``
+            ``(B,)``. Conditioning keywords (e.g. a label ``y``) given to the map's methods are
+            passed on only to nets whose ``forward`` takes them; ``None`` values are dropped.
+        path: the probability path (schedule) whose ODE the map follows. A distilled map takes the
+            teacher's; the losses draw interpolant samples :math:`x_s` from it.
 
     ``s > t`` is allowed: it runs the map backwards in time (data → noise).
     """
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, path: str | Schedule | AffinePath = "linear") -> None:
         super().__init__()
         self.net = net
+        self.path = as_path(path)
+        self._keywords = _accepted_keywords(net)
 
-    def phi(self, x: Tensor, s: float | Tensor, t: float | Tensor) -> Tensor:
+    def _cond(self, cond: dict[str, Any]) -> dict[str, Any]:
+        cond = {k: v for k, v in cond.items() if v is not None}
+        if self._keywords is not None:
+            foreign = sorted(set(cond) - self._keywords)
+            if foreign:
+                raise ValueError(
+                    f"{type(self.net).__name__}.forward takes no {foreign} argument; use a net "
+                    "built for this conditioning or drop it."
+                )
+        return cond
+
+    def phi(self, x: Tensor, s: float | Tensor, t: float | Tensor, **cond: Any) -> Tensor:
         r"""The chord slope :math:`\phi(x, s, t)`."""
-        return self.net(x, as_time(s, x), as_time(t, x))
+        return self.net(x, as_time(s, x), as_time(t, x), **self._cond(cond))
 
-    def forward(self, x: Tensor, s: float | Tensor, t: float | Tensor) -> Tensor:
+    def forward(self, x: Tensor, s: float | Tensor, t: float | Tensor, **cond: Any) -> Tensor:
         r""":math:`X(s, t, x) = x + (t - s)\,\phi(x, s, t)`."""
         s, t = as_time(s, x), as_time(t, x)
-        return x + expand_like(t - s, x).to(x.dtype) * self.net(x, s, t)
+        return x + expand_like(t - s, x).to(x.dtype) * self.phi(x, s, t, **cond)
 
-    def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
+    def velocity(self, x: Tensor, t: float | Tensor, **cond: Any) -> Tensor:
         r"""The diagonal :math:`\phi(x, t, t) = \partial_t X(s, t, x)|_{s=t}`, a velocity field :math:`b_t(x)`."""
         t = as_time(t, x)
-        return self.net(x, t, t)
+        return self.phi(x, t, t, **cond)
 
-    @classmethod
-    def from_velocity_net(cls, net: nn.Module) -> FlowMap:
-        """Warm start: a flow map whose :math:`\\phi` is a copy of a teacher's velocity net.
+    def jvp(
+        self,
+        x: Tensor,
+        s: Tensor,
+        t: Tensor,
+        *,
+        dx: Tensor | None = None,
+        ds: Tensor | None = None,
+        dt: Tensor | None = None,
+        **cond: Any,
+    ) -> FlowMapJVP:
+        r""":math:`X`, :math:`\phi` and their derivatives along :math:`(\dot x, \dot s, \dot t)` in one
+        ``torch.func.jvp``, in float32 with autocast off (float64 stays float64).
 
-        The nets embed :math:`(s, t - s)`; the teacher was trained at gap 0, so on the diagonal the
-        copy equals the teacher exactly and off the diagonal it starts as one Euler step of it.
+        Only inputs given a tangent are differentiated; conditioning never is. Attention runs on
+        the math backend inside the JVP (fused kernels have no forward-mode AD).
         """
-        return cls(copy.deepcopy(net))
+        primals = {"x": x, "s": as_time(s, x), "t": as_time(t, x)}
+        given = {k: v for k, v in (("x", dx), ("s", ds), ("t", dt)) if v is not None}
+        if not given:
+            raise ValueError("FlowMap.jvp needs a tangent for at least one of dx, ds, dt.")
+        keys = tuple(given)
+        kwargs = self._cond(cond)
+
+        def phi(*args: Tensor) -> Tensor:
+            kw = {**primals, **dict(zip(keys, args))}
+            return self.net(kw["x"], kw["s"], kw["t"], **kwargs)
+
+        with torch.autocast(device_type=x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+            prim = tuple(primals[k].to(time_dtype(primals[k])) for k in keys)
+            tang = tuple(given[k].to(p.dtype) for k, p in zip(keys, prim))
+            value, dphi = torch.func.jvp(phi, prim, tang)
+        s_, t_ = primals["s"], primals["t"]
+        gap = expand_like(t_ - s_, value).to(value.dtype)
+        zero = torch.zeros_like(s_)
+        dgap = (given.get("t", zero) - given.get("s", zero)).to(value.dtype)
+        dX = gap * dphi + expand_like(dgap, value) * value
+        if dx is not None:
+            dX = dX + dx.to(value.dtype)
+        return FlowMapJVP(X=x + gap * value, dX=dX, phi=value, dphi=dphi)
+
+    @torch.no_grad()
+    def warm_start(self, velocity_net: nn.Module) -> FlowMap:
+        r"""Copy a teacher's velocity net :math:`v(x, t) = \mathrm{net}(x, t, t)` into :math:`\phi`.
+
+        The nets' gap embedding vanishes at :math:`t = s` (:class:`~flowmap.nets.TwoTimeEmbedding`),
+        so after the copy :math:`\phi(x, t, t) = v(x, t)` and, while the gap branch is untrained,
+        :math:`X(s, t, x) = x + (t - s)\,v(x, s)`: one Euler step of the teacher.
+        """
+        try:
+            self.net.load_state_dict(velocity_net.state_dict())
+        except RuntimeError:
+            raise ValueError(
+                "Warm start needs the student net to have the teacher's architecture, but they "
+                "differ; copy the teacher's `net` config or set warm_start: false."
+            ) from None
+        return self

@@ -10,6 +10,8 @@ r"""Analytic teachers for tests and benchmarks (DESIGN §5).
   velocity is the posterior-weighted sum of the component velocities, weights
   :math:`\propto \pi_k N(x; \alpha_t\mu_k, v^k_t)`. A teacher with no training error; its flow map
   comes from a tight adaptive solve.
+
+Both are :class:`~flowmap.protocols.Velocity` teachers: ``target(x, t)`` is :math:`b_t(x)`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import math
 import torch
 from torch import Tensor
 
-from flowmap.flowmap import as_time
-from flowmap.paths import AffinePath, Schedule, expand_like
+from flowmap.ode import solve_adaptive
+from flowmap.paths import AffinePath, Schedule, as_time, expand_like
 
 __all__ = ["GaussianTarget", "GaussianMixtureTarget"]
 
@@ -44,6 +46,8 @@ class GaussianTarget:
         r""":math:`b_t(x)`."""
         m, v, dm, dv_half = self._moments(t, x)
         return dm + dv_half / v * (x - m)
+
+    __call__ = velocity  # a Velocity: b(x, t)
 
     def flow_map(self, x: Tensor, s: Tensor | float, t: Tensor | float) -> Tensor:
         r""":math:`X(s,t,x) = m_t + \sqrt{v_t/v_s}(x - m_s)`."""
@@ -94,6 +98,8 @@ class GaussianMixtureTarget:
         w = torch.softmax(logp + torch.log(self.weights.to(x))[None], dim=1)  # (B, K)
         return (w.reshape(*w.shape, *([1] * (x.ndim - 1))) * comp_v).sum(1)
 
+    __call__ = velocity  # a Velocity: b(x, t)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` data samples :math:`x_1`."""
         idx = torch.multinomial(self.weights.double(), n, replacement=True, generator=generator)
@@ -104,7 +110,5 @@ class GaussianMixtureTarget:
         self, x: Tensor, s: float, t: float, rtol: float = 1e-9, atol: float = 1e-9
     ) -> Tensor:
         """Reference :math:`X(s,t,x)` from a tight float64 dopri5 solve (scalar ``s``, ``t``)."""
-        from flowmap.sampling import solve_adaptive
-
         sol = solve_adaptive(self.velocity, x.double(), rtol=rtol, atol=atol, t0=s, t1=t)
         return sol.x.to(x.dtype)

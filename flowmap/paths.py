@@ -11,6 +11,7 @@ module asks it for :math:`\alpha, \sigma` and their derivatives.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,29 @@ __all__ = [
     "CosineSchedule",
     "ScheduleOutput",
     "AffinePath",
+    "PathSample",
+    "as_path",
+    "as_time",
     "expand_like",
     "get_schedule",
+    "time_dtype",
 ]
+
+
+def time_dtype(like: Tensor) -> torch.dtype:
+    """The dtype times are computed in (DESIGN §2): float32, even under mixed precision, except
+    beside float64 tensors, where times stay float64 so that analytic oracles hold to float64."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
+def as_time(t: float | Tensor, x: Tensor) -> Tensor:
+    """A time (float, 0-d or ``(B,)`` tensor) as a vector ``(B,)`` of :func:`time_dtype` ``(x)`` on ``x``'s device."""
+    t = torch.as_tensor(t, device=x.device).to(time_dtype(x))
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"Times must be scalars or shape ({x.shape[0]},), got {tuple(t.shape)}.")
+    return t
 
 
 def expand_like(t: Tensor, x: Tensor) -> Tensor:
@@ -45,13 +66,14 @@ class ScheduleOutput:
     d_sigma: Tensor
 
 
-class Schedule:
+class Schedule(ABC):
     """A schedule :math:`(\\alpha_t, \\sigma_t)` with :math:`\\alpha_0=0, \\sigma_0=1, \\alpha_1=1, \\sigma_1=0`."""
 
     name: str = "schedule"
 
+    @abstractmethod
     def __call__(self, t: Tensor) -> ScheduleOutput:
-        raise NotImplementedError
+        """:math:`(\\alpha_t, \\sigma_t, \\dot\\alpha_t, \\dot\\sigma_t)` at times ``t``."""
 
 
 class LinearSchedule(Schedule):
@@ -92,6 +114,17 @@ def get_schedule(name: str | Schedule) -> Schedule:
     return _SCHEDULES[name]()
 
 
+@dataclass
+class PathSample:
+    r"""One draw from the path: :math:`x_t`, the conditional velocity :math:`\dot x_t`, and what made them."""
+
+    x_t: Tensor
+    dx_t: Tensor
+    t: Tensor
+    x0: Tensor
+    x1: Tensor
+
+
 class AffinePath:
     r"""The interpolant :math:`x_t = \alpha_t x_1 + \sigma_t x_0` and its parameterisation conversions.
 
@@ -104,15 +137,23 @@ class AffinePath:
     def __init__(self, schedule: str | Schedule = "linear") -> None:
         self.schedule = get_schedule(schedule)
 
+    @property
+    def name(self) -> str:
+        """The schedule's name (``"linear"``, ``"cosine"``)."""
+        return self.schedule.name
+
     def coefficients(self, t: Tensor, x: Tensor) -> ScheduleOutput:
-        """Schedule coefficients at ``t`` (float32; float64 beside float64 ``x``), shaped like ``x``."""
-        out = self.schedule(t.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+        """Schedule coefficients at ``t`` (in :func:`time_dtype` ``(x)``), shaped like ``x``."""
+        out = self.schedule(t.to(time_dtype(x)))
         return ScheduleOutput(*(expand_like(c, x).to(x.dtype) for c in vars(out).values()))
 
-    def sample(self, x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Return :math:`(x_t, \dot x_t)` for noise ``x0``, data ``x1`` and times ``t`` ``(B,)``."""
+    def sample(self, x0: Tensor, x1: Tensor, t: Tensor) -> PathSample:
+        r"""The interpolant :math:`x_t = \alpha_t x_1 + \sigma_t x_0` and :math:`\dot x_t` for noise ``x0``,
+        data ``x1`` and times ``t`` ``(B,)``."""
         c = self.coefficients(t, x1)
-        return c.alpha * x1 + c.sigma * x0, c.d_alpha * x1 + c.d_sigma * x0
+        return PathSample(
+            x_t=c.alpha * x1 + c.sigma * x0, dx_t=c.d_alpha * x1 + c.d_sigma * x0, t=t, x0=x0, x1=x1
+        )
 
     def _det(self, c: ScheduleOutput) -> Tensor:
         return c.alpha * c.d_sigma - c.sigma * c.d_alpha
@@ -136,3 +177,8 @@ class AffinePath:
         r""":math:`v = \dot\alpha (x_t - \sigma \hat x_0)/\alpha + \dot\sigma \hat x_0`."""
         c = self.coefficients(t, x_t)
         return c.d_alpha * (x_t - c.sigma * x0_hat) / c.alpha + c.d_sigma * x0_hat
+
+
+def as_path(path: str | Schedule | AffinePath) -> AffinePath:
+    """An :class:`AffinePath` from a schedule name, a :class:`Schedule` or a path (passed through)."""
+    return path if isinstance(path, AffinePath) else AffinePath(path)

@@ -46,7 +46,7 @@ def toy_flowmap(toy_teacher, tmp_path_factory):
     return fit_cli(
         "recipes/toy2d/lagrangian.yaml",
         root,
-        f"--model.teacher_ckpt={toy_teacher[1]}",
+        f"--model.teacher={toy_teacher[1]}",
         "--trainer.max_steps=40",
         "--data.batch_size=128",
         "--trainer.val_check_interval=20",

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from flowmap.apps.cli import cli_main
 from flowmap.oracles import GaussianTarget
 
 
@@ -33,7 +34,7 @@ TINY_NET = [
 
 def fit_cli(cfg: str, root: Path, *extra: str) -> Path:
     """``flowmap fit --config cfg`` with a tiny MLP into ``root``; returns ``last.ckpt``."""
-    from flowmap.cli import cli_main
+    from flowmap.apps.cli import cli_main
 
     cli_main(
         [

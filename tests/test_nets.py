@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from flowmap.flowmap import FlowMap
+from flowmap.losses import cfm_loss
 from flowmap.nets import MLP, TwoTimeEmbedding, UNet
+from flowmap.oracles import GaussianMixtureTarget
+from flowmap.paths import AffinePath
 
 
 @pytest.mark.parametrize("size,channels,mult", [(8, 1, (1, 2)), (32, 3, (1, 2, 2))])
@@ -40,14 +43,59 @@ def test_time_embedding_stays_float32_under_autocast():
     assert out.dtype == torch.float32
 
 
-def test_warm_start_copy_equals_the_teacher_on_the_diagonal_and_is_an_euler_step_off_it():
-    teacher = MLP((2,), width=32, depth=2)
-    for p in teacher.parameters():  # make the gap branch non-trivial but keep it zero-initialised
-        p.data.normal_(0, 0.3) if p.ndim > 1 else None
-    torch.nn.init.zeros_(teacher.time.gap[-1].weight)
-    torch.nn.init.zeros_(teacher.time.gap[-1].bias)
-    fm = FlowMap.from_velocity_net(teacher)
-    x, s, t = torch.randn(16, 2), torch.rand(16) * 0.5, torch.rand(16) * 0.5 + 0.5
-    assert torch.allclose(fm.velocity(x, t), teacher(x, t, t))
-    # gap branch zero at init: X(s,t,x) = x + (t-s) b_s(x), one Euler step of the teacher
+def _cfm_trained_mlp(steps: int = 60) -> MLP:
+    """A velocity net trained a few Adam steps by CFM on an 8-Gaussians mixture (so every weight a
+    teacher can move has moved)."""
+    torch.manual_seed(0)
+    gmm = GaussianMixtureTarget.ring()
+    net = MLP((2,), width=32, depth=2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    path = AffinePath("linear")
+    for _ in range(steps):
+        opt.zero_grad()
+        cfm_loss(lambda x, t: net(x, t, t), gmm.sample(128), path).backward()
+        opt.step()
+    return net
+
+
+def test_the_gap_embedding_vanishes_on_the_diagonal_whatever_its_weights():
+    emb = TwoTimeEmbedding(16)
+    for p in emb.gap.parameters():
+        p.data.normal_(0, 1.0)  # a gap branch far from its zero init
+    s = torch.rand(32)
+    assert torch.equal(emb(s, s), emb.start(emb.features(s)))
+
+
+def test_warm_start_from_a_trained_teacher_is_the_teacher_on_the_diagonal_and_an_euler_step_off_it():
+    teacher = _cfm_trained_mlp()
+    fm = FlowMap(MLP((2,), width=32, depth=2)).warm_start(teacher)
+    x, s, t = torch.randn(64, 2), torch.rand(64) * 0.5, torch.rand(64) * 0.5 + 0.5
+    assert torch.equal(fm.velocity(x, t), teacher(x, t, t))
+    # X(s, t, x) = x + (t - s) b_s(x): one Euler step of the teacher
     assert torch.allclose(fm(x, s, t), x + (t - s)[:, None] * teacher(x, s, s), atol=1e-6)
+
+
+def test_warm_start_into_another_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match="teacher's architecture"):
+        FlowMap(MLP((2,), width=16, depth=1)).warm_start(MLP((2,), width=32, depth=1))
+
+
+class _LabelledNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = None
+
+    def forward(self, x, s, t, y=None):
+        self.seen = y
+        return torch.zeros_like(x)
+
+
+def test_flow_map_passes_conditioning_only_to_nets_that_take_it():
+    x, s = torch.randn(4, 2), torch.rand(4)
+    labelled = FlowMap(_LabelledNet())
+    labelled(x, s, s, y=torch.arange(4))
+    assert torch.equal(labelled.net.seen, torch.arange(4))
+    plain = FlowMap(MLP((2,), width=8, depth=1))
+    assert plain(x, s, s, y=None).shape == x.shape  # None is not passed on
+    with pytest.raises(ValueError, match=r"takes no \['y'\] argument"):
+        plain(x, s, s, y=torch.arange(4))

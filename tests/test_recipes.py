@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flowmap.cli import cli_main
+from flowmap.apps.cli import cli_main
 from tests.fakes import make_fake_cifar10
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -26,7 +26,7 @@ def test_recipe_config_parses(config, capsys):
         cli_main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "class_path: flowmap.modules." in printed and "max_steps:" in printed
+    assert "class_path: flowmap.training." in printed and "max_steps:" in printed
 
 
 DIGITS_TINY = [
@@ -60,7 +60,7 @@ def test_digits_stages_run_through_the_cli(tmp_path):
                 *DIGITS_TINY,
                 f"--trainer.default_root_dir={tmp_path / loss}",
                 "--trainer.max_steps=3",
-                f"--model.teacher_ckpt={ckpt}",
+                f"--model.teacher={ckpt}",
             ]
         )
         assert (tmp_path / loss / "checkpoints" / "last.ckpt").exists()
@@ -119,7 +119,7 @@ def test_cifar10_configs_run_with_fast_dev_run_on_a_stand_in(tmp_path):
                 *CIFAR_CPU,
                 *data,
                 "--trainer.fast_dev_run=true",
-                f"--model.teacher_ckpt={ckpt}",
+                f"--model.teacher={ckpt}",
                 f"--trainer.default_root_dir={tmp_path / loss}",
             ]
         )

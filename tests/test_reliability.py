@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from flowmap.checkpoints import CheckpointError, load_module, read_checkpoint
-from flowmap.cli import cli_main, main
-from flowmap.modules import FlowMapModule, NonFiniteLossError, VelocityModule
+from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
+from flowmap.apps.cli import cli_main, main
+from flowmap.training import FlowMapModule, NonFiniteLossError, VelocityModule
 from tests.helpers import TINY_NET
 
 FIT = [
@@ -108,7 +108,7 @@ def test_malicious_checkpoint_is_refused_without_running_it(tmp_path):
                 "recipes/toy2d/lagrangian.yaml",
                 *TINY_NET,
                 f"--trainer.default_root_dir={tmp_path}",
-                f"--model.teacher_ckpt={path}",
+                f"--model.teacher={path}",
             ]
         )
     assert not marker.exists()
@@ -118,7 +118,7 @@ def test_truncated_and_foreign_checkpoints_fail_with_one_sentence(toy_teacher, t
     data = Path(toy_teacher[1]).read_bytes()
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint"):
+    with pytest.raises(CheckpointError, match="truncated or not a torch file"):
         load_module(VelocityModule, cut)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
@@ -140,7 +140,7 @@ def test_teacher_with_another_data_shape_is_refused(toy_teacher, tmp_path):
                 "--config",
                 "recipes/toy2d/lagrangian.yaml",
                 f"--trainer.default_root_dir={tmp_path}",
-                f"--model.teacher_ckpt={toy_teacher[1]}",
+                f"--model.teacher={toy_teacher[1]}",
                 "--model.net=flowmap.nets.MLP",
                 "--model.net.data_shape=[1,8,8]",
                 "--model.net.width=16",
@@ -171,7 +171,7 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoi
             *TINY_NET,
             "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path}",
-            f"--model.teacher_ckpt={toy_teacher[1]}",
+            f"--model.teacher={toy_teacher[1]}",
             "--data.name=8gaussians",
             "--checkpoint.every_n_train_steps=5",
             "--trainer.max_steps=50",
@@ -194,7 +194,7 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoi
         (["--model.lrr=1"], "lrr"),
         (["--data.name=swissroll"], "Unknown toy 2D dataset 'swissroll'"),
         (["--model.ema_decay=1.5"], "ema_decay must lie in"),
-        (["--model.time_distribution=beta"], "Unknown time_distribution 'beta'"),
+        (["--model.time_distribution=beta"], "time_distribution: Expected a typing.Literal['uniform', 'logit_normal']. Got value: beta"),
     ],
 )
 def test_bad_config_fails_early_with_a_clear_message(tmp_path, capsys, args, match):
@@ -212,6 +212,41 @@ def test_bad_config_fails_early_with_a_clear_message(tmp_path, capsys, args, mat
     assert match in err
     assert "Traceback" not in err
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "arg,match",
+    [
+        (
+            "--model.loss.formm=regression",
+            "model.loss (flowmap.losses.LagrangianLoss): option 'formm' is not accepted; "
+            "did you mean 'form'?",
+        ),
+        (
+            "--model.loss.pairs.etaa=0.5",
+            "model.loss.pairs (flowmap.losses.TimePairSampler): option 'etaa' is not accepted; "
+            "did you mean 'eta'?",
+        ),
+        ("--model.loss.form=regresion", "Got value: regresion"),
+        ("--model.loss=flowmap.losses.NoSuchLoss", "has no attribute 'NoSuchLoss'"),
+        ("--model.loss.weighting.kind=focal", "Got value: focal"),
+    ],
+)
+def test_a_misspelt_loss_option_is_one_sentence(tmp_path, capsys, arg, match):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit",
+                "--config",
+                "recipes/toy2d/lagrangian.yaml",
+                f"--trainer.default_root_dir={tmp_path}",
+                arg,
+            ]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flowmap: error: ") and match in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 def test_wandb_offline_run_writes_its_files_and_a_second_run_does_not_crash(tmp_path, monkeypatch):

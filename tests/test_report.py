@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import flowmap.report as report
-from flowmap.checkpoints import CheckpointError
+import flowmap.apps.report as report
+from flowmap.training.checkpoints import CheckpointError
 
 
 def _run(toy_teacher, toy_flowmap, out, *extra):
@@ -126,7 +126,7 @@ def test_report_refuses_a_flow_map_as_teacher(toy_flowmap, tmp_path):
 
 
 def test_console_subcommands_sample_and_report_exit_cleanly(toy_teacher, toy_flowmap, tmp_path):
-    from flowmap.cli import main
+    from flowmap.apps.cli import main
 
     assert (
         main(

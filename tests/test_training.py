@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowmap.checkpoints import CheckpointError, load_module
-from flowmap.modules import FlowMapModule, VelocityModule
+from flowmap.training.checkpoints import CheckpointError, load_module
+from flowmap.training import FlowMapModule, VelocityModule
 from tests.helpers import fit_cli as _fit
 
 
@@ -37,7 +37,7 @@ def test_cli_flow_map_fit_runs_each_loss(toy_teacher, tmp_path, loss):
     ckpt = _fit(
         f"recipes/toy2d/{loss}.yaml",
         tmp_path,
-        f"--model.teacher_ckpt={teacher_ckpt}",
+        f"--model.teacher={teacher_ckpt}",
         "--trainer.max_steps=20",
         "--data.batch_size=128",
         "--trainer.val_check_interval=10",
@@ -54,13 +54,13 @@ def test_cli_flow_map_fit_runs_each_loss(toy_teacher, tmp_path, loss):
 def test_teacher_checkpoint_problems_are_one_sentence(toy_teacher, tmp_path):
     root, teacher_ckpt = toy_teacher
     with pytest.raises(CheckpointError, match="Teacher checkpoint 'nope.ckpt' does not exist"):
-        _fit("recipes/toy2d/lagrangian.yaml", tmp_path, "--model.teacher_ckpt=nope.ckpt")
+        _fit("recipes/toy2d/lagrangian.yaml", tmp_path, "--model.teacher=nope.ckpt")
     fm_ckpt = tmp_path / "fm"
     fm_ckpt.mkdir()
     flow = _fit(
         "recipes/toy2d/lagrangian.yaml",
         fm_ckpt,
-        f"--model.teacher_ckpt={teacher_ckpt}",
+        f"--model.teacher={teacher_ckpt}",
         "--trainer.max_steps=2",
         "--data.name=8gaussians",
     )
@@ -70,6 +70,6 @@ def test_teacher_checkpoint_problems_are_one_sentence(toy_teacher, tmp_path):
         _fit(
             "recipes/toy2d/lagrangian.yaml",
             tmp_path / "x",
-            f"--model.teacher_ckpt={flow}",
+            f"--model.teacher={flow}",
             "--trainer.max_steps=2",
         )

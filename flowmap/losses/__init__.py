@@ -1,7 +1,13 @@
-"""Losses: CFM for the teacher; Lagrangian, Eulerian and semigroup flow-map losses (DESIGN §4)."""
+"""Losses (DESIGN §4): CFM for the teacher; the Lagrangian, Eulerian and semigroup flow-map losses.
 
+Each flow-map loss is a :class:`FlowMapLoss`: an ``nn.Module`` called as
+``loss(flow_map, x1, teacher, step=k) -> {"loss": …, <terms>}``, injected into
+:class:`~flowmap.training.FlowMapModule` by ``class_path``. A new loss is one subclass that
+defines ``off_diagonal``.
+"""
+
+from flowmap.losses.base import FlowMapLoss, diagonal_residual, mean_square, regression_loss
 from flowmap.losses.cfm import cfm_loss
-from flowmap.losses.core import FlowMapLoss, diagonal_residual, phi_jvp, regression_loss
 from flowmap.losses.eulerian import EulerianLoss, eulerian_residual
 from flowmap.losses.lagrangian import LagrangianLoss, lagrangian_residual
 from flowmap.losses.pairs import TimePairs, TimePairSampler, sample_times
@@ -9,31 +15,20 @@ from flowmap.losses.semigroup import SemigroupLoss, semigroup_residual, semigrou
 from flowmap.losses.weighting import LossWeighting
 
 __all__ = [
-    "cfm_loss",
     "FlowMapLoss",
     "LagrangianLoss",
     "EulerianLoss",
     "SemigroupLoss",
-    "LOSSES",
-    "make_loss",
+    "TimePairSampler",
+    "TimePairs",
+    "LossWeighting",
+    "cfm_loss",
     "lagrangian_residual",
     "eulerian_residual",
     "semigroup_residual",
     "semigroup_target",
     "diagonal_residual",
-    "phi_jvp",
     "regression_loss",
-    "TimePairs",
-    "TimePairSampler",
+    "mean_square",
     "sample_times",
-    "LossWeighting",
 ]
-
-LOSSES = {"lagrangian": LagrangianLoss, "eulerian": EulerianLoss, "semigroup": SemigroupLoss}
-
-
-def make_loss(name: str, **kwargs) -> FlowMapLoss:
-    """Build a flow-map loss by name (``lagrangian``, ``eulerian``, ``semigroup``)."""
-    if name not in LOSSES:
-        raise ValueError(f"Unknown flow-map loss {name!r}; choose one of {sorted(LOSSES)}.")
-    return LOSSES[name](**kwargs)

@@ -5,24 +5,29 @@ r"""Eulerian map distillation (EMD / ESD): move the start time.
 
 one JVP in :math:`(s, x)` with tangent :math:`(1, b_s(x_s))`. Forms (``form``):
 
-* ``"regression"`` (MeanFlow) — :math:`\phi \leftarrow \mathrm{sg}[b_s + r(k)\,(t-s)\,D\phi]`;
+* ``"regression"`` (MeanFlow; default) — :math:`\phi \leftarrow \mathrm{sg}[b_s + r(k)\,(t-s)\,D\phi]`;
 * ``"sg_advective"`` — :math:`\|\partial_s X + \mathrm{sg}(\nabla_x X\,b_s)\|^2`, gradients through
-  :math:`\partial_s X` only (Boffi's ESD "full" stop-gradient; two JVPs);
+  :math:`\partial_s X` only (Boffi's ESD stop-gradient; two JVPs);
 * ``"full"`` — :math:`\|r_E\|^2` with gradients through the whole JVP (the unstable one on images).
 
 Stabilisers: tangent normalisation :math:`g/(\|g\| + c)` (``tangent_norm=c``, regression form) and
 tangent warm-up :math:`r(k) = \min(1, k/H)` on the :math:`(t-s)D\phi` term (``tangent_warmup_steps=H``).
-Adaptive weighting lives in :class:`~flowmap.losses.weighting.LossWeighting`.
+Adaptive weighting lives in :class:`~flowmap.losses.LossWeighting`.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from flowmap.flowmap import FlowMap
-from flowmap.losses.core import FlowMapLoss, Velocity, mean_square, phi_jvp, regression_loss
+from flowmap.losses.base import FlowMapLoss, mean_square, regression_loss
+from flowmap.losses.pairs import TimePairSampler
+from flowmap.losses.weighting import LossWeighting
 from flowmap.paths import expand_like
+from flowmap.protocols import Velocity
 
 __all__ = ["eulerian_residual", "EulerianLoss"]
 
@@ -37,26 +42,34 @@ def eulerian_residual(
     t: Tensor,
     warmup: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    r"""Return :math:`(r, \phi)` with :math:`r = \phi - b_s - w\,(t-s)D\phi = -r_E` at warm-up factor :math:`w`."""
+    r"""Return :math:`(r, \phi)` with :math:`r = \phi - b_s - w\,(t-s)D\phi` (:math:`= -r_E` at :math:`w = 1`)."""
     b = teacher(x_s, s).detach()
-    phi, dphi = phi_jvp(flow_map, x_s, s, t, dx=b, ds=s.new_ones(s.shape))
-    gap = expand_like(t - s, x_s).to(phi.dtype)
-    return phi - b - warmup * gap * dphi, phi
+    j = flow_map.jvp(x_s, s, t, dx=b, ds=s.new_ones(s.shape))
+    gap = expand_like(t - s, x_s).to(j.phi.dtype)
+    return j.phi - b - warmup * gap * j.dphi, j.phi
 
 
 class EulerianLoss(FlowMapLoss):
-    """Eulerian loss with the stop-gradient variants and stabilisers of the module docstring."""
+    """Eulerian loss with the stop-gradient variants and stabilisers of the module docstring.
+
+    Args:
+        form: ``"regression"``, ``"sg_advective"`` or ``"full"``.
+        tangent_norm: normalisation constant :math:`c` (regression form), or ``None``.
+        tangent_warmup_steps: :math:`H` of the tangent warm-up (0: none).
+        pairs, weighting: see :class:`~flowmap.losses.FlowMapLoss`.
+    """
 
     name = "eulerian"
 
     def __init__(
         self,
-        form: str = "regression",
+        form: Literal["regression", "sg_advective", "full"] = "regression",
         tangent_norm: float | None = None,
         tangent_warmup_steps: int = 0,
-        **kw,
+        pairs: TimePairSampler | None = None,
+        weighting: LossWeighting | None = None,
     ) -> None:
-        super().__init__(**kw)
+        super().__init__(pairs, weighting)
         if form not in FORMS:
             raise ValueError(f"Unknown Eulerian form {form!r}; choose one of {list(FORMS)}.")
         self.form, self.tangent_norm = form, tangent_norm
@@ -72,13 +85,9 @@ class EulerianLoss(FlowMapLoss):
         self, flow_map: FlowMap, teacher: Velocity, x_s: Tensor, s: Tensor, t: Tensor, step: int
     ) -> Tensor:
         if self.form == "sg_advective":
-            gap = expand_like(t - s, x_s)
-            phi, dphi_ds = phi_jvp(flow_map, x_s, s, t, ds=s.new_ones(s.shape))
-            d_s_X = gap * dphi_ds - phi  # ∂_s X = -φ + (t - s) ∂_s φ
+            d_s_X = flow_map.jvp(x_s, s, t, ds=s.new_ones(s.shape)).dX  # -φ + (t - s) ∂_s φ
             with torch.no_grad():
-                b = teacher(x_s, s)
-                _, dphi_b = phi_jvp(flow_map, x_s, s, t, dx=b)
-                advective = b + gap * dphi_b  # ∇_x X · b
+                advective = flow_map.jvp(x_s, s, t, dx=teacher(x_s, s)).dX  # ∇_x X · b_s
             return mean_square(d_s_X + advective)
         r, phi = eulerian_residual(flow_map, teacher, x_s, s, t, self.warmup(step))
         if self.form == "full":

@@ -15,18 +15,27 @@ A curriculum caps the gap :math:`t - s \le g(k)` with :math:`g(k)` growing linea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-__all__ = ["sample_times", "TimePairs", "TimePairSampler", "TIME_DISTRIBUTIONS"]
+from flowmap.paths import as_time
 
-TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
+__all__ = ["sample_times", "TimePairs", "TimePairSampler", "TimeDistribution", "PairDistribution"]
+
+TimeDistribution = Literal["uniform", "logit_normal"]
+PairDistribution = Literal["uniform", "logit_normal", "gap"]
+TIME_DISTRIBUTIONS: tuple[str, ...] = get_args(TimeDistribution)
+PAIR_DISTRIBUTIONS: tuple[str, ...] = get_args(PairDistribution)
+#: The one default of the diagonal fraction η (tuned for distillation; self-distillation presets
+#: from scratch use 0.75, as Boffi et al.).
+DEFAULT_ETA = 0.25
 
 
 def sample_times(
     n: int,
-    distribution: str = "uniform",
+    distribution: TimeDistribution = "uniform",
     *,
     loc: float = 0.0,
     scale: float = 1.0,
@@ -46,20 +55,43 @@ def sample_times(
 
 @dataclass
 class TimePairs:
-    """Start times ``s``, end times ``t`` (both ``(B,)``); the first ``n_diag`` rows have ``s = t``."""
+    """Start times ``s``, end times ``t`` (both ``(B,)``) and the mask ``diagonal`` ``(B,)`` of the
+    rows that train the tangent condition on :math:`s = t` (their ``s`` and ``t`` are equal)."""
 
     s: Tensor
     t: Tensor
-    n_diag: int
+    diagonal: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.s.shape[0]
+        if self.s.shape != (n,) or self.t.shape != (n,) or self.diagonal.shape != (n,):
+            raise ValueError(
+                f"TimePairs needs s, t and diagonal of one shape (B,), got {tuple(self.s.shape)}, "
+                f"{tuple(self.t.shape)} and {tuple(self.diagonal.shape)}."
+            )
+        if self.diagonal.dtype != torch.bool:
+            raise ValueError("TimePairs.diagonal must be a boolean mask.")
+
+    def to(self, like: Tensor) -> TimePairs:
+        """The pairs as times of ``like``'s device and time dtype."""
+        return TimePairs(as_time(self.s, like), as_time(self.t, like), self.diagonal.to(like.device))
 
 
 class TimePairSampler:
-    """Draws :class:`TimePairs`; see the module docstring for the distributions and curriculum."""
+    """Draws :class:`TimePairs`; see the module docstring for the distributions and curriculum.
+
+    Args:
+        distribution: law of the off-diagonal pairs.
+        eta: diagonal fraction :math:`\\eta` of each batch.
+        loc, scale: logit-normal parameters.
+        max_gap: cap on :math:`|t - s|`; with ``gap_warmup_steps`` the cap grows from ``gap_start``.
+        backward_fraction: share of off-diagonal pairs swapped to :math:`s > t`.
+    """
 
     def __init__(
         self,
-        distribution: str = "uniform",
-        eta: float = 0.75,
+        distribution: PairDistribution = "uniform",
+        eta: float = DEFAULT_ETA,
         loc: float = 0.0,
         scale: float = 1.0,
         max_gap: float = 1.0,
@@ -67,10 +99,9 @@ class TimePairSampler:
         gap_warmup_steps: int = 0,
         backward_fraction: float = 0.0,
     ) -> None:
-        if distribution not in (*TIME_DISTRIBUTIONS, "gap"):
+        if distribution not in PAIR_DISTRIBUTIONS:
             raise ValueError(
-                f"Unknown pair distribution {distribution!r}; "
-                f"choose one of {[*TIME_DISTRIBUTIONS, 'gap']}."
+                f"Unknown pair distribution {distribution!r}; choose one of {list(PAIR_DISTRIBUTIONS)}."
             )
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta (the diagonal fraction) must lie in [0, 1], got {eta}.")
@@ -118,4 +149,5 @@ class TimePairSampler:
         if self.backward_fraction > 0:
             flip = torch.rand(n_off, device=device, generator=generator) < self.backward_fraction
             s, t = torch.where(flip, t, s), torch.where(flip, s, t)
-        return TimePairs(torch.cat([t_diag, s]), torch.cat([t_diag, t]), n_diag)
+        diagonal = torch.arange(batch_size, device=device) < n_diag
+        return TimePairs(torch.cat([t_diag, s]), torch.cat([t_diag, t]), diagonal)

@@ -13,13 +13,18 @@ A curriculum on the gap lives in the shared :class:`~flowmap.losses.pairs.TimePa
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from flowmap.flowmap import FlowMap
-from flowmap.losses.core import FlowMapLoss, Velocity, mean_square
+from flowmap.losses.base import FlowMapLoss, mean_square
+from flowmap.losses.pairs import TimePairSampler
+from flowmap.losses.weighting import LossWeighting
+from flowmap.ode import solve_between
 from flowmap.paths import expand_like
-from flowmap.sampling import solve_between
+from flowmap.protocols import Velocity
 
 __all__ = ["semigroup_target", "semigroup_residual", "SemigroupLoss"]
 
@@ -62,18 +67,26 @@ def semigroup_residual(
 
 
 class SemigroupLoss(FlowMapLoss):
-    """Semigroup loss with a midpoint or uniform split and teacher targets on short jumps."""
+    """Semigroup loss with a midpoint or uniform split and teacher targets on short jumps.
+
+    Args:
+        split: ``"midpoint"`` (:math:`\\gamma = 1/2`) or ``"uniform"`` (:math:`\\gamma \\sim U[0, 1]`).
+        teacher_gap: :math:`\\delta`: jumps with :math:`|t - s| \\le \\delta` take the teacher's target.
+        teacher_steps: Heun steps of the teacher's target.
+        pairs, weighting: see :class:`~flowmap.losses.FlowMapLoss`.
+    """
 
     name = "semigroup"
 
     def __init__(
         self,
-        split: str = "midpoint",
+        split: Literal["midpoint", "uniform"] = "midpoint",
         teacher_gap: float = 0.125,
         teacher_steps: int = 2,
-        **kw,
+        pairs: TimePairSampler | None = None,
+        weighting: LossWeighting | None = None,
     ) -> None:
-        super().__init__(**kw)
+        super().__init__(pairs, weighting)
         if split not in SPLITS:
             raise ValueError(f"Unknown semigroup split {split!r}; choose one of {list(SPLITS)}.")
         if teacher_steps < 1:

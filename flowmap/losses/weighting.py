@@ -8,6 +8,8 @@ r"""Loss weighting shared by every loss (DESIGN §4, "Weighting").
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor, nn
 
@@ -15,14 +17,21 @@ from flowmap.nets.embedding import TwoTimeEmbedding
 
 __all__ = ["LossWeighting", "WEIGHTINGS"]
 
-WEIGHTINGS = ("none", "learned", "adaptive")
+WeightingKind = Literal["none", "learned", "adaptive"]
+WEIGHTINGS: tuple[str, ...] = get_args(WeightingKind)
 
 
 class LossWeighting(nn.Module):
-    """Maps per-sample losses :math:`\\ell` ``(B,)`` at pairs :math:`(s, t)` to weighted losses ``(B,)``."""
+    """Maps per-sample losses :math:`\\ell` ``(B,)`` at pairs :math:`(s, t)` to weighted losses ``(B,)``.
+
+    Args:
+        kind: ``"none"``, ``"learned"`` or ``"adaptive"`` (module docstring).
+        p, eps: the adaptive weighting's power and offset.
+        dim: embedding size of the learned log-variance :math:`w(s, t)`.
+    """
 
     def __init__(
-        self, kind: str = "none", p: float = 1.0, eps: float = 1e-3, dim: int = 32
+        self, kind: WeightingKind = "none", p: float = 1.0, eps: float = 1e-3, dim: int = 32
     ) -> None:
         super().__init__()
         if kind not in WEIGHTINGS:

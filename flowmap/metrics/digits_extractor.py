@@ -5,9 +5,9 @@ FID on digits is measured in the features of :class:`DigitsClassifier`, a classi
 the train split of :func:`flowmap.data.digits.load_digits_split` and shipped as
 ``flowmap/metrics/weights/digits_cnn.pt`` (a plain ``state_dict``) with a sidecar
 ``digits_cnn.json`` recording its seed, test accuracy, torch version and the command that
-regenerates it::
+regenerates it (the training program lives outside the package, in ``scripts/``)::
 
-    python -m flowmap.metrics.digits_extractor --out flowmap/metrics/weights/digits_cnn.pt
+    python scripts/train_digits_classifier.py --out flowmap/metrics/weights/digits_cnn.pt
 
 Two adapters expose the frozen network to the FID libraries:
 
@@ -27,21 +27,17 @@ Both map uint8 pixels ``p`` back to model space with ``p / 127.5 − 1`` (the ex
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import pickle
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_fidelity import FeatureExtractorBase
+from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from flowmap.data.base import from_uint8
-from flowmap.data.digits import load_digits_split
+from flowmap.io import UnsafeFileError, safe_load
 
 __all__ = [
     "DIGITS_FEATURE_EXTRACTOR_NAME",
@@ -52,7 +48,6 @@ __all__ = [
     "digits_classifier_accuracy",
     "load_digits_extractor",
     "register_digits_feature_extractor",
-    "train_digits_classifier",
 ]
 
 #: Name under which :class:`DigitsFeatureExtractor` is registered in torch-fidelity.
@@ -113,17 +108,6 @@ class DigitsClassifier(nn.Module):
         return self.logits(self.features(x))
 
 
-def _random_shift(x: Tensor, generator: torch.Generator, max_shift: int = 1) -> Tensor:
-    """Translate each image by an integer offset in ``[-max_shift, max_shift]²``; fill with -1."""
-    n = x.shape[0]
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
-    out = torch.empty_like(x)
-    for i, (dy, dx) in enumerate(offsets.tolist()):
-        out[i] = padded[i, :, dy : dy + _IMAGE_SIZE, dx : dx + _IMAGE_SIZE]
-    return out
-
-
 @torch.no_grad()
 def digits_classifier_accuracy(
     model: DigitsClassifier, x: Tensor, y: Tensor, batch_size: int = 512
@@ -145,80 +129,43 @@ def digits_classifier_accuracy(
     return correct / len(x)
 
 
-def train_digits_classifier(
-    seed: int = 0,
-    epochs: int = 40,
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    weight_decay: float = 1e-4,
-) -> tuple[DigitsClassifier, float]:
-    """Train :class:`DigitsClassifier` on the train split; return ``(model, test_accuracy)``.
-
-    Adam with cosine-decayed learning rate, cross-entropy, random ±1 pixel translations as
-    augmentation. Everything random (initialisation, shuffling, augmentation, dropout) derives
-    from ``seed``, so a fixed seed on the same torch build, device and number of threads gives
-    the same weights (the command-line entry point trains single-threaded for that reason).
-    The returned model is in eval mode, on CPU; the accuracy is on the 359-image test split.
-    """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}.")
-    x_train, y_train, x_test, y_test = load_digits_split()
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = DigitsClassifier().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_train), generator=gen)
-        for i in range(0, len(x_train), batch_size):
-            idx = perm[i : i + batch_size]
-            xb = _random_shift(x_train[idx], gen).to(device)
-            loss = F.cross_entropy(model(xb), y_train[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model = model.cpu().eval()
-    return model, digits_classifier_accuracy(model, x_test, y_test)
-
-
 def load_digits_extractor(path: str | Path | None = None) -> DigitsClassifier:
     """Load a :class:`DigitsClassifier` state_dict (default: the shipped weights), frozen, eval.
 
-    The file is read with ``torch.load(..., weights_only=True)``, so a file carrying a pickle
-    payload is refused rather than executed. ``feature_dim`` is read from the weights' shapes.
+    The file is read with :func:`flowmap.io.safe_load` (``torch.load(..., weights_only=True)``),
+    so a file carrying a pickle payload is refused rather than executed
+    (:class:`flowmap.io.UnsafeFileError`, a ``ValueError``). A missing file raises
+    ``FileNotFoundError`` saying how to regenerate it. ``feature_dim`` is read from the
+    weights' shapes.
     """
     path = Path(path) if path is not None else DIGITS_WEIGHTS_PATH
     if not path.is_file():
         raise FileNotFoundError(
             f"Digits classifier weights {path} not found; regenerate them with "
-            f"`python -m flowmap.metrics.digits_extractor --out {path}`."
+            f"`python scripts/train_digits_classifier.py --out {path}`."
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            f"Refusing weights file {path}: it does not load with torch.load(weights_only=True)."
-        ) from None
-    if not isinstance(state, dict) or "fc.weight" not in state:
-        raise ValueError(f"{path} does not hold a DigitsClassifier state_dict.")
+    state = safe_load(path, "digits classifier weights")
+    if not isinstance(state, dict) or not isinstance(state.get("fc.weight"), Tensor):
+        raise UnsafeFileError(f"{path} does not hold a DigitsClassifier state_dict.")
     model = DigitsClassifier(feature_dim=int(state["fc.weight"].shape[0]))
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UnsafeFileError(
+            f"{path} does not hold a DigitsClassifier state_dict (its keys or shapes differ)."
+        ) from None
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def _uint8_to_model_space(x: Tensor) -> Tensor:
-    """uint8 ``(N, C, 8, 8)`` with ``C ∈ {1, 3}`` → float32 ``(N, 1, 8, 8)`` via ``p/127.5 − 1``."""
-    if x.dim() != 4 or x.shape[1] not in (1, 3) or tuple(x.shape[2:]) != (8, 8):
+def _channel0(x: Tensor) -> Tensor:
+    """Channel 0 ``(N, 1, 8, 8)`` of images ``(N, C, 8, 8)`` with ``C ∈ {1, 3}``."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3) or tuple(x.shape[2:]) != (_IMAGE_SIZE,) * 2:
         raise ValueError(
             f"Digits features expect images of shape (N, 1 or 3, 8, 8), got {tuple(x.shape)}."
         )
-    return from_uint8(x[:, :1])
+    return x[:, :1]
 
 
 class DigitsFeatures(nn.Module):
@@ -259,15 +206,10 @@ class DigitsFeatures(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Features ``(N, num_features)`` of uint8 or float images ``(N, 1|3, 8, 8)``."""
         if x.dtype == torch.uint8:
-            x = _uint8_to_model_space(x)
+            x = from_uint8(_channel0(x))
         elif x.is_floating_point():
-            if x.dim() != 4 or x.shape[1] not in (1, 3):
-                raise ValueError(
-                    "Digits features expect images of shape (N, 1 or 3, 8, 8), "
-                    f"got {tuple(x.shape)}."
-                )
             lo, hi = self.float_range
-            x = (x[:, :1] - lo) * (2.0 / (hi - lo)) - 1.0
+            x = (_channel0(x) - lo) * (2.0 / (hi - lo)) - 1.0
         else:
             raise TypeError(f"DigitsFeatures expects uint8 or float images, got {x.dtype}.")
         param = next(self.model.parameters())
@@ -320,7 +262,7 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         if not torch.is_tensor(x) or x.dtype != torch.uint8:
             raise TypeError("The flowmap-digits feature extractor expects a uint8 image tensor.")
         param = next(self.classifier.parameters())
-        h = _uint8_to_model_space(x).to(device=param.device, dtype=param.dtype)
+        h = from_uint8(_channel0(x)).to(device=param.device, dtype=param.dtype)
         feats = self.classifier.features(h)
         out = {"features": feats, "logits": self.classifier.logits(feats)}
         return tuple(out[name].to(torch.float32) for name in self.features_list)
@@ -331,9 +273,6 @@ def register_digits_feature_extractor() -> str:
 
     A stale registration under the same name (e.g. after ``importlib.reload``) is replaced.
     """
-    from torch_fidelity import register_feature_extractor
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
     name = DIGITS_FEATURE_EXTRACTOR_NAME
     current = FEATURE_EXTRACTORS_REGISTRY.get(name)
     if current is DigitsFeatureExtractor:
@@ -343,52 +282,3 @@ def register_digits_feature_extractor() -> str:
         return name
     register_feature_extractor(name, DigitsFeatureExtractor)
     return name
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Train the digits classifier and write its state_dict plus a sidecar JSON."""
-    parser = argparse.ArgumentParser(
-        prog="python -m flowmap.metrics.digits_extractor",
-        description="Train the digits FID feature extractor and save its weights.",
-    )
-    parser.add_argument("--out", type=Path, default=DIGITS_WEIGHTS_PATH, help="output .pt file")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--min-accuracy", type=float, default=0.97)
-    args = parser.parse_args(argv)
-    # One thread: the float reduction order (hence the exact weights) depends on the number
-    # of threads, so the shipped file is only reproducible with a fixed count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, acc = train_digits_classifier(seed=args.seed, epochs=args.epochs)
-    finally:
-        torch.set_num_threads(threads)
-    print(f"test accuracy: {acc:.4f}")
-    if acc < args.min_accuracy:
-        raise SystemExit(f"Test accuracy {acc:.4f} is below --min-accuracy {args.min_accuracy}.")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out)
-    command = "python -m flowmap.metrics.digits_extractor " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    meta = {
-        "seed": args.seed,
-        "epochs": args.epochs,
-        "test_accuracy": acc,
-        "n_test": len(load_digits_split()[3]),
-        "feature_dim": model.feature_dim,
-        "torch_version": torch.__version__,
-        "num_threads": 1,
-        "command": command.strip(),
-        "sha256": _sha256(args.out),
-    }
-    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -9,9 +9,10 @@ torch-fidelity) cannot be downloaded here, so every builder first calls
    ``torch.hub.get_dir()/checkpoints/weights-inception-2015-12-05-6726825d.pth``; a missing file
    raises ``FileNotFoundError`` at once instead of a ``URLError`` deep inside torch;
 2. checks that it is a plain tensor ``state_dict`` by loading it with
-   ``torch.load(path, weights_only=True)`` (:func:`check_weights_file`). This matters because
-   torch-fidelity (and torchmetrics through it) later loads the same file with
-   ``torch.load(weights_only=False)``, which would execute any pickle payload in it.
+   :func:`flowmap.io.safe_load` (``torch.load(path, weights_only=True)``;
+   :func:`check_weights_file`). This matters because torch-fidelity (and torchmetrics through
+   it) later loads the same file with ``torch.load(weights_only=False)``, which would execute
+   any pickle payload in it.
 
 The resolved path is then passed *explicitly* (``feature_extractor_weights_path``) to
 torch-fidelity / torchmetrics, so neither ever tries the network.
@@ -20,12 +21,14 @@ torch-fidelity / torchmetrics, so neither ever tries the network.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch_fidelity import FeatureExtractorInceptionV3
+
+from flowmap.io import UnsafeFileError, safe_load
 
 __all__ = [
     "INCEPTION_ENV_VAR",
@@ -77,35 +80,30 @@ def resolve_inception_weights(path: str | os.PathLike[str] | None = None) -> Pat
     )
 
 
-def check_weights_file(path: str | os.PathLike[str]) -> Path:
+def check_weights_file(path: str | os.PathLike[str], what: str = "Inception-v3 weights") -> Path:
     """Verify that ``path`` holds a plain ``state_dict`` of tensors; return it as a ``Path``.
 
-    Loads with ``torch.load(path, map_location="cpu", weights_only=True)``, whose restricted
-    unpickler refuses arbitrary globals, so a pickle payload is rejected (``ValueError``)
-    without being run. Successful checks are remembered per (path, size, mtime) to avoid
-    reloading a ~95 MB file on every call.
+    Loads with :func:`flowmap.io.safe_load` (``torch.load(path, map_location="cpu",
+    weights_only=True)``), whose restricted unpickler refuses arbitrary globals, so a pickle
+    payload is rejected without being run; a missing, truncated or payload-carrying file raises
+    :class:`flowmap.io.UnsafeFileError` (a ``ValueError``), and so does a file that is not a
+    mapping of names to tensors. ``what`` names the file in the messages. Successful checks are
+    remembered per (path, size, mtime) to avoid reloading a ~95 MB file on every call.
     """
     p = Path(path).expanduser().resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key in _CHECKED:
-        return p
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"Refusing weights file {p}: it does not load with torch.load(weights_only=True) "
-            f"(it contains objects other than tensors, possibly a code payload): {err}"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(
-            f"Weights file {p} cannot be read (corrupt or truncated?): {err}"
-        ) from None
+    if p.is_file():
+        st = p.stat()
+        if (str(p), st.st_size, st.st_mtime_ns) in _CHECKED:
+            return p
+    state = safe_load(p, what)
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
-        raise ValueError(f"Refusing weights file {p}: it is not a state_dict of named tensors.")
-    _CHECKED.add(key)
+        raise UnsafeFileError(
+            f"Refused the {what} {str(p)!r}: it is not a state_dict of named tensors."
+        )
+    st = p.stat()
+    _CHECKED.add((str(p), st.st_size, st.st_mtime_ns))
     return p
 
 
@@ -125,8 +123,6 @@ def build_inception_extractor(
     uint8 ``N×3×H×W`` to a tuple of features in that order. The weights file is resolved and
     checked (:func:`verified_inception_weights`) first, so a missing or unsafe file fails here.
     """
-    from torch_fidelity import FeatureExtractorInceptionV3
-
     path = verified_inception_weights(weights_path)
     return FeatureExtractorInceptionV3(
         INCEPTION_FEATURE_EXTRACTOR_NAME,
@@ -144,7 +140,6 @@ def save_random_inception_weights(path: str | os.PathLike[str], seed: int = 0) -
     module is built without touching the network by overriding ``load_state_dict`` while a
     placeholder (empty) weights file is "loaded"; initialisation is seeded with ``seed``.
     """
-    from torch_fidelity import FeatureExtractorInceptionV3
 
     class _Unloaded(FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[override]

@@ -14,26 +14,16 @@ import ot
 import torch
 from torch import Tensor
 
+from flowmap.metrics._arrays import ArrayLike, as_float64_array
+
 __all__ = ["mmd_rbf", "sliced_wasserstein2", "teacher_endpoint_error", "wasserstein2"]
-
-ArrayLike = Tensor | np.ndarray
-
-
-def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:
-    if isinstance(x, Tensor):
-        return x.detach().cpu().to(torch.float64).numpy()
-    if isinstance(x, np.ndarray):
-        return x.astype(np.float64, copy=False)
-    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}.")
 
 
 def _samples(x: ArrayLike, name: str) -> np.ndarray:
     """Validate a sample set: 2-D ``(N, d)``, ``N >= 1``, finite; returns float64 numpy."""
-    a = _to_numpy(x, name)
+    a = as_float64_array(x, name, finite=True)
     if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
         raise ValueError(f"{name} must have shape (N, d) with N, d >= 1, got {a.shape}.")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or infinite values.")
     return a
 
 
@@ -127,14 +117,12 @@ def teacher_endpoint_error(x: ArrayLike, x_ref: ArrayLike) -> float:
     own ODE endpoint), so the sets are paired, not compared as distributions. Inputs have shape
     ``(N, ...)``; the norm is over all non-batch dimensions. Shapes must match exactly.
     """
-    a, b = _to_numpy(x, "x"), _to_numpy(x_ref, "x_ref")
+    a, b = as_float64_array(x, "x", finite=True), as_float64_array(x_ref, "x_ref", finite=True)
     if a.shape != b.shape:
         raise ValueError(f"x and x_ref must have the same shape, got {a.shape} and {b.shape}.")
     if a.ndim < 2 or a.shape[0] < 1:
         raise ValueError(
             f"x must have shape (N, ...) with N >= 1 and a sample dimension, got {a.shape}."
         )
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("x or x_ref contains NaN or infinite values.")
     diff = (a - b).reshape(a.shape[0], -1)
     return float(np.linalg.norm(diff, axis=1).mean())

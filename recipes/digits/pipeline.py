@@ -6,7 +6,7 @@
 
 from pathlib import Path
 
-from flowmap.pipeline import recipe_parser, run_recipe
+from flowmap.apps.pipeline import recipe_parser, run_recipe
 
 HERE = Path(__file__).resolve().parent
 TINY = [

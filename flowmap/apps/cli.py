@@ -11,19 +11,30 @@ Fits write checkpoints (``last.ckpt`` included, so ``--ckpt_path last`` resumes)
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import os
+import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from flowmap.callbacks import ConfigBesideCheckpoints, InterruptCheckpoint
-from flowmap.checkpoints import CheckpointError
+from flowmap.apps.report import main as report_main
+from flowmap.apps.sample import main as sample_main
 from flowmap.data.base import FlowDataModule
-from flowmap.modules.base import FlowModuleBase, NonFiniteLossError
+from flowmap.training import (
+    CheckpointError,
+    ConfigBesideCheckpoints,
+    FlowModuleBase,
+    InterruptCheckpoint,
+    NonFiniteLossError,
+)
 
-__all__ = ["FlowmapCLI", "main", "make_logger"]
+__all__ = ["FlowmapCLI", "cli_main", "main", "make_logger", "one_sentence"]
 
 LOGGERS = ("csv", "wandb", "none")
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError)
@@ -43,13 +54,60 @@ def make_logger(kind: str, save_dir: str, name: str = "logs") -> Any:
     if kind == "none":
         return False
     if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not _wandb_has_account()
         return WandbLogger(save_dir=save_dir, project=name, offline=offline)
-    from lightning.pytorch.loggers import CSVLogger
-
     return CSVLogger(save_dir=save_dir, name=name)
+
+
+def _suggestion(class_path: str | None, option: str) -> str:
+    """"; did you mean 'x'? It takes a, b, c" for an option a class does not take."""
+    if not class_path:
+        return ""
+    try:
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return ""
+    close = difflib.get_close_matches(option, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    return f"{hint} {name} takes {', '.join(names)}"
+
+
+def one_sentence(message: str) -> str:
+    """Boil a (nested, multi-line) jsonargparse error down to the innermost problem, in one line:
+    which key, which class, what is wrong, and the close option name when one was misspelt."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    class_paths = list(re.finditer(r"Problem with given class_path '([^']+)'", message))
+    class_path = class_paths[-1].group(1) if class_paths else None
+    head = message[: class_paths[-1].start()] if class_paths else message
+    key = ".".join(re.findall(r'Parser key "([^"]+)"', head)) or None
+    if class_path:
+        start = max(i for i, ln in enumerate(lines) if class_path in ln and "class_path" in ln)
+        detail = []
+        for ln in lines[start + 1 :]:
+            if ln.startswith("- ") or ln.startswith("Given value"):
+                break
+            detail.append(ln.rstrip(":") if ln.startswith("Parser key") else ln)
+        text = " ".join(detail) or lines[-1]
+        where = f"{key} ({class_path})" if key else class_path
+    else:
+        text, where = " ".join(lines[:2]) if len(lines) > 1 else (lines[0] if lines else ""), None
+    option = re.search(r"(?:Option|Key) '([^']+)' is not accepted", text)
+    if option:
+        text = f"option {option.group(1)!r} is not accepted{_suggestion(class_path, option.group(1))}"
+    text = re.sub(r'Parser key "([^"]+)"', r"\1:", text)
+    return f"{where}: {text}" if where else text
+
+
+class FlowmapArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, printing a bad argument as one sentence instead of a usage dump."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        sys.stderr.write(f"flowmap: error: {one_sentence(message)} (see --help)\n")
+        self.exit(2)
 
 
 class FlowmapCLI(LightningCLI):
@@ -104,6 +162,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FlowmapCLI:
     return FlowmapCLI(
         FlowModuleBase,
         FlowDataModule,
+        parser_class=FlowmapArgumentParser,
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={
@@ -122,13 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``flowmap`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "report":
-        from flowmap.report import main as report_main
-
         report_main(args[1:])  # the console script exits with main()'s value: return None
         return None
     if args and args[0] == "sample":
-        from flowmap.sample import main as sample_main
-
         sample_main(args[1:])
         return None
     try:

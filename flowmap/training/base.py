@@ -10,14 +10,20 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
+from jsonargparse import ArgumentParser
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 __all__ = ["FlowModuleBase", "NonFiniteLossError", "build", "fork_rng"]
 
+#: Lightning's (allow-listed) instantiator: a checkpoint whose hyperparameters name it is rebuilt
+#: from its config by ``load_from_checkpoint(path)``, with no arguments.
+_CONFIG_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
 # Nets are constructor arguments on purpose: the CLI records their config (not the object) in the
 # hyperparameters, which is what lets `load_from_checkpoint(path)` rebuild them with no arguments.
-warnings.filterwarnings("ignore", message=r"Attribute 'net' is an instance of `nn.Module`")
+warnings.filterwarnings("ignore", message=r"Attribute '(net|loss)' is an instance of `nn.Module`")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -26,23 +32,19 @@ class NonFiniteLossError(FloatingPointError):
 
 def build(cls: type[L.LightningModule], config: Mapping[str, Any]) -> L.LightningModule:
     """Instantiate ``cls`` from a plain config, as the CLI does, e.g.
-    ``build(VelocityModule, {"net": {"class_path": "flowmap.nets.MLP", "init_args": {...}}})``.
+    ``build(FlowMapModule, {"net": {"class_path": "flowmap.nets.MLP", "init_args": {...}},
+    "loss": {"class_path": "flowmap.losses.EulerianLoss"}})``.
 
-    The module's hyperparameters then hold the config (plain data), not live objects, so its
-    checkpoints load with ``weights_only=True`` and rebuild with no arguments.
+    The module's hyperparameters then hold the config (plain data, defaults filled in), not live
+    objects, so its checkpoints load with ``weights_only=True`` and rebuild with no arguments.
     """
-    import yaml
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
-
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, "module", fail_untyped=False)
     cfg = parser.parse_object({"module": dict(config)})
     full = yaml.safe_load(parser.dump(cfg, skip_none=False))["module"]  # defaults filled in
-    with _given_hyperparameters_context(
-        hparams=full, instantiator="lightning.pytorch.cli.instantiate_module"
-    ):
-        return parser.instantiate_classes(cfg).module
+    module = parser.instantiate_classes(cfg).module
+    module.save_hyperparameters({**full, "_instantiator": _CONFIG_INSTANTIATOR})
+    return module
 
 
 class EMAWithWarmup:
@@ -81,6 +83,8 @@ class FlowModuleBase(L.LightningModule):
     """
 
     module_kind = "base"
+    #: sampling methods of :meth:`generate`, its default first (the :class:`~flowmap.protocols.Sampler` protocol)
+    methods: tuple[str, ...] = ()
 
     def _setup_common(
         self,
@@ -174,7 +178,18 @@ class FlowModuleBase(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @staticmethod
-    def _check_nfe(nfe: int) -> int:
-        if int(nfe) < 1 or not math.isfinite(nfe):
+    def _check_nfe(nfe: int | None) -> int:
+        if nfe is None or not math.isfinite(nfe) or int(nfe) < 1:
             raise ValueError(f"NFE must be at least 1, got {nfe}.")
         return int(nfe)
+
+    def _check_method(self, method: str | None) -> str:
+        """``method``, or this sampler's default (the first of ``methods``) when ``None``."""
+        methods = self.methods
+        if method is None:
+            return methods[0]
+        if method not in methods:
+            raise ValueError(
+                f"A {type(self).__name__} samples with {list(methods)}, not {method!r}."
+            )
+        return method

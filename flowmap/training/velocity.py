@@ -8,10 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.losses.cfm import cfm_loss
-from flowmap.losses.pairs import TIME_DISTRIBUTIONS
-from flowmap.modules.base import FlowModuleBase, fork_rng
-from flowmap.paths import AffinePath
-from flowmap.sampling import FIXED_STEP_METHODS, Solution, solve_adaptive, solve_ode
+from flowmap.losses.pairs import TIME_DISTRIBUTIONS, TimeDistribution
+from flowmap.ode import FIXED_STEP_METHODS, solve_adaptive, solve_ode
+from flowmap.paths import AffinePath, as_time
+from flowmap.protocols import Solution
+from flowmap.training.base import FlowModuleBase, fork_rng
 
 __all__ = ["VelocityModule"]
 
@@ -20,18 +21,21 @@ class VelocityModule(FlowModuleBase):
     r"""CFM teacher: minimises :math:`E\,\|\mathrm{net}(x_t, t, t) - \dot x_t\|^2` over
     :math:`t \sim` ``time_distribution`` (uniform or logit-normal(``time_loc``, ``time_scale``)).
 
-    AdamW with linear LR warm-up over ``warmup_steps``; gradient clipping comes from the Trainer
-    (``gradient_clip_val``); EMA of the net with ``ema_decay`` (null disables it).
+    A :class:`~flowmap.protocols.Velocity` (``module(x, t)`` is :math:`b_t(x)` from the EMA net) and a
+    :class:`~flowmap.protocols.Sampler` (``generate(x0, nfe, method)`` with a fixed-step solver or
+    ``"dopri5"``). AdamW with linear LR warm-up over ``warmup_steps``; gradient clipping comes from
+    the Trainer (``gradient_clip_val``); EMA of the net with ``ema_decay`` (null disables it).
     ``VelocityModule.load_from_checkpoint(path)`` rebuilds it with no arguments.
     """
 
     module_kind = "VelocityModule"
+    methods = (*FIXED_STEP_METHODS, "dopri5")
 
     def __init__(
         self,
         net: nn.Module,
         schedule: str = "linear",
-        time_distribution: str = "uniform",
+        time_distribution: TimeDistribution = "uniform",
         time_loc: float = 0.0,
         time_scale: float = 1.0,
         lr: float = 1e-3,
@@ -50,9 +54,14 @@ class VelocityModule(FlowModuleBase):
         self.path = AffinePath(schedule)
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape)
 
-    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         r"""The teacher's :math:`b_t(x)` from the EMA net (the raw net when EMA is off)."""
+        t = as_time(t, x)
         return self.sampling_net(x, t, t)
+
+    def velocity(self, x: Tensor, t: Tensor | float) -> Tensor:
+        r"""The teacher's :math:`b_t(x)` (same as calling the module)."""
+        return self(x, t)
 
     def _train_velocity(self, x: Tensor, t: Tensor) -> Tensor:
         return self.net(x, t, t)
@@ -76,19 +85,20 @@ class VelocityModule(FlowModuleBase):
         g = torch.Generator(device=batch.device).manual_seed(batch_idx)
         x0 = torch.randn(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)
         t = torch.rand(batch.shape[0], generator=g, device=batch.device)
-        self.log_terms("val", {"loss": cfm_loss(self.velocity, batch, self.path, x0=x0, t=t)})
+        self.log_terms("val", {"loss": cfm_loss(self, batch, self.path, x0=x0, t=t)})
 
     @torch.no_grad()
     def generate(
         self,
         x0: Tensor,
         nfe: int | None = None,
-        method: str = "euler",
+        method: str | None = None,
         rtol: float = 1e-5,
         atol: float = 1e-5,
     ) -> Solution:
-        """Samples from noise ``x0``: ``method`` in :data:`FIXED_STEP_METHODS` at ``nfe``, or
-        ``"dopri5"`` (adaptive, ``nfe`` ignored; the NFE used is returned)."""
+        """Samples from noise ``x0``: a fixed-step ``method`` (default Euler) at ``nfe``, or
+        ``"dopri5"`` (adaptive to ``rtol``/``atol``, ``nfe`` ignored; the NFE used is returned)."""
+        method = self._check_method(method)
         if method in FIXED_STEP_METHODS:
-            return solve_ode(self.velocity, x0, method, nfe=self._check_nfe(nfe))
-        return solve_adaptive(self.velocity, x0, method=method, rtol=rtol, atol=atol)
+            return solve_ode(self, x0, method, nfe=self._check_nfe(nfe))
+        return solve_adaptive(self, x0, method=method, rtol=rtol, atol=atol)

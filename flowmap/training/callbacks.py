@@ -6,13 +6,20 @@ import os
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import Tensor
 
-from flowmap.sampling import STAGES
+from flowmap.data.base import to_uint8
+from flowmap.metrics.digits_extractor import DigitsFeatures
+from flowmap.metrics.fid import make_torchmetrics_fid
+from flowmap.metrics.two_d import wasserstein2
+from flowmap.ode import STAGES
+from flowmap.protocols import Sampler
 
-__all__ = ["InterruptCheckpoint", "ConfigBesideCheckpoints"]
+__all__ = ["InterruptCheckpoint", "ConfigBesideCheckpoints", "SampleQuality"]
 
 
 class InterruptCheckpoint(L.Callback):
@@ -50,8 +57,9 @@ class SampleQuality(L.Callback):
     (exact W2 against ``n`` fresh test samples) or ``val/fid@<nfe>`` on 8×8 digits (torchmetrics
     FID in the shipped digits-CNN features, its states reduced across DDP ranks).
 
-    The teacher is sampled with ``solver`` at each NFE, a flow map with that many jumps; both use
-    their EMA weights and the same noise (seeded) at every validation.
+    Any :class:`~flowmap.protocols.Sampler` module works: one whose ``methods`` include ``solver``
+    (a teacher) samples with it at each NFE, any other (a flow map) with its default method (that
+    many jumps); both use their EMA weights and the same noise (seeded) at every validation.
     """
 
     def __init__(
@@ -62,16 +70,11 @@ class SampleQuality(L.Callback):
         self.nfe, self.n, self.solver, self.seed = tuple(int(k) for k in nfe), n, solver, seed
         self._reference = None
 
-    def _generate(self, module: L.LightningModule, x0, nfe: int):
-        from flowmap.modules import FlowMapModule
-
-        if isinstance(module, FlowMapModule):
-            return module.generate(x0, nfe).x
-        return module.generate(x0, nfe, self.solver).x
-
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        import torch
-
+        if not isinstance(module, Sampler):
+            return
+        method = self.solver if self.solver in module.methods else None
+        stages = STAGES.get(method, 1) if method else 1
         dm = trainer.datamodule
         if trainer.sanity_checking or dm is None or not hasattr(dm, "reference_samples"):
             return
@@ -89,15 +92,13 @@ class SampleQuality(L.Callback):
         if self._reference is None:
             self._reference = dm.reference_samples(min(n, self._max_reference(dm)), "test", 0)
         for nfe in self.nfe:
-            if nfe % STAGES.get(self.solver, 1):  # not a whole number of solver steps
+            if nfe % stages:  # not a whole number of solver steps
                 continue
-            x = self._generate(module, x0, nfe).float().cpu()
+            x = module.generate(x0, nfe, method).x.float().cpu()
             if image:
                 value = self._fid(x, trainer)
                 module.log(f"val/fid@{nfe}", value, rank_zero_only=False, sync_dist=False)
             else:
-                from flowmap.metrics.two_d import wasserstein2
-
                 module.log(f"val/w2@{nfe}", wasserstein2(x, self._reference), sync_dist=False)
 
     @staticmethod
@@ -105,13 +106,7 @@ class SampleQuality(L.Callback):
         counter = getattr(dm, "num_samples", None)
         return counter("test") if counter else 10**9
 
-    def _fid(self, x, trainer: L.Trainer) -> float:
-        import torch
-
-        from flowmap.data.base import to_uint8
-        from flowmap.metrics.digits_extractor import DigitsFeatures
-        from flowmap.metrics.fid import make_torchmetrics_fid
-
+    def _fid(self, x: Tensor, trainer: L.Trainer) -> float:
         metric = make_torchmetrics_fid(DigitsFeatures())
         real = self._reference.chunk(trainer.world_size)[trainer.global_rank]
         metric.update(to_uint8(real), real=True)

@@ -26,13 +26,30 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
+from lightning.pytorch.cli import instantiate_module
+from rich.progress import Progress
 from torch import Tensor
 
-from flowmap.checkpoints import CheckpointError, read_checkpoint
-from flowmap.modules import FlowMapModule, VelocityModule
-from flowmap.sampling import STAGES, Solution
+from flowmap.data.base import FlowDataModule, to_uint8
+from flowmap.metrics.digits_extractor import register_digits_feature_extractor
+from flowmap.metrics.fid import fid_torch_fidelity
+from flowmap.metrics.inception import verified_inception_weights
+from flowmap.metrics.two_d import wasserstein2
+from flowmap.ode import STAGES
+from flowmap.protocols import Sampler, Solution
+from flowmap.training import (
+    CheckpointError,
+    FlowMapModule,
+    VelocityModule,
+    load_module,
+    read_checkpoint,
+)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 __all__ = ["ReportConfig", "run_report", "main", "build_datamodule", "plan_rows"]
 
@@ -62,10 +79,6 @@ class ReportConfig:
 # --------------------------------------------------------------------------- data and metric
 def build_datamodule(hparams: dict[str, Any]) -> Any:
     """Rebuild the DataModule a checkpoint was trained with (``flowmap.data`` classes only)."""
-    from lightning.pytorch.cli import instantiate_module
-
-    from flowmap.data.base import FlowDataModule
-
     hp = {k: v for k, v in (hparams or {}).items() if k != "_instantiator"}
     class_path = hp.get("_class_path", "")
     if not class_path.startswith("flowmap.data."):
@@ -92,8 +105,6 @@ class Metric:
         )
         self.weights = weights
         if self.is_image and self.feature == "inception-v3-compat":
-            from flowmap.metrics.inception import verified_inception_weights
-
             self.weights = str(verified_inception_weights(weights))  # fails at once offline
 
     def _ref_n(self) -> int:
@@ -102,16 +113,9 @@ class Metric:
 
     def __call__(self, samples: Tensor) -> float:
         if not self.is_image:
-            from flowmap.metrics.two_d import wasserstein2
-
             return wasserstein2(samples.flatten(1), self.reference.flatten(1))
-        from flowmap.data.base import to_uint8
-        from flowmap.metrics.fid import fid_torch_fidelity
-
         kw: dict[str, Any] = {}
         if self.feature == "flowmap-digits":
-            from flowmap.metrics.digits_extractor import register_digits_feature_extractor
-
             register_digits_feature_extractor()
         elif self.weights:
             kw["feature_extractor_weights_path"] = self.weights
@@ -142,11 +146,14 @@ def _flowmap_label(spec: str) -> tuple[str, str]:
         label, path = spec.split("=", 1)
         return label, path
     hp = read_checkpoint(spec, expected_kind="FlowMapModule")["hyper_parameters"]
-    return str(hp.get("loss", "flowmap")), spec
+    loss = hp.get("loss") or {}
+    name = loss.get("class_path", "flowmap.losses.LagrangianLoss") if isinstance(loss, dict) else ""
+    label = name.rpartition(".")[2].removesuffix("Loss").lower() or "flowmap"
+    return label, spec
 
 
 def plan_rows(
-    teacher: VelocityModule, flowmaps: dict[str, tuple[FlowMapModule, str]], cfg: ReportConfig
+    teacher: Sampler, flowmaps: dict[str, tuple[Sampler, str]], cfg: ReportConfig
 ) -> tuple[list[Row], list[str]]:
     """The rows to evaluate, and notes on (solver, NFE) pairs below one step that are skipped.
 
@@ -229,11 +236,6 @@ def package_versions() -> dict[str, str]:
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     methods = sorted({r["method"] for r in results["rows"]})
     for m in methods:
@@ -306,10 +308,6 @@ def _markdown(results: dict[str, Any], skipped: list[str], endpoint: dict[str, f
 # --------------------------------------------------------------------------- main loop
 def run_report(cfg: ReportConfig) -> dict[str, Any]:
     """Evaluate every row (reusing rows finished by an earlier, interrupted run) and write the files."""
-    from rich.progress import Progress
-
-    from flowmap.checkpoints import load_module
-
     start = time.time()
     out = Path(cfg.out)
     rows_dir = out / "rows"

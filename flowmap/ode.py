@@ -13,17 +13,16 @@ Every function returns a :class:`Solution` with the samples and the NFE actually
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torchdiffeq import odeint
 
-from flowmap.flowmap import as_time
-from flowmap.paths import expand_like
+from flowmap.paths import as_time, expand_like
+from flowmap.protocols import Solution, Velocity
 
 __all__ = [
-    "Solution",
-    "STAGES",
+        "STAGES",
     "FIXED_STEP_METHODS",
     "time_grid",
     "steps_for_nfe",
@@ -33,19 +32,9 @@ __all__ = [
     "sample_flow_map",
 ]
 
-Velocity = Callable[[Tensor, Tensor], Tensor]
-
 #: network evaluations per step of each fixed-step method
 STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 FIXED_STEP_METHODS = tuple(STAGES)
-
-
-@dataclass
-class Solution:
-    """Samples and the number of function evaluations (NFE) that produced them."""
-
-    x: Tensor
-    nfe: int
 
 
 class _Counted:
@@ -179,8 +168,6 @@ def solve_adaptive(
     t1: float = 1.0,
 ) -> Solution:
     """Adaptive reference solve from ``t0`` to ``t1`` with torchdiffeq; NFE is what the solver used."""
-    from torchdiffeq import odeint
-
     f = _Counted(velocity)
 
     def rhs(t: Tensor, y: Tensor) -> Tensor:

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmap.checkpoints import load_module, read_checkpoint
-from flowmap.modules import FlowMapModule, VelocityModule
+from flowmap.training import FlowMapModule, VelocityModule, load_module, read_checkpoint
 
 __all__ = ["main"]
 
@@ -27,7 +26,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--nfe", type=int, default=1)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument(
-        "--method", default="euler", help="teacher solver (euler/midpoint/heun/rk4/dopri5)"
+        "--method",
+        default=None,
+        help="sampling method: a teacher's solver (euler [default], midpoint, heun, rk4, dopri5)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if module.data_shape is None:
         raise SystemExit(f"flowmap sample: error: {args.ckpt} does not record its data shape.")
     if args.invert:
-        if cls is not FlowMapModule or args.data_npz is None:
+        if not hasattr(module, "invert") or args.data_npz is None:
             raise SystemExit(
                 "flowmap sample: error: --invert needs a flow-map --ckpt and --data-npz."
             )
@@ -53,11 +54,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     else:
         g = torch.Generator().manual_seed(args.seed)
         x0 = torch.randn(args.n, *module.data_shape, generator=g)
-        sol = (
-            module.generate(x0, args.nfe)
-            if cls is FlowMapModule
-            else module.generate(x0, args.nfe, args.method)
-        )
+        sol = module.generate(x0, args.nfe, args.method)
         np.savez(args.out, samples=sol.x.numpy(), noise=x0.numpy())
     print(f"{args.out}: {len(sol.x)} samples, NFE {sol.nfe}")
     return args.out

@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flowmap.apps.cli import cli_main
+from flowmap.apps.report import main as report_main
+
 __all__ = ["fit_stage", "run_pipeline", "recipe_parser", "run_recipe"]
 
 LOSSES = ("lagrangian", "eulerian", "semigroup")
@@ -24,8 +27,6 @@ LOSSES = ("lagrangian", "eulerian", "semigroup")
 def fit_stage(config: Path, root: Path, overrides: Sequence[str] = ()) -> Path:
     """Run ``flowmap fit --config config`` into ``root`` (skipped if ``root/done.json`` exists;
     that file records the checkpoint and the stage's wall time)."""
-    from flowmap.cli import cli_main
-
     done = root / "done.json"
     if done.exists():
         return Path(json.loads(done.read_text())["checkpoint"])
@@ -55,8 +56,6 @@ def run_pipeline(
     argv: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Teacher, then one flow map per loss, then ``flowmap report`` into ``out``."""
-    from flowmap.report import main as report_main
-
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     teacher = fit_stage(
@@ -67,7 +66,7 @@ def run_pipeline(
         ckpt = fit_stage(
             recipe / f"{loss}.yaml",
             out / loss,
-            [f"--model.teacher_ckpt={teacher}", *data_overrides, *flowmap_overrides],
+            [f"--model.teacher={teacher}", *data_overrides, *flowmap_overrides],
         )
         flowmaps += ["--flowmap", f"{loss}={ckpt}"]
     for stage in ("teacher", *losses):  # wall time of the run that trained each stage

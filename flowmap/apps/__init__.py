@@ -1,0 +1,1 @@
+"""Applications: the ``flowmap`` command (``fit``/``sample``/``report``) and recipe pipelines."""

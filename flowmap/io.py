@@ -1,0 +1,51 @@
+"""Safe file loading: every torch file flowmap reads goes through :func:`safe_load`.
+
+``torch.load(..., weights_only=True)`` rebuilds tensors and plain containers only, so a file that
+carries a pickle payload is refused without running it. Each failure is one sentence that names
+the file and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["UnsafeFileError", "safe_load"]
+
+
+class UnsafeFileError(ValueError):
+    """A file is missing, unreadable, or holds objects other than tensors and plain data."""
+
+
+def safe_load(path: str | os.PathLike[str], what: str = "file") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-sentence errors.
+
+    Args:
+        path: the file to read.
+        what: what the file is, for the message (``"checkpoint"``, ``"Inception-v3 weights"``).
+
+    Raises:
+        UnsafeFileError: the file is missing, truncated or not a torch file, or it holds a pickle
+            payload (which is never unpickled).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UnsafeFileError(f"The {what} {str(p)!r} does not exist; check the path.")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeFileError(
+            f"Refused to load the {what} {str(p)!r}: it holds objects other than tensors and "
+            "plain data, and flowmap never unpickles such files (torch.load weights_only=True); "
+            "re-save it from a trusted source as a state_dict."
+        ) from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as err:
+        raise UnsafeFileError(
+            f"Could not read the {what} {str(p)!r}: the file is truncated or not a torch file "
+            f"({type(err).__name__}); use an intact copy."
+        ) from None

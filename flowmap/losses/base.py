@@ -1,0 +1,143 @@
+r"""What every flow-map loss shares: the batch of pairs, the diagonal, the regression step, weighting.
+
+Notation (DESIGN §4): :math:`X(s,t,x) = x + (t-s)\phi(x,s,t)`, teacher velocity :math:`b_t(x)`,
+:math:`\mathrm{sg}` stop-gradient, :math:`x_s` an interpolant sample at time :math:`s`.
+
+A loss is plain torch: ``loss(flow_map, x1, teacher, step=k) -> {"loss": …, <terms>}`` runs in any
+training loop, with or without Lightning; ``teacher=None`` self-distils.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.flowmap import FlowMap
+from flowmap.losses.pairs import TimePairs, TimePairSampler
+from flowmap.losses.weighting import LossWeighting
+from flowmap.paths import expand_like
+from flowmap.protocols import Velocity
+
+__all__ = ["FlowMapLoss", "mean_square", "regression_loss", "diagonal_residual"]
+
+
+def mean_square(r: Tensor) -> Tensor:
+    """Per-sample mean of squares over all but the batch dimension, ``(B,)``."""
+    return r.pow(2).flatten(1).mean(1)
+
+
+def regression_loss(phi: Tensor, residual: Tensor, tangent_norm: float | None = None) -> Tensor:
+    r"""Regression form :math:`\|\phi - \mathrm{sg}(\phi - g)\|^2` with :math:`g = r` or :math:`g = r/(\|r\| + c)`.
+
+    Its gradient is :math:`2 g\cdot\partial_\theta\phi`, the semigradient of :math:`\|r\|^2` with every
+    term of :math:`r` but :math:`\phi` held fixed; with ``tangent_norm = c`` the residual is normalised
+    per sample (sCM / AYF tangent normalisation). Returns ``(B,)``.
+    """
+    g = residual.detach()
+    if tangent_norm is not None:
+        norm = g.flatten(1).norm(dim=1) / g[0].numel() ** 0.5
+        g = g / (expand_like(norm, g) + tangent_norm)
+    return mean_square(phi - (phi - g).detach())
+
+
+def diagonal_residual(flow_map: FlowMap, x_t: Tensor, t: Tensor, target: Tensor) -> Tensor:
+    r"""Tangent condition :math:`\phi(x_t, t, t) - \mathrm{target}`, the target being :math:`b_t(x_t)` in
+    distillation or :math:`\dot x_t` from scratch (plain CFM on the diagonal)."""
+    return flow_map.velocity(x_t, t) - target
+
+
+def _check_same_path(flow_map: FlowMap, teacher: Velocity) -> None:
+    path = getattr(teacher, "path", None)
+    name = getattr(path, "name", None)
+    if name is not None and name != flow_map.path.name:
+        raise ValueError(
+            f"The teacher follows the {name!r} schedule but the flow map the "
+            f"{flow_map.path.name!r} one; build the FlowMap with the teacher's path."
+        )
+
+
+class FlowMapLoss(nn.Module, ABC):
+    r"""Base of the Lagrangian, Eulerian and semigroup losses.
+
+    One call draws interpolants :math:`x_s` from ``flow_map.path`` at pairs :math:`(s, t)` of the
+    :class:`TimePairSampler`, and returns the weighted mean over the batch
+
+    .. math:: L = \frac{1}{B}\Big(\sum_{s=t} \omega(\|\phi(x_t,t,t) - \beta_t\|^2)
+              + \sum_{s\neq t} \omega(\ell(x_s, s, t))\Big),
+
+    with :math:`\beta_t = b_t(x_t)` (distillation) or :math:`\dot x_t` (``teacher=None``:
+    self-distillation, whose teacher is :math:`\mathrm{sg}\,\phi(\cdot, t, t)`), :math:`\omega` the
+    :class:`LossWeighting`, and :math:`\ell` the subclass's :meth:`off_diagonal`.
+
+    Args:
+        pairs: the time-pair sampler (default: uniform pairs, diagonal fraction 0.25).
+        weighting: the per-pair weighting (default: none).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self, pairs: TimePairSampler | None = None, weighting: LossWeighting | None = None
+    ) -> None:
+        super().__init__()
+        self.pairs = pairs if pairs is not None else TimePairSampler()
+        self.weighting = weighting if weighting is not None else LossWeighting()
+
+    @abstractmethod
+    def off_diagonal(
+        self, flow_map: FlowMap, teacher: Velocity, x_s: Tensor, s: Tensor, t: Tensor, step: int
+    ) -> Tensor:
+        """Per-sample loss ``(n,)`` on off-diagonal pairs :math:`s \\neq t`."""
+
+    def forward(
+        self,
+        flow_map: FlowMap,
+        x1: Tensor,
+        teacher: Velocity | None = None,
+        *,
+        step: int = 0,
+        x0: Tensor | None = None,
+        pairs: TimePairs | None = None,
+    ) -> dict[str, Tensor]:
+        """Return ``{"loss", "diagonal", <name>}`` (the last two unweighted means, for logging).
+
+        Args:
+            flow_map: the map being trained.
+            x1: a batch of data.
+            teacher: the velocity :math:`b_t(x)` to distil; ``None`` self-distils.
+            step: the training step (drives warm-ups and curricula).
+            x0: the noise (default: fresh standard normal).
+            pairs: the time pairs (default: drawn from ``self.pairs``).
+        """
+        x0 = torch.randn_like(x1) if x0 is None else x0
+        p = pairs if pairs is not None else self.pairs(x1.shape[0], step=step, device=x1.device)
+        p = p.to(x1)
+        sample = flow_map.path.sample(x0, x1, p.s)
+        x_s = sample.x_t
+        d, off = p.diagonal, ~p.diagonal
+        if teacher is None:
+
+            @torch.no_grad()
+            def teacher(x: Tensor, t: Tensor) -> Tensor:
+                return flow_map.velocity(x, t)
+
+            diag_target = sample.dx_t[d]  # plain CFM on the diagonal (s = t there)
+        else:
+            _check_same_path(flow_map, teacher)
+            with torch.no_grad():
+                diag_target = teacher(x_s[d], p.t[d]) if d.any() else x_s[d]
+        out: dict[str, Tensor] = {}
+        total = x_s.new_zeros(())
+        if d.any():
+            diag = mean_square(diagonal_residual(flow_map, x_s[d], p.t[d], diag_target))
+            total = total + self.weighting(diag, p.s[d], p.t[d]).sum()
+            out["diagonal"] = diag.mean().detach()
+        if off.any():
+            ell = self.off_diagonal(flow_map, teacher, x_s[off], p.s[off], p.t[off], step)
+            total = total + self.weighting(ell, p.s[off], p.t[off]).sum()
+            out[self.name] = ell.mean().detach()
+        out["loss"] = total / x1.shape[0]
+        return out

@@ -1,0 +1,44 @@
+r"""The two interfaces callers rely on, so that nothing switches on a concrete type.
+
+* :class:`Velocity` — anything called as ``b(x, t)`` that returns the velocity :math:`b_t(x)` of the
+  ODE :math:`\dot x = b_t(x)` (time 0 = noise, 1 = data): a trained
+  :class:`~flowmap.training.VelocityModule`, an analytic oracle
+  (:class:`~flowmap.oracles.GaussianTarget`), the diagonal of a :class:`~flowmap.FlowMap`, or a
+  model from another library wrapped to this convention.
+* :class:`Sampler` — anything with ``generate(x0, nfe, method=None) -> Solution``: noise at
+  :math:`t=0` to data at :math:`t=1` in ``nfe`` network evaluations. ``methods`` lists the methods it
+  accepts, its default first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+__all__ = ["Velocity", "Sampler", "Solution"]
+
+
+@dataclass
+class Solution:
+    """Samples and the number of network evaluations (NFE) per sample that produced them."""
+
+    x: Tensor
+    nfe: int
+
+
+@runtime_checkable
+class Velocity(Protocol):
+    r"""A velocity field :math:`b_t(x)`: ``x`` is ``(B, *data_shape)``, ``t`` is ``(B,)``."""
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Something that generates: noise ``x0`` at t = 0 to samples at t = 1 in ``nfe`` evaluations."""
+
+    methods: tuple[str, ...]
+
+    def generate(self, x0: Tensor, nfe: int = 1, method: str | None = None) -> Solution: ...

@@ -1,0 +1,21 @@
+"""Training: the LightningModules (CFM teacher, flow-map student), callbacks and checkpoints."""
+
+from flowmap.training.base import FlowModuleBase, NonFiniteLossError, build
+from flowmap.training.callbacks import ConfigBesideCheckpoints, InterruptCheckpoint, SampleQuality
+from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
+from flowmap.training.flow_map import FlowMapModule
+from flowmap.training.velocity import VelocityModule
+
+__all__ = [
+    "VelocityModule",
+    "FlowMapModule",
+    "FlowModuleBase",
+    "NonFiniteLossError",
+    "build",
+    "SampleQuality",
+    "InterruptCheckpoint",
+    "ConfigBesideCheckpoints",
+    "CheckpointError",
+    "load_module",
+    "read_checkpoint",
+]

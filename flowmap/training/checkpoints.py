@@ -1,0 +1,41 @@
+"""Checkpoints of the flowmap modules: read through :func:`flowmap.io.safe_load` (``weights_only=True``)
+and checked for what they hold before Lightning rebuilds a module from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flowmap.io import UnsafeFileError, safe_load
+
+__all__ = ["CheckpointError", "read_checkpoint", "load_module"]
+
+
+class CheckpointError(UnsafeFileError):
+    """A checkpoint is missing, unreadable, unsafe or of the wrong kind."""
+
+
+def read_checkpoint(path: str | Path, expected_kind: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU with ``weights_only=True`` and check what it holds."""
+    try:
+        ckpt = safe_load(path, "checkpoint")
+    except UnsafeFileError as err:
+        raise CheckpointError(str(err)) from None
+    p = str(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{p!r} is not a Lightning checkpoint (no 'state_dict'); pass a .ckpt file "
+            "written by a flowmap fit."
+        )
+    kind = ckpt.get("flowmap_module")
+    if expected_kind is not None and kind != expected_kind:
+        found = f"a {kind} checkpoint" if kind else "not a flowmap checkpoint"
+        raise CheckpointError(f"{p!r} is {found}, but a {expected_kind} checkpoint is needed here.")
+    return ckpt
+
+
+def load_module(cls: type, path: str | Path, **kwargs: Any) -> Any:
+    """``cls.load_from_checkpoint(path)`` after :func:`read_checkpoint` checked the file (CPU, eval)."""
+    read_checkpoint(path, expected_kind=getattr(cls, "module_kind", None))
+    module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **kwargs)
+    return module.eval()

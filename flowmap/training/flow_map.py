@@ -1,0 +1,174 @@
+r"""Flow-map distillation (and self-distillation) of :math:`X(s,t,x) = x + (t-s)\phi(x,s,t)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.flowmap import FlowMap
+from flowmap.losses import FlowMapLoss, LagrangianLoss
+from flowmap.ode import sample_flow_map
+from flowmap.paths import AffinePath
+from flowmap.protocols import Solution, Velocity
+from flowmap.training.base import FlowModuleBase, fork_rng
+from flowmap.training.checkpoints import CheckpointError, load_module
+from flowmap.training.velocity import VelocityModule
+
+__all__ = ["FlowMapModule"]
+
+
+class FlowMapModule(FlowModuleBase):
+    r"""Trains a flow map :math:`X(s,t,x) = x + (t-s)\phi(x,s,t)` with an injected :class:`FlowMapLoss`.
+
+    Args:
+        net: the network :math:`\phi(x, s, t)`.
+        loss: the loss component, e.g. ``LagrangianLoss(form="backprop")`` or in YAML
+            ``{class_path: flowmap.losses.EulerianLoss, init_args: {pairs: {eta: 0.25}}}``
+            (default: ``LagrangianLoss()``).
+        teacher: the velocity to distil: a :class:`VelocityModule` checkpoint path (loaded frozen,
+            in eval mode, with its EMA weights; never in the optimiser, the EMA or this module's
+            checkpoint) or, from Python, any :class:`~flowmap.protocols.Velocity`. ``None``
+            self-distils: the teacher is the model's own diagonal :math:`\mathrm{sg}\,\phi(\cdot,t,t)`.
+        warm_start: start the student as a copy of the teacher's net (same architecture needed).
+        schedule: the path's schedule. A distilled map takes the teacher's (giving another is an
+            error); self-distillation uses this, ``"linear"`` if unset.
+        lr, weight_decay, warmup_steps: AdamW and its linear warm-up.
+        ema_decay: EMA of the net (null: none); the EMA samples and validates.
+        data_shape: the shape of one sample (filled in from the data).
+    """
+
+    module_kind = "FlowMapModule"
+    methods = ("jumps",)
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: FlowMapLoss | None = None,
+        teacher: str | Velocity | None = None,
+        warm_start: bool = True,
+        schedule: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.999,
+        data_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(teacher, str) and not Path(teacher).is_file():
+            raise CheckpointError(
+                f"Teacher checkpoint {teacher!r} does not exist; train a teacher first "
+                "(flowmap fit --config .../teacher.yaml) and pass its .ckpt path."
+            )
+        # a Python teacher is not a hyperparameter: checkpoints hold plain data only
+        self.save_hyperparameters(ignore=[] if teacher is None or isinstance(teacher, str) else ["teacher"])
+        self.loss = loss if loss is not None else LagrangianLoss()
+        self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape)
+        self.path = AffinePath(schedule or "linear")
+        # not a submodule: outside the optimiser, the EMA and the checkpoint
+        object.__setattr__(self, "_teacher", None if isinstance(teacher, str) else teacher)
+        if self._teacher is not None:
+            self._adopt_teacher_path()
+
+    # ----------------------------------------------------------------- teacher
+    @property
+    def teacher(self) -> Velocity | None:
+        """The velocity being distilled (``None`` when self-distilling or not yet loaded)."""
+        return self._teacher
+
+    def _adopt_teacher_path(self) -> None:
+        """The student follows the teacher's path; a different explicit schedule is an error."""
+        name = getattr(getattr(self._teacher, "path", None), "name", None)
+        if name is None:
+            return
+        asked = self.hparams.get("schedule")
+        if asked is not None and asked != name:
+            raise ValueError(
+                f"The teacher follows the {name!r} schedule but schedule={asked!r} was given; "
+                "a distilled map takes the teacher's schedule, so drop the schedule argument."
+            )
+        self.path = AffinePath(name)
+        self.hparams["schedule"] = name
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        ckpt = self.hparams.get("teacher")
+        if isinstance(ckpt, str) and self._teacher is None:
+            teacher = load_module(VelocityModule, ckpt)
+            teacher.requires_grad_(False)
+            if teacher.data_shape is not None and self.data_shape is not None:
+                if tuple(teacher.data_shape) != tuple(self.data_shape):
+                    raise ValueError(
+                        f"The teacher {ckpt!r} was trained on data of shape "
+                        f"{list(teacher.data_shape)} but this data has shape "
+                        f"{list(self.data_shape)}; use the teacher trained on this dataset."
+                    )
+            object.__setattr__(self, "_teacher", teacher)
+            self._adopt_teacher_path()
+        if self.hparams.warm_start and stage == "fit" and self._teacher is not None:
+            velocity_net = getattr(self._teacher, "sampling_net", None)
+            if velocity_net is None:
+                raise ValueError(
+                    f"warm_start needs a teacher with a network to copy, and a "
+                    f"{type(self._teacher).__name__} has none; set warm_start: false."
+                )
+            self.student.warm_start(velocity_net)
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.net.state_dict())
+
+    def _teacher_on(self, device: torch.device) -> Velocity | None:
+        teacher = self._teacher
+        if isinstance(teacher, nn.Module) and next(teacher.parameters()).device != device:
+            teacher.to(device)
+        return teacher
+
+    # ----------------------------------------------------------------- training
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for m in (self.net, self.loss) for p in m.parameters() if p.requires_grad]
+
+    @property
+    def student(self) -> FlowMap:
+        """The flow map being trained (raw weights)."""
+        return FlowMap(self.net, self.path)
+
+    @property
+    def sampling_flow_map(self) -> FlowMap:
+        """The EMA flow map (raw weights if EMA is off)."""
+        return FlowMap(self.sampling_net, self.path)
+
+    def _terms(self, flow_map: FlowMap, batch: Tensor, **kw: Any) -> dict[str, Tensor]:
+        if isinstance(self.hparams.get("teacher"), str) and self._teacher is None:
+            raise RuntimeError("The teacher is loaded in setup(); run through a Trainer.")
+        teacher = self._teacher_on(batch.device)
+        return self.loss(flow_map, batch, teacher, step=self.global_step, **kw)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        terms = self._terms(self.student, batch)
+        self.check_finite(terms)
+        self.log_terms("train", terms)
+        return terms["loss"]
+
+    @fork_rng
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        g = torch.Generator(device=batch.device).manual_seed(batch_idx)
+        x0 = torch.randn(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)
+        with torch.enable_grad():  # the JVP losses need autograd bookkeeping off the no_grad path
+            terms = self._terms(self.sampling_flow_map, batch, x0=x0)
+        self.log_terms("val", {k: v.detach() for k, v in terms.items()})
+
+    # ----------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, x0: Tensor, nfe: int = 1, method: str | None = None) -> Solution:
+        """``nfe`` uniform jumps from noise ``x0`` at :math:`t=0` to data at :math:`t=1`."""
+        self._check_method(method)
+        return sample_flow_map(self.sampling_flow_map, x0, steps=self._check_nfe(nfe))
+
+    @torch.no_grad()
+    def invert(self, x1: Tensor, nfe: int = 1) -> Solution:
+        """``nfe`` uniform jumps backwards, from data at :math:`t=1` to noise at :math:`t=0`."""
+        return sample_flow_map(
+            self.sampling_flow_map, x1, steps=self._check_nfe(nfe), t0=1.0, t1=0.0
+        )
