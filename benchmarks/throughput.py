@@ -21,21 +21,31 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 
+from flowmap.data import Toy2DDataModule
 from flowmap.flowmap import FlowMap
-from flowmap.losses import cfm_loss, make_loss
+from flowmap.losses import (
+    EulerianLoss,
+    FlowMapLoss,
+    LagrangianLoss,
+    SemigroupLoss,
+    TimePairSampler,
+    cfm_loss,
+)
 from flowmap.nets import MLP
 from flowmap.paths import AffinePath
+from flowmap.training import VelocityModule
 
-VARIANTS = {
-    "lagrangian (regression)": ("lagrangian", {"form": "regression"}),
-    "lagrangian (backprop)": ("lagrangian", {"form": "backprop"}),
-    "eulerian (regression)": ("eulerian", {"form": "regression"}),
-    "eulerian (sg_advective)": ("eulerian", {"form": "sg_advective"}),
-    "semigroup (midpoint)": ("semigroup", {"split": "midpoint"}),
+VARIANTS: dict[str, tuple[type[FlowMapLoss], dict]] = {
+    "lagrangian (regression)": (LagrangianLoss, {"form": "regression"}),
+    "lagrangian (backprop)": (LagrangianLoss, {"form": "backprop"}),
+    "eulerian (regression)": (EulerianLoss, {"form": "regression"}),
+    "eulerian (sg_advective)": (EulerianLoss, {"form": "sg_advective"}),
+    "semigroup (midpoint)": (SemigroupLoss, {"split": "midpoint"}),
     "semigroup (toy recipe: δ=0.25, 4 Heun)": (
-        "semigroup",
+        SemigroupLoss,
         {"split": "midpoint", "teacher_gap": 0.25, "teacher_steps": 4},
     ),
 }
@@ -71,20 +81,14 @@ def loss_steps(width: int, depth: int, batch: int, eta: float) -> dict[str, Call
         return step
 
     steps = {"cfm": make(lambda net: cfm_loss(lambda x, t: net(x, t, t), data, path))}
-    for label, (name, opts) in VARIANTS.items():
-        from flowmap.losses import TimePairSampler
-
-        loss = make_loss(name, pairs=TimePairSampler(eta=eta), **opts)
+    for label, (cls, opts) in VARIANTS.items():
+        loss = cls(pairs=TimePairSampler(eta=eta), **opts)
         steps[label] = make(lambda net, loss=loss: loss(FlowMap(net), data, teacher)["loss"])
     return steps
 
 
 def lightning_overhead(width: int, depth: int, batch: int, steps: int) -> dict[str, float]:
     """Seconds per step of a VelocityModule fit through a Trainer vs the same loop by hand."""
-    import lightning as L
-
-    from flowmap.data import Toy2DDataModule
-    from flowmap.training import VelocityModule
 
     def plain() -> float:
         torch.manual_seed(0)

@@ -22,7 +22,7 @@ from flowmap.paths import as_time, expand_like
 from flowmap.protocols import Solution, Velocity
 
 __all__ = [
-        "STAGES",
+    "STAGES",
     "FIXED_STEP_METHODS",
     "time_grid",
     "steps_for_nfe",

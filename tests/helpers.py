@@ -34,7 +34,6 @@ TINY_NET = [
 
 def fit_cli(cfg: str, root: Path, *extra: str) -> Path:
     """``flowmap fit --config cfg`` with a tiny MLP into ``root``; returns ``last.ckpt``."""
-    from flowmap.apps.cli import cli_main
 
     cli_main(
         [

@@ -8,8 +8,8 @@ import torch
 from flowmap.flowmap import FlowMap
 from flowmap.losses import EulerianLoss, LagrangianLoss, SemigroupLoss
 from flowmap.nets import MLP
-from flowmap.oracles import GaussianMixtureTarget
 from flowmap.ode import sample_flow_map, solve_ode
+from flowmap.oracles import GaussianMixtureTarget
 
 STEPS = 300
 

@@ -86,7 +86,9 @@ def test_jvp_residuals_agree_with_finite_differences(gaussian):
     assert torch.allclose(j.dX, (fm(x, s, t + h) - fm(x, s, t - h)) / (2 * h), atol=1e-6)
     dx, ds, dt = torch.randn_like(x), torch.randn_like(s), torch.randn_like(t)
     j = fm.jvp(x, s, t, dx=dx, ds=ds, dt=dt)
-    fd_x = (fm(x + h * dx, s + h * ds, t + h * dt) - fm(x - h * dx, s - h * ds, t - h * dt)) / (2 * h)
+    fd_x = (fm(x + h * dx, s + h * ds, t + h * dt) - fm(x - h * dx, s - h * ds, t - h * dt)) / (
+        2 * h
+    )
     assert torch.allclose(j.dX, fd_x, atol=1e-6) and torch.equal(j.X, fm(x, s, t))
     r_l, phi = lagrangian_residual(fm, gaussian.velocity, x, s, t)
     d_t_X = (fm(x, s, t + h) - fm(x, s, t - h)) / (2 * h)
@@ -162,7 +164,9 @@ def test_lagrangian_forms_share_their_value_and_differ_in_gradient_as_derived(ga
     assert torch.allclose(a, b)  # same value ...
     params = [p for p in net.parameters()]
     n = r[0].numel() * B
-    by_hand_regression = torch.autograd.grad((2 * r.detach() * phi).sum() / n, params, retain_graph=True)
+    by_hand_regression = torch.autograd.grad(
+        (2 * r.detach() * phi).sum() / n, params, retain_graph=True
+    )
     by_hand_backprop = torch.autograd.grad((r**2).sum() / n, params)
     flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
     assert torch.allclose(regression, flat(by_hand_regression), atol=1e-10)

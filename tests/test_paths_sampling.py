@@ -4,8 +4,6 @@ import pytest
 import torch
 
 from flowmap.flowmap import FlowMap
-from flowmap.oracles import GaussianMixtureTarget, GaussianTarget
-from flowmap.paths import AffinePath, get_schedule
 from flowmap.ode import (
     sample_flow_map,
     solve_adaptive,
@@ -14,6 +12,8 @@ from flowmap.ode import (
     steps_for_nfe,
     time_grid,
 )
+from flowmap.oracles import GaussianMixtureTarget, GaussianTarget
+from flowmap.paths import AffinePath, get_schedule
 from tests.helpers import ExactPhi
 
 

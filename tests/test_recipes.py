@@ -5,8 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
+from flowmap import losses
 from flowmap.apps.cli import cli_main
+from flowmap.training import FlowMapModule, VelocityModule, load_module, read_checkpoint
 from tests.fakes import make_fake_cifar10
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -18,6 +22,15 @@ def test_there_are_recipes_for_each_dataset_and_stage():
     for data in ("toy2d", "digits", "cifar10"):
         for stage in ("teacher", "lagrangian", "eulerian", "semigroup"):
             assert (data, stage) in names
+
+
+@pytest.mark.parametrize(
+    "config", [c for c in CONFIGS if c.stem != "teacher"], ids=lambda p: f"{p.parent.name}/{p.stem}"
+)
+def test_flow_map_recipes_inject_their_loss_by_class_path(config):
+    model = yaml.safe_load(config.read_text())["model"]
+    assert model["class_path"] == "flowmap.training.FlowMapModule"
+    assert model["init_args"]["loss"]["class_path"] == f"flowmap.losses.{config.stem.title()}Loss"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -38,7 +51,11 @@ DIGITS_TINY = [
 ]
 
 
-def test_digits_stages_run_through_the_cli(tmp_path):
+def _flat_params(module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in module.net.parameters()])
+
+
+def test_digits_stages_run_through_the_cli_and_train(tmp_path):
     teacher = tmp_path / "teacher"
     cli_main(
         [
@@ -51,19 +68,32 @@ def test_digits_stages_run_through_the_cli(tmp_path):
         ]
     )
     ckpt = teacher / "checkpoints" / "last.ckpt"
-    for loss in ("lagrangian", "eulerian", "semigroup"):
+    t = load_module(VelocityModule, ckpt)
+    assert read_checkpoint(ckpt)["global_step"] == 5 and t.data_shape == (1, 8, 8)
+    for name in ("Lagrangian", "Eulerian", "Semigroup"):
+        root = tmp_path / name
         cli_main(
             [
                 "fit",
                 "--config",
-                str(RECIPES / f"digits/{loss}.yaml"),
+                str(RECIPES / f"digits/{name.lower()}.yaml"),
                 *DIGITS_TINY,
-                f"--trainer.default_root_dir={tmp_path / loss}",
+                f"--trainer.default_root_dir={root}",
                 "--trainer.max_steps=3",
                 f"--model.teacher={ckpt}",
             ]
         )
-        assert (tmp_path / loss / "checkpoints" / "last.ckpt").exists()
+        student_ckpt = root / "checkpoints" / "last.ckpt"
+        raw = read_checkpoint(student_ckpt)
+        assert raw["global_step"] == 3
+        assert raw["hyper_parameters"]["loss"]["class_path"] == f"flowmap.losses.{name}Loss"
+        student = load_module(FlowMapModule, student_ckpt)
+        assert isinstance(student.loss, getattr(losses, f"{name}Loss"))
+        # warm-started from the teacher, then moved by 3 optimiser steps of its own loss
+        moved = (_flat_params(student) - _flat_params(t)).abs().max()
+        assert 0 < moved < 0.1, (name, moved)
+        x = student.generate(torch.randn(16, 1, 8, 8), nfe=2).x
+        assert x.shape == (16, 1, 8, 8) and torch.isfinite(x).all()
 
 
 CIFAR_CPU = [
@@ -81,29 +111,27 @@ CIFAR_CPU = [
 ]
 
 
+def _fit_and_check_one_step(args: list[str]) -> None:
+    """Run a ``fast_dev_run`` fit and check it took one finite, weight-changing step."""
+    cli = cli_main(args, run=False)
+    before = _flat_params(cli.model)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert not torch.equal(before, _flat_params(cli.model))
+
+
 def test_cifar10_configs_run_with_fast_dev_run_on_a_stand_in(tmp_path):
     root = make_fake_cifar10(tmp_path / "cifar", n_train=16, n_test=8)
     data = [f"--data.root={root}"]
     teacher = tmp_path / "teacher"
-    cli_main(
-        [
-            "fit",
-            "--config",
-            str(RECIPES / "cifar10/teacher.yaml"),
-            *CIFAR_CPU,
-            *data,
-            "--trainer.fast_dev_run=true",
-            f"--trainer.default_root_dir={teacher}",
-        ]
-    )
+    config = ["--config", str(RECIPES / "cifar10/teacher.yaml"), *CIFAR_CPU, *data]
+    _fit_and_check_one_step([*config, "--trainer.fast_dev_run=true"])
     # fast_dev_run writes no checkpoint: one real step gives the students a teacher
     cli_main(
         [
             "fit",
-            "--config",
-            str(RECIPES / "cifar10/teacher.yaml"),
-            *CIFAR_CPU,
-            *data,
+            *config,
             "--trainer.max_steps=1",
             "--trainer.limit_val_batches=0",
             f"--trainer.default_root_dir={teacher}",
@@ -111,9 +139,8 @@ def test_cifar10_configs_run_with_fast_dev_run_on_a_stand_in(tmp_path):
     )
     ckpt = teacher / "checkpoints" / "last.ckpt"
     for loss in ("lagrangian", "eulerian", "semigroup"):
-        cli_main(
+        _fit_and_check_one_step(
             [
-                "fit",
                 "--config",
                 str(RECIPES / f"cifar10/{loss}.yaml"),
                 *CIFAR_CPU,

@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
 from flowmap.apps.cli import cli_main, main
 from flowmap.training import FlowMapModule, NonFiniteLossError, VelocityModule
+from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
 from tests.helpers import TINY_NET
 
 FIT = [
@@ -194,7 +194,10 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoi
         (["--model.lrr=1"], "lrr"),
         (["--data.name=swissroll"], "Unknown toy 2D dataset 'swissroll'"),
         (["--model.ema_decay=1.5"], "ema_decay must lie in"),
-        (["--model.time_distribution=beta"], "time_distribution: Expected a typing.Literal['uniform', 'logit_normal']. Got value: beta"),
+        (
+            ["--model.time_distribution=beta"],
+            "time_distribution: Expected a typing.Literal['uniform', 'logit_normal']. Got value: beta",
+        ),
     ],
 )
 def test_bad_config_fails_early_with_a_clear_message(tmp_path, capsys, args, match):

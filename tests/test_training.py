@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowmap.training.checkpoints import CheckpointError, load_module
 from flowmap.training import FlowMapModule, VelocityModule
+from flowmap.training.checkpoints import CheckpointError, load_module
 from tests.helpers import fit_cli as _fit
 
 
@@ -73,3 +73,75 @@ def test_teacher_checkpoint_problems_are_one_sentence(toy_teacher, tmp_path):
             f"--model.teacher={flow}",
             "--trainer.max_steps=2",
         )
+
+
+def test_a_python_teacher_is_distilled_through_lightning_and_kept_out_of_the_checkpoint(tmp_path):
+    """Any Velocity (here the exact mixture oracle, on the cosine path) can be the teacher; the
+    student adopts its schedule, and the checkpoint holds plain data only."""
+    import lightning as L
+
+    from flowmap.data import Toy2DDataModule
+    from flowmap.nets import MLP
+    from flowmap.oracles import GaussianMixtureTarget
+
+    ring = GaussianMixtureTarget.ring()
+    gmm = GaussianMixtureTarget(ring.weights, ring.means, ring.stds, schedule="cosine")
+    with pytest.raises(ValueError, match="teacher follows the 'cosine' schedule"):
+        FlowMapModule(MLP((2,), width=16, depth=1), teacher=gmm, schedule="linear")
+    module = FlowMapModule(MLP((2,), width=16, depth=1), teacher=gmm, warm_start=False, lr=1e-3)
+    assert module.path.name == "cosine" and module.teacher is gmm
+    assert "teacher" not in module.hparams and module.hparams["schedule"] == "cosine"
+    trainer = L.Trainer(
+        max_steps=30,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, Toy2DDataModule(name="8gaussians", batch_size=64))
+    assert torch.isfinite(trainer.callback_metrics["train/lagrangian"])
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    # saved from Python objects, not a config: nets and losses are pickled objects, so such a
+    # checkpoint is refused by the safe loader (build() or the CLI make loadable ones)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_module(FlowMapModule, path)
+    with pytest.raises(ValueError, match="warm_start needs a teacher with a network"):
+        warm = FlowMapModule(MLP((2,), width=16, depth=1), teacher=gmm)
+        warm.setup("fit")
+
+
+def test_build_gives_checkpoints_that_reload_with_no_arguments(tmp_path):
+    import lightning as L
+
+    from flowmap.data import Toy2DDataModule
+    from flowmap.losses import EulerianLoss
+    from flowmap.training import build
+
+    module = build(
+        FlowMapModule,
+        {
+            "net": {"class_path": "flowmap.nets.MLP", "init_args": {"width": 16, "depth": 1}},
+            "loss": {
+                "class_path": "flowmap.losses.EulerianLoss",
+                "init_args": {"pairs": {"eta": 0.5}},
+            },
+            "lr": 1e-3,
+        },
+    )
+    trainer = L.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, Toy2DDataModule(name="moons", batch_size=32))
+    trainer.save_checkpoint(tmp_path / "s.ckpt")
+    again = load_module(FlowMapModule, tmp_path / "s.ckpt")
+    assert isinstance(again.loss, EulerianLoss) and again.loss.pairs.eta == 0.5
+    assert again.teacher is None and again.path.name == "linear"  # self-distilled
+    for a, b in zip(module.net.parameters(), again.net.parameters()):
+        assert torch.equal(a, b)

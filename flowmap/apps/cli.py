@@ -60,13 +60,15 @@ def make_logger(kind: str, save_dir: str, name: str = "logs") -> Any:
 
 
 def _suggestion(class_path: str | None, option: str) -> str:
-    """"; did you mean 'x'? It takes a, b, c" for an option a class does not take."""
+    """ "; did you mean 'x'? It takes a, b, c" for an option a class does not take."""
     if not class_path:
         return ""
     try:
         module, _, name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
-        names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+        names = [
+            p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")
+        ]
     except (ImportError, AttributeError, ValueError, TypeError):
         return ""
     close = difflib.get_close_matches(option, names, n=1)
@@ -95,7 +97,9 @@ def one_sentence(message: str) -> str:
         text, where = " ".join(lines[:2]) if len(lines) > 1 else (lines[0] if lines else ""), None
     option = re.search(r"(?:Option|Key) '([^']+)' is not accepted", text)
     if option:
-        text = f"option {option.group(1)!r} is not accepted{_suggestion(class_path, option.group(1))}"
+        text = (
+            f"option {option.group(1)!r} is not accepted{_suggestion(class_path, option.group(1))}"
+        )
     text = re.sub(r'Parser key "([^"]+)"', r"\1:", text)
     return f"{where}: {text}" if where else text
 

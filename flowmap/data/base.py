@@ -7,6 +7,7 @@ tensor ``(B, *data_shape)`` in *model space*. Images live in ``[-1, 1]``; :func:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import lightning as L
@@ -81,10 +82,10 @@ class TensorSamples(Dataset):
         return from_uint8(x) if x.dtype == torch.uint8 else x.to(torch.float32)
 
 
-class FlowDataModule(L.LightningDataModule):
+class FlowDataModule(L.LightningDataModule, ABC):
     """Base DataModule: plain-tensor batches ``x1`` of shape ``(B, *data_shape)``, float32.
 
-    Subclasses provide :attr:`data_shape`, :meth:`reference_samples` and
+    The contract (abstract here): :attr:`data_shape`, :meth:`reference_samples` and
     :meth:`train_dataloader`. The validation loader is shared: a fixed set of ``n_val``
     reference samples of the ``"test"`` split (``seed=0``), cut into batches of at most
     ``batch_size``, in the same plain-tensor format as training batches.
@@ -109,10 +110,15 @@ class FlowDataModule(L.LightningDataModule):
         self.num_workers = num_workers
 
     @property
+    @abstractmethod
     def data_shape(self) -> tuple[int, ...]:
         """Shape of one sample, e.g. ``(2,)`` for toy 2D or ``(3, 32, 32)`` for CIFAR-10."""
-        raise NotImplementedError
 
+    @abstractmethod
+    def train_dataloader(self) -> Any:
+        """Training batches ``(B, *data_shape)`` float32 in model space."""
+
+    @abstractmethod
     def reference_samples(self, n: int, split: str = "test", seed: int = 0) -> Tensor:
         """Return ``n`` real samples ``(n, *data_shape)`` float32 in model space, for metrics.
 
@@ -120,7 +126,6 @@ class FlowDataModule(L.LightningDataModule):
         same samples, and the two splits are disjoint (finite sets) or drawn from independent
         streams (toy 2D), so data-vs-data metric floors are honest.
         """
-        raise NotImplementedError
 
     def val_samples(self) -> Tensor:
         """The fixed validation set: ``reference_samples(n_val, "test", seed=0)``."""
@@ -155,9 +160,9 @@ class FiniteFlowDataModule(FlowDataModule):
         self.seed = seed
         self._cache: dict[str, Tensor] = {}
 
+    @abstractmethod
     def _load_split(self, split: str) -> Tensor:
         """Load the whole ``split`` as a tensor ``(N, *data_shape)`` (uint8 or float32)."""
-        raise NotImplementedError
 
     def split_data(self, split: str) -> Tensor:
         """The cached storage tensor of ``split`` (uint8 pixels or float32), loading it once."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from sklearn.datasets import load_digits
 from torch import Tensor
 
 from flowmap.data.base import FiniteFlowDataModule
@@ -18,8 +19,6 @@ def load_digits_split(
     The split is a fixed permutation drawn with ``seed`` (1797 images; 20% test by default).
     The data ships with scikit-learn, so this works offline.
     """
-    from sklearn.datasets import load_digits
-
     d = load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 16.0 * 2.0 - 1.0
     y = torch.as_tensor(d.target, dtype=torch.long)

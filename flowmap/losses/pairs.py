@@ -74,7 +74,9 @@ class TimePairs:
 
     def to(self, like: Tensor) -> TimePairs:
         """The pairs as times of ``like``'s device and time dtype."""
-        return TimePairs(as_time(self.s, like), as_time(self.t, like), self.diagonal.to(like.device))
+        return TimePairs(
+            as_time(self.s, like), as_time(self.t, like), self.diagonal.to(like.device)
+        )
 
 
 class TimePairSampler:

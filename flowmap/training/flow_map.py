@@ -64,7 +64,9 @@ class FlowMapModule(FlowModuleBase):
                 "(flowmap fit --config .../teacher.yaml) and pass its .ckpt path."
             )
         # a Python teacher is not a hyperparameter: checkpoints hold plain data only
-        self.save_hyperparameters(ignore=[] if teacher is None or isinstance(teacher, str) else ["teacher"])
+        self.save_hyperparameters(
+            ignore=[] if teacher is None or isinstance(teacher, str) else ["teacher"]
+        )
         self.loss = loss if loss is not None else LagrangianLoss()
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape)
         self.path = AffinePath(schedule or "linear")

@@ -7,8 +7,8 @@ Writes report.md, fid_vs_steps.png, results.json and samples.npz into --out.
 
 from pathlib import Path
 
-from flowmap.data.toy2d import TOY2D_NAMES
 from flowmap.apps.pipeline import recipe_parser, run_recipe
+from flowmap.data.toy2d import TOY2D_NAMES
 
 HERE = Path(__file__).resolve().parent
 TINY = [
