@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from flowmap.apps.cli import cli_main
+from flowmap.losses import FlowMapLoss, mean_square
 from flowmap.oracles import GaussianTarget
 
 
@@ -22,6 +23,16 @@ class ExactPhi(torch.nn.Module):
         phi = torch.where(gap.abs() > 1e-12, chord, self.target.velocity(x, t))
         # a smooth perturbation in x, s and t, so that no residual vanishes by accident
         return phi + self.perturb * torch.sin(x + s[:, None] + 2 * t[:, None])
+
+
+class EulerChordLoss(FlowMapLoss):
+    r"""A loss written outside the package, to show that a new loss is one class:
+    :math:`\|\phi(x_s, s, t) - b_s(x_s)\|^2` (the chord slope regressed on one Euler step)."""
+
+    name = "euler_chord"
+
+    def off_diagonal(self, flow_map, teacher, x_s, s, t, step):
+        return mean_square(flow_map.phi(x_s, s, t) - teacher(x_s, s).detach())
 
 
 TINY_NET = [

@@ -27,7 +27,9 @@ LAYERS = [
 
 
 def _layer(module: str) -> int:
-    return max(i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + "."))
+    return max(
+        i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + ".")
+    )
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:

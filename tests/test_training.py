@@ -145,3 +145,24 @@ def test_build_gives_checkpoints_that_reload_with_no_arguments(tmp_path):
     assert again.teacher is None and again.path.name == "linear"  # self-distilled
     for a, b in zip(module.net.parameters(), again.net.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_new_loss_is_one_class_injected_by_class_path(toy_teacher, tmp_path):
+    ckpt = _fit(
+        "recipes/toy2d/lagrangian.yaml",
+        tmp_path,
+        f"--model.teacher={toy_teacher[1]}",
+        "--model.loss=tests.helpers.EulerChordLoss",
+        "--model.loss.pairs.eta=0.5",
+        "--model.warm_start=false",
+        "--trainer.max_steps=60",
+        "--trainer.log_every_n_steps=5",
+        "--data.batch_size=128",
+        "--data.name=8gaussians",
+        "--model.lr=3e-3",
+    )
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    chord = [float(r["train/euler_chord"]) for r in rows if r.get("train/euler_chord")]
+    assert len(chord) >= 10 and sum(chord[-3:]) < 0.5 * sum(chord[:3]), chord
+    student = load_module(FlowMapModule, ckpt)
+    assert type(student.loss).__name__ == "EulerChordLoss" and student.loss.pairs.eta == 0.5
