@@ -55,15 +55,20 @@ def test_teacher_checkpoint_problems_are_one_sentence(toy_teacher, tmp_path):
     root, teacher_ckpt = toy_teacher
     with pytest.raises(CheckpointError, match="Teacher checkpoint 'nope.ckpt' does not exist"):
         _fit("recipes/toy2d/lagrangian.yaml", tmp_path, "--model.teacher=nope.ckpt")
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before any step
     fm_ckpt = tmp_path / "fm"
     fm_ckpt.mkdir()
+    moved_teacher = tmp_path / "teacher-copy.ckpt"
+    moved_teacher.write_bytes(Path(teacher_ckpt).read_bytes())
     flow = _fit(
         "recipes/toy2d/lagrangian.yaml",
         fm_ckpt,
-        f"--model.teacher={teacher_ckpt}",
+        f"--model.teacher={moved_teacher}",
         "--trainer.max_steps=2",
         "--data.name=8gaussians",
     )
+    moved_teacher.unlink()  # a trained student still loads and samples without its teacher
+    assert load_module(FlowMapModule, flow).generate(torch.randn(8, 2), nfe=1).x.shape == (8, 2)
     with pytest.raises(
         CheckpointError, match="is a FlowMapModule checkpoint, but a VelocityModule"
     ):

@@ -58,11 +58,6 @@ class FlowMapModule(FlowModuleBase):
         data_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(teacher, str) and not Path(teacher).is_file():
-            raise CheckpointError(
-                f"Teacher checkpoint {teacher!r} does not exist; train a teacher first "
-                "(flowmap fit --config .../teacher.yaml) and pass its .ckpt path."
-            )
         # a Python teacher is not a hyperparameter: checkpoints hold plain data only
         self.save_hyperparameters(
             ignore=[] if teacher is None or isinstance(teacher, str) else ["teacher"]
@@ -99,6 +94,12 @@ class FlowMapModule(FlowModuleBase):
         super().setup(stage)
         ckpt = self.hparams.get("teacher")
         if isinstance(ckpt, str) and self._teacher is None:
+            # checked here, not in __init__: a trained student loads (to sample) without its teacher
+            if not Path(ckpt).is_file():
+                raise CheckpointError(
+                    f"Teacher checkpoint {ckpt!r} does not exist; train a teacher first "
+                    "(flowmap fit --config .../teacher.yaml) and pass its .ckpt path."
+                )
             teacher = load_module(VelocityModule, ckpt)
             teacher.requires_grad_(False)
             if teacher.data_shape is not None and self.data_shape is not None:
