@@ -34,6 +34,7 @@ from flowmap.losses import (
     TimePairSampler,
     cfm_loss,
 )
+from flowmap.losses.pairs import DEFAULT_ETA
 from flowmap.nets import MLP
 from flowmap.paths import AffinePath
 from flowmap.training import VelocityModule
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--eta", type=float, default=0.25)
+    ap.add_argument("--eta", type=float, default=DEFAULT_ETA)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)

@@ -22,8 +22,8 @@ The public API:
 * :func:`sample_flow_map` — composed jumps :math:`x_{k+1} = X(t_k, t_{k+1}, x_k)`, one NFE each.
 * :func:`load_module` — a flowmap checkpoint, read with ``weights_only=True`` and checked.
 
-Layers, each importing only those before it: the math core (``paths``, ``protocols``, ``flowmap``,
-``ode``, ``oracles``), ``nets``, ``losses``, ``data``, ``metrics``, ``training``, ``apps``.
+Layers, each importing only those before it: the math core (``io``, ``paths``, ``protocols``,
+``flowmap``, ``ode``, ``oracles``), ``nets``, ``losses``, ``data``, ``metrics``, ``training``, ``apps``.
 """
 
 from flowmap.flowmap import FlowMap
@@ -33,7 +33,7 @@ from flowmap.paths import AffinePath
 from flowmap.protocols import Sampler, Velocity
 from flowmap.training import FlowMapModule, VelocityModule, load_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AffinePath",

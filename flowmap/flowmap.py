@@ -36,7 +36,7 @@ class FlowMapJVP:
 
 def _accepted_keywords(net: nn.Module) -> set[str] | None:
     """The keyword arguments beyond ``(x, s, t)`` that ``net.forward`` takes (``None``: any)."""
-    params = list(inspect.signature(net.forward).parameters.values())
+    params = list(inspect.signature(getattr(net, "forward", net)).parameters.values())
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return {p.name for p in params[3:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
@@ -48,7 +48,9 @@ class FlowMap(nn.Module):
     Args:
         net: any module called as ``net(x, s, t)`` with ``x`` ``(B, *data_shape)`` and ``s, t``
             ``(B,)``. Conditioning keywords (e.g. a label ``y``) given to the map's methods are
-            passed on only to nets whose ``forward`` takes them; ``None`` values are dropped.
+            passed on to the net; ``None`` values are dropped, so a plain ``net(x, s, t)`` serves
+            unconditional calls, and a value the net's ``forward`` does not take is an error
+            (dropping a label silently would sample the wrong class).
         path: the probability path (schedule) whose ODE the map follows. A distilled map takes the
             teacher's; the losses draw interpolant samples :math:`x_s` from it.
 
@@ -103,6 +105,7 @@ class FlowMap(nn.Module):
         Only inputs given a tangent are differentiated; conditioning never is. Attention runs on
         the math backend inside the JVP (fused kernels have no forward-mode AD).
         """
+        x = x.to(time_dtype(x))  # float32 (float64 stays), whatever the surrounding precision
         primals = {"x": x, "s": as_time(s, x), "t": as_time(t, x)}
         given = {k: v for k, v in (("x", dx), ("s", ds), ("t", dt)) if v is not None}
         if not given:
@@ -115,7 +118,7 @@ class FlowMap(nn.Module):
             return self.net(kw["x"], kw["s"], kw["t"], **kwargs)
 
         with torch.autocast(device_type=x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
-            prim = tuple(primals[k].to(time_dtype(primals[k])) for k in keys)
+            prim = tuple(primals[k] for k in keys)
             tang = tuple(given[k].to(p.dtype) for k, p in zip(keys, prim))
             value, dphi = torch.func.jvp(phi, prim, tang)
         s_, t_ = primals["s"], primals["t"]

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Velocity", "Sampler", "Solution"]
+__all__ = ["Velocity", "Sampler", "Solution", "declared_schedule"]
 
 
 @dataclass
@@ -30,9 +30,19 @@ class Solution:
 
 @runtime_checkable
 class Velocity(Protocol):
-    r"""A velocity field :math:`b_t(x)`: ``x`` is ``(B, *data_shape)``, ``t`` is ``(B,)``."""
+    r"""A velocity field :math:`b_t(x)`: ``x`` is ``(B, *data_shape)``, ``t`` is ``(B,)``.
+
+    A teacher declares the probability path it follows with a ``path`` attribute (an
+    :class:`~flowmap.paths.AffinePath`); the flow map distilled from it follows the same path.
+    """
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
+
+
+def declared_schedule(velocity: object) -> str | None:
+    """The schedule name of the path a velocity declares (``velocity.path.name``), or ``None``."""
+    name = getattr(getattr(velocity, "path", None), "name", None)
+    return name if isinstance(name, str) else None
 
 
 @runtime_checkable
@@ -41,4 +51,5 @@ class Sampler(Protocol):
 
     methods: tuple[str, ...]
 
-    def generate(self, x0: Tensor, nfe: int = 1, method: str | None = None) -> Solution: ...
+    def generate(self, x0: Tensor, nfe: int | None = None, method: str | None = None) -> Solution:
+        """Samples from noise ``x0`` in ``nfe`` evaluations with ``method`` (``None``: the default)."""

@@ -27,9 +27,9 @@ LAYERS = [
 
 
 def _layer(module: str) -> int:
-    return max(
-        i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + ".")
-    )
+    """The index of ``module``'s layer in :data:`LAYERS`, -1 if it has none."""
+    found = [i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + ".")]
+    return max(found, default=-1)
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:

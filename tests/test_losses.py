@@ -235,6 +235,8 @@ def test_diagonal_rows_are_found_by_the_mask_wherever_they_are(gaussian):
         assert torch.allclose(a[k], b[k]), k
     with pytest.raises(ValueError, match="one shape"):
         TimePairs(s, t, mask[:-1])
+    with pytest.raises(ValueError, match="marked diagonal must have s == t"):
+        TimePairs(s, t, ~mask)
 
 
 def test_a_teacher_on_another_schedule_is_refused(gaussian):

@@ -236,16 +236,34 @@ def test_bad_config_fails_early_with_a_clear_message(tmp_path, capsys, args, mat
     ],
 )
 def test_a_misspelt_loss_option_is_one_sentence(tmp_path, capsys, arg, match):
+    _run_and_expect_one_sentence(
+        [
+            "fit",
+            "--config",
+            "recipes/toy2d/lagrangian.yaml",
+            f"--trainer.default_root_dir={tmp_path}",
+            arg,
+        ],
+        capsys,
+        match,
+    )
+
+
+def test_a_misspelt_loss_option_in_a_yaml_file_is_one_sentence(tmp_path, capsys):
+    cfg = tmp_path / "student.yaml"
+    text = Path("recipes/toy2d/semigroup.yaml").read_text().replace("teacher_gap:", "teacher_gapp:")
+    cfg.write_text(text)
+    _run_and_expect_one_sentence(
+        ["fit", "--config", str(cfg), f"--trainer.default_root_dir={tmp_path}"],
+        capsys,
+        "model.loss (flowmap.losses.SemigroupLoss): option 'teacher_gapp' is not accepted; "
+        "did you mean 'teacher_gap'?",
+    )
+
+
+def _run_and_expect_one_sentence(args, capsys, match):
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "fit",
-                "--config",
-                "recipes/toy2d/lagrangian.yaml",
-                f"--trainer.default_root_dir={tmp_path}",
-                arg,
-            ]
-        )
+        main(args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flowmap: error: ") and match in err
@@ -275,3 +293,59 @@ def test_wandb_offline_run_writes_its_files_and_a_second_run_does_not_crash(tmp_
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(list(r.glob("*.wandb")) for r in runs)
     assert (tmp_path / "checkpoints" / "config.yaml").exists()
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_sentence(toy_teacher, tmp_path):
+    ckpt = read_checkpoint(toy_teacher[1])
+    del ckpt["flowmap_format"]  # as written by flowmap 0.1, whose nets compute another function
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    with pytest.raises(
+        CheckpointError, match=r"older flowmap \(checkpoint format 1, this version reads 2\)"
+    ):
+        load_module(VelocityModule, old)
+
+
+def test_a_distillation_from_a_python_teacher_does_not_resume_as_self_distillation(tmp_path):
+    from flowmap.data import Toy2DDataModule
+    from flowmap.nets import MLP
+    from flowmap.oracles import GaussianMixtureTarget
+
+    def trainer(steps):
+        return L.Trainer(
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        )
+
+    data = Toy2DDataModule(name="8gaussians", batch_size=32)
+    gmm = GaussianMixtureTarget.ring()
+    first = trainer(2)
+    first.fit(FlowMapModule(MLP((2,), width=8, depth=1), teacher=gmm, warm_start=False), data)
+    path = tmp_path / "distilled.ckpt"
+    first.save_checkpoint(path)
+    # (the test wrote this file itself, so it lets Lightning unpickle it: weights_only=False)
+    orphan = FlowMapModule(MLP((2,), width=8, depth=1), warm_start=False)
+    with pytest.raises(
+        ValueError, match=r"distilled from a Python teacher \(GaussianMixtureTarget\)"
+    ):
+        trainer(4).fit(orphan, data, ckpt_path=path, weights_only=False)
+    again = FlowMapModule(MLP((2,), width=8, depth=1), teacher=gmm, warm_start=False)
+    resumed = trainer(4)
+    resumed.fit(again, data, ckpt_path=path, weights_only=False)
+    assert resumed.global_step == 4
+
+
+def test_a_teacher_that_declares_no_path_needs_the_schedule():
+    from flowmap.nets import MLP
+
+    def contraction(x, t):  # a Velocity with no .path
+        return -x
+
+    with pytest.raises(ValueError, match=r"declares no path .* pass schedule"):
+        FlowMapModule(MLP((2,), width=8, depth=1), teacher=contraction)
+    module = FlowMapModule(MLP((2,), width=8, depth=1), teacher=contraction, schedule="cosine")
+    assert module.path.name == "cosine"

@@ -59,6 +59,17 @@ def make_logger(kind: str, save_dir: str, name: str = "logs") -> Any:
     return CSVLogger(save_dir=save_dir, name=name)
 
 
+def user_error(err: BaseException) -> BaseException | None:
+    """The innermost user error (:data:`USER_ERRORS`) in ``err``'s chain of causes, following a
+    context only where it was not suppressed (``raise ... from None``)."""
+    found, node = None, err
+    while node is not None:
+        if isinstance(node, USER_ERRORS):
+            found = node
+        node = node.__cause__ or (None if node.__suppress_context__ else node.__context__)
+    return found
+
+
 def _suggestion(class_path: str | None, option: str) -> str:
     """ "; did you mean 'x'? It takes a, b, c" for an option a class does not take."""
     if not class_path:
@@ -85,7 +96,8 @@ def one_sentence(message: str) -> str:
     head = message[: class_paths[-1].start()] if class_paths else message
     key = ".".join(re.findall(r'Parser key "([^"]+)"', head)) or None
     if class_path:
-        start = max(i for i, ln in enumerate(lines) if class_path in ln and "class_path" in ln)
+        problem = f"Problem with given class_path '{class_path}'"
+        start = max(i for i, ln in enumerate(lines) if problem in ln)
         detail = []
         for ln in lines[start + 1 :]:
             if ln.startswith("- ") or ln.startswith("Given value"):
@@ -139,10 +151,8 @@ class FlowmapCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as err:
-            root = err
-            while (root.__cause__ or root.__context__) is not None:
-                root = root.__cause__ or root.__context__
-            if root is err:
+            root = user_error(err)
+            if root is None or root is err:
                 raise
             raise root from None
 
@@ -184,17 +194,17 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FlowmapCLI:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``flowmap`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "report":
-        report_main(args[1:])  # the console script exits with main()'s value: return None
-        return None
-    if args and args[0] == "sample":
-        sample_main(args[1:])
-        return None
     try:
-        cli_main(argv)
+        if args and args[0] == "report":
+            report_main(args[1:])
+        elif args and args[0] == "sample":
+            sample_main(args[1:])
+        else:
+            cli_main(argv)
     except USER_ERRORS as err:  # one sentence, no traceback, for what the user can fix
         print(f"flowmap: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    return None  # the console script exits with main()'s value
 
 
 if __name__ == "__main__":

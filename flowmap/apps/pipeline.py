@@ -21,7 +21,7 @@ from flowmap.apps.report import main as report_main
 
 __all__ = ["fit_stage", "run_pipeline", "recipe_parser", "run_recipe"]
 
-LOSSES = ("lagrangian", "eulerian", "semigroup")
+FLOW_MAP_STAGES = ("lagrangian", "eulerian", "semigroup")
 
 
 def fit_stage(config: Path, root: Path, overrides: Sequence[str] = ()) -> Path:
@@ -51,7 +51,7 @@ def run_pipeline(
     data_overrides: Sequence[str] = (),
     teacher_overrides: Sequence[str] = (),
     flowmap_overrides: Sequence[str] = (),
-    losses: Sequence[str] = LOSSES,
+    losses: Sequence[str] = FLOW_MAP_STAGES,
     report_args: Sequence[str] = (),
     argv: Sequence[str] | None = None,
 ) -> dict[str, Any]:
@@ -95,7 +95,7 @@ def recipe_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--teacher-steps", type=int, default=None, help="override max_steps")
     p.add_argument("--flowmap-steps", type=int, default=None, help="override max_steps")
-    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    p.add_argument("--losses", nargs="+", default=list(FLOW_MAP_STAGES), choices=FLOW_MAP_STAGES)
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
     return p
 

@@ -153,7 +153,7 @@ def _flowmap_label(spec: str) -> tuple[str, str]:
 
 
 def plan_rows(
-    teacher: Sampler, flowmaps: dict[str, tuple[Sampler, str]], cfg: ReportConfig
+    teacher: VelocityModule, flowmaps: dict[str, tuple[Sampler, str]], cfg: ReportConfig
 ) -> tuple[list[Row], list[str]]:
     """The rows to evaluate, and notes on (solver, NFE) pairs below one step that are skipped.
 

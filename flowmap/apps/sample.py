@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument(
         "--method",
         default=None,
-        help="sampling method: a teacher's solver (euler [default], midpoint, heun, rk4, dopri5)",
+        help="sampling method (default: the model's own): a teacher's solver euler [default], "
+        "midpoint, heun, rk4 or dopri5; a flow map's uniform jumps",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)

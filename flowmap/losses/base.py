@@ -19,7 +19,7 @@ from flowmap.flowmap import FlowMap
 from flowmap.losses.pairs import TimePairs, TimePairSampler
 from flowmap.losses.weighting import LossWeighting
 from flowmap.paths import expand_like
-from flowmap.protocols import Velocity
+from flowmap.protocols import Velocity, declared_schedule
 
 __all__ = ["FlowMapLoss", "mean_square", "regression_loss", "diagonal_residual"]
 
@@ -50,8 +50,7 @@ def diagonal_residual(flow_map: FlowMap, x_t: Tensor, t: Tensor, target: Tensor)
 
 
 def _check_same_path(flow_map: FlowMap, teacher: Velocity) -> None:
-    path = getattr(teacher, "path", None)
-    name = getattr(path, "name", None)
+    name = declared_schedule(teacher)
     if name is not None and name != flow_map.path.name:
         raise ValueError(
             f"The teacher follows the {name!r} schedule but the flow map the "
@@ -77,7 +76,14 @@ class FlowMapLoss(nn.Module, ABC):
         weighting: the per-pair weighting (default: none).
     """
 
+    #: the key of the off-diagonal term in the returned dict (default: the class name, lower case,
+    #: without "Loss")
     name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = cls.__name__.removesuffix("Loss").lower()
 
     def __init__(
         self, pairs: TimePairSampler | None = None, weighting: LossWeighting | None = None

@@ -28,8 +28,8 @@ TimeDistribution = Literal["uniform", "logit_normal"]
 PairDistribution = Literal["uniform", "logit_normal", "gap"]
 TIME_DISTRIBUTIONS: tuple[str, ...] = get_args(TimeDistribution)
 PAIR_DISTRIBUTIONS: tuple[str, ...] = get_args(PairDistribution)
-#: The one default of the diagonal fraction η (tuned for distillation; self-distillation presets
-#: from scratch use 0.75, as Boffi et al.).
+#: The one default of the diagonal fraction η, tuned for distillation. Self-distillation from
+#: scratch learns its velocity from the diagonal alone and wants more (Boffi et al. use 0.75).
 DEFAULT_ETA = 0.25
 
 
@@ -71,6 +71,10 @@ class TimePairs:
             )
         if self.diagonal.dtype != torch.bool:
             raise ValueError("TimePairs.diagonal must be a boolean mask.")
+        if not torch.equal(self.s[self.diagonal], self.t[self.diagonal]):
+            raise ValueError(
+                "TimePairs rows marked diagonal must have s == t; fix s, t or the mask."
+            )
 
     def to(self, like: Tensor) -> TimePairs:
         """The pairs as times of ``like``'s device and time dtype."""

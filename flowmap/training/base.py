@@ -15,6 +15,8 @@ from jsonargparse import ArgumentParser
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from flowmap.training.checkpoints import CHECKPOINT_FORMAT
+
 __all__ = ["FlowModuleBase", "NonFiniteLossError", "build", "fork_rng"]
 
 #: Lightning's (allow-listed) instantiator: a checkpoint whose hyperparameters name it is rebuilt
@@ -124,7 +126,10 @@ class FlowModuleBase(L.LightningModule):
 
     # ----------------------------------------------------------------- data shape
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            dm = getattr(self.trainer, "datamodule", None)
+        except RuntimeError:  # not attached to a Trainer
+            dm = None
         shape = getattr(dm, "data_shape", None)
         if shape is not None:
             shape = tuple(int(d) for d in shape)
@@ -138,6 +143,7 @@ class FlowModuleBase(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["flowmap_module"] = self.module_kind
+        checkpoint["flowmap_format"] = CHECKPOINT_FORMAT
         # the RNG state drives the noise and times of the next step: saving it makes resume exact
         checkpoint["torch_rng_state"] = torch.get_rng_state()
 

@@ -11,6 +11,11 @@ from flowmap.io import UnsafeFileError, safe_load
 __all__ = ["CheckpointError", "read_checkpoint", "load_module"]
 
 
+#: The layout of flowmap's checkpoints. 2: the gap embedding g(t - s) - g(0) and the loss as an
+#: injected component (flowmap 0.2); a checkpoint of another format computes another function.
+CHECKPOINT_FORMAT = 2
+
+
 class CheckpointError(UnsafeFileError):
     """A checkpoint is missing, unreadable, unsafe or of the wrong kind."""
 
@@ -28,6 +33,12 @@ def read_checkpoint(path: str | Path, expected_kind: str | None = None) -> dict[
             "written by a flowmap fit."
         )
     kind = ckpt.get("flowmap_module")
+    if kind is not None and ckpt.get("flowmap_format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{p!r} was written by an older flowmap (checkpoint format "
+            f"{ckpt.get('flowmap_format', 1)}, this version reads {CHECKPOINT_FORMAT}), whose "
+            "networks compute another function; retrain it with this version."
+        )
     if expected_kind is not None and kind != expected_kind:
         found = f"a {kind} checkpoint" if kind else "not a flowmap checkpoint"
         raise CheckpointError(f"{p!r} is {found}, but a {expected_kind} checkpoint is needed here.")

@@ -13,7 +13,7 @@ from flowmap.flowmap import FlowMap
 from flowmap.losses import FlowMapLoss, LagrangianLoss
 from flowmap.ode import sample_flow_map
 from flowmap.paths import AffinePath
-from flowmap.protocols import Solution, Velocity
+from flowmap.protocols import Solution, Velocity, declared_schedule
 from flowmap.training.base import FlowModuleBase, fork_rng
 from flowmap.training.checkpoints import CheckpointError, load_module
 from flowmap.training.velocity import VelocityModule
@@ -77,11 +77,18 @@ class FlowMapModule(FlowModuleBase):
         return self._teacher
 
     def _adopt_teacher_path(self) -> None:
-        """The student follows the teacher's path; a different explicit schedule is an error."""
-        name = getattr(getattr(self._teacher, "path", None), "name", None)
-        if name is None:
-            return
+        """The student follows the teacher's path; a different explicit schedule is an error, and
+        a teacher that declares no path needs the schedule given."""
+        name = declared_schedule(self._teacher)
         asked = self.hparams.get("schedule")
+        if name is None:
+            if asked is None:
+                raise ValueError(
+                    f"The teacher ({type(self._teacher).__name__}) declares no path (no .path "
+                    "attribute), so the student cannot know its schedule; pass schedule: linear "
+                    "or cosine, the one the teacher was trained on."
+                )
+            return
         if asked is not None and asked != name:
             raise ValueError(
                 f"The teacher follows the {name!r} schedule but schedule={asked!r} was given; "
@@ -118,9 +125,29 @@ class FlowMapModule(FlowModuleBase):
                     f"warm_start needs a teacher with a network to copy, and a "
                     f"{type(self._teacher).__name__} has none; set warm_start: false."
                 )
-            self.student.warm_start(velocity_net)
-            if self.ema is not None:
-                self.ema.module.load_state_dict(self.net.state_dict())
+            self.student.warm_start(velocity_net)  # the EMA copies the net at its first update
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        teacher = self.hparams.get("teacher") or self._teacher
+        checkpoint["flowmap_teacher"] = (
+            teacher if isinstance(teacher, str | None) else f"python:{type(teacher).__qualname__}"
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._saved_teacher = checkpoint.get("flowmap_teacher")
+
+    def on_train_start(self) -> None:
+        """Refuse to resume a distillation as a self-distillation: a Python teacher is not in the
+        checkpoint, so it must be passed again."""
+        saved = getattr(self, "_saved_teacher", None)
+        if isinstance(saved, str) and saved.startswith("python:") and self._teacher is None:
+            raise ValueError(
+                f"This flow map was distilled from a Python teacher ({saved[7:]}), which its "
+                "checkpoint cannot hold, and resuming without it would self-distil; build the "
+                "module with teacher=... again before resuming."
+            )
 
     def _teacher_on(self, device: torch.device) -> Velocity | None:
         teacher = self._teacher
