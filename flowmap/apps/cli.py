@@ -106,7 +106,7 @@ def one_sentence(message: str) -> str:
         text = " ".join(detail) or lines[-1]
         where = f"{key} ({class_path})" if key else class_path
     else:
-        text, where = " ".join(lines[:2]) if len(lines) > 1 else (lines[0] if lines else ""), None
+        text, where = " ".join(lines[:2]), None
     option = re.search(r"(?:Option|Key) '([^']+)' is not accepted", text)
     if option:
         text = (

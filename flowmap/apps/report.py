@@ -141,15 +141,11 @@ class Row:
         return f"{self.method}@{self.nfe}" if self.nfe else self.method
 
 
-def _flowmap_label(spec: str) -> tuple[str, str]:
-    if "=" in spec:
-        label, path = spec.split("=", 1)
-        return label, path
-    hp = read_checkpoint(spec, expected_kind="FlowMapModule")["hyper_parameters"]
-    loss = hp.get("loss") or {}
-    name = loss.get("class_path", "flowmap.losses.LagrangianLoss") if isinstance(loss, dict) else ""
-    label = name.rpartition(".")[2].removesuffix("Loss").lower() or "flowmap"
-    return label, spec
+def _load_flowmap(spec: str) -> tuple[str, FlowMapModule, str]:
+    """``label=path`` or ``path`` → (label, module, path); the label defaults to the loss's name."""
+    label, path = spec.split("=", 1) if "=" in spec else ("", spec)
+    module = load_module(FlowMapModule, path)
+    return label or module.loss.name, module, path
 
 
 def plan_rows(
@@ -316,10 +312,10 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     teacher = load_module(VelocityModule, cfg.teacher)
     flowmaps: dict[str, tuple[FlowMapModule, str]] = {}
     for spec in cfg.flowmaps:
-        label, path = _flowmap_label(spec)
+        label, module, path = _load_flowmap(spec)
         if label in flowmaps:
             raise ValueError(f"Two flow maps are labelled {label!r}; name them as label=path.")
-        flowmaps[label] = (load_module(FlowMapModule, path), path)
+        flowmaps[label] = (module, path)
     dm = build_datamodule(ck.get("datamodule_hyper_parameters", {}))
     shape = tuple(dm.data_shape)
     for name, mod in [("teacher", teacher), *((k, v[0]) for k, v in flowmaps.items())]:
