@@ -2,7 +2,9 @@
 
     flowmap sample --ckpt last.ckpt --nfe 2 --n 1000 --out samples.npz [--method heun] [--seed 0]
 
-Writes ``samples`` (data space) and ``noise`` into an ``.npz`` (no pickle) and prints the NFE used.
+Writes ``samples`` (data space) and ``noise`` into an ``.npz`` (no pickle), a picture beside it
+(``samples.png``: a tile of up to 64 images, or a scatter plot of 2D samples) and prints the NFE
+used.
 A flow map can also run backwards: ``--invert --data-npz x.npz`` maps data to noise.
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowmap.apps.pictures import samples_picture
 from flowmap.training import FlowMapModule, VelocityModule, load_module, read_checkpoint
 
 __all__ = ["main"]
@@ -57,5 +60,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         x0 = torch.randn(args.n, *module.data_shape, generator=g)
         sol = module.generate(x0, args.nfe, args.method)
         np.savez(args.out, samples=sol.x.numpy(), noise=x0.numpy())
-    print(f"{args.out}: {len(sol.x)} samples, NFE {sol.nfe}")
+    picture = samples_picture(
+        sol.x, args.out.with_suffix(".png"), f"{Path(args.ckpt).name}: NFE {sol.nfe}"
+    )
+    print(f"{args.out}: {len(sol.x)} samples, NFE {sol.nfe}; picture {picture}")
     return args.out

@@ -1,5 +1,7 @@
 """Sample-quality metrics: W2 / sliced W2 / MMD for toy 2D, FID (torch-fidelity, torchmetrics).
 
+* :mod:`flowmap.metrics.evaluation`: :class:`Evaluator`, the one evaluation path of reports and
+  the training callback (every metric with a 95% interval, see :mod:`flowmap.metrics.intervals`);
 * :mod:`flowmap.metrics.two_d`: distances between low-dimensional sample sets;
 * :mod:`flowmap.metrics.fid`: Fréchet distance on features, and FID through torch-fidelity or
   torchmetrics;
@@ -17,6 +19,12 @@ from flowmap.metrics.digits_extractor import (
     load_digits_extractor,
     register_digits_feature_extractor,
 )
+from flowmap.metrics.evaluation import (
+    Evaluator,
+    Measurement,
+    kernel_distance,
+    precision_recall,
+)
 from flowmap.metrics.fid import (
     FeatureStatistics,
     fid_from_features,
@@ -33,6 +41,7 @@ from flowmap.metrics.inception import (
     save_random_inception_weights,
     verified_inception_weights,
 )
+from flowmap.metrics.intervals import Estimate, Replicates, jackknife_interval, t_interval
 from flowmap.metrics.two_d import mmd_rbf, sliced_wasserstein2, teacher_endpoint_error, wasserstein2
 
 __all__ = [
@@ -41,12 +50,20 @@ __all__ = [
     "INCEPTION_FEATURE_EXTRACTOR_NAME",
     "DigitsClassifier",
     "DigitsFeatures",
+    "Estimate",
+    "Evaluator",
+    "Measurement",
+    "Replicates",
     "FeatureStatistics",
     "build_inception_extractor",
     "fid_from_features",
     "fid_of_generator",
     "fid_torch_fidelity",
     "frechet_distance",
+    "jackknife_interval",
+    "kernel_distance",
+    "precision_recall",
+    "t_interval",
     "load_digits_extractor",
     "make_torchmetrics_fid",
     "mmd_rbf",

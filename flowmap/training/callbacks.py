@@ -10,12 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch import Tensor
 
-from flowmap.data.base import to_uint8
-from flowmap.metrics.digits_extractor import DigitsFeatures
-from flowmap.metrics.fid import make_torchmetrics_fid
-from flowmap.metrics.two_d import wasserstein2
+from flowmap.metrics.evaluation import Evaluator
 from flowmap.ode import STAGES
 from flowmap.protocols import Sampler
 
@@ -53,22 +49,42 @@ class ConfigBesideCheckpoints(SaveConfigCallback):
 
 
 class SampleQuality(L.Callback):
-    """At every validation, log sample quality at a few NFE: ``val/w2@<nfe>`` on 2D/vector data
-    (exact W2 against ``n`` fresh test samples) or ``val/fid@<nfe>`` on 8×8 digits (torchmetrics
-    FID in the shipped digits-CNN features, its states reduced across DDP ranks).
+    """At every validation, log sample quality at a few NFE, measured by the report's own
+    :class:`~flowmap.metrics.evaluation.Evaluator` against the same reference (the whole train
+    split for images, ``n`` fresh train-split points for vector data): ``val/w2@<nfe>`` (vector
+    data) or ``val/fid@<nfe>`` (images), and ``val/precision@<nfe>``, ``val/recall@<nfe>``
+    (and ``val/kid@<nfe>`` on images) — the report's numbers at fewer samples.
 
     Any :class:`~flowmap.protocols.Sampler` module works: one whose ``methods`` include ``solver``
     (a teacher) samples with it at each NFE, any other (a flow map) with its default method (that
     many jumps); both use their EMA weights and the same noise (seeded) at every validation.
+    Under DDP/FSDP every rank samples the same ``n`` points (FSDP needs every rank in the
+    forward pass) and computes the same values. Images other than 8×8 digits need an
+    Inception ``feature`` extractor's weights, so they are measured only when ``feature`` is set.
     """
 
     def __init__(
-        self, nfe: tuple[int, ...] = (1, 2, 4), n: int = 1000, solver: str = "euler", seed: int = 0
+        self,
+        nfe: tuple[int, ...] = (1, 2, 4),
+        n: int = 1000,
+        solver: str = "euler",
+        seed: int = 0,
+        groups: int = 5,
+        feature: str | None = None,
     ) -> None:
         if any(int(k) < 1 for k in nfe):
             raise ValueError(f"SampleQuality NFE values must be at least 1, got {list(nfe)}.")
         self.nfe, self.n, self.solver, self.seed = tuple(int(k) for k in nfe), n, solver, seed
-        self._reference = None
+        self.groups, self.feature = groups, feature
+        self._evaluator: Evaluator | None = None
+
+    def evaluator(self, dm: Any) -> Evaluator:
+        """The evaluator for ``dm`` (built once): the one ``flowmap report`` builds."""
+        if self._evaluator is None:
+            self._evaluator = Evaluator.for_datamodule(
+                dm, self.n, groups=self.groups, split="train", seed=self.seed, feature=self.feature
+            )
+        return self._evaluator
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not isinstance(module, Sampler):
@@ -79,36 +95,14 @@ class SampleQuality(L.Callback):
         if trainer.sanity_checking or dm is None or not hasattr(dm, "reference_samples"):
             return
         shape = tuple(dm.data_shape)
-        image = bool(getattr(dm, "is_image", False))
-        if image and shape != (1, 8, 8):
-            return  # Inception FID is the report's job (it needs the weights file)
-        world, rank = trainer.world_size, trainer.global_rank
-        n = self.n - self.n % world if image else self.n
+        if getattr(dm, "is_image", False) and shape != (1, 8, 8) and self.feature is None:
+            return
+        evaluator = self.evaluator(dm)
         g = torch.Generator().manual_seed(self.seed)
-        x0 = torch.randn(n, *shape, generator=g)
-        if image:
-            x0 = x0.chunk(world)[rank]  # each rank generates its share; FID states are summed
-        x0 = x0.to(module.device)
-        if self._reference is None:
-            self._reference = dm.reference_samples(min(n, self._max_reference(dm)), "test", 0)
+        x0 = torch.randn(self.n, *shape, generator=g).to(module.device)
         for nfe in self.nfe:
             if nfe % stages:  # not a whole number of solver steps
                 continue
             x = module.generate(x0, nfe, method).x.float().cpu()
-            if image:
-                value = self._fid(x, trainer)
-                module.log(f"val/fid@{nfe}", value, rank_zero_only=False, sync_dist=False)
-            else:
-                module.log(f"val/w2@{nfe}", wasserstein2(x, self._reference), sync_dist=False)
-
-    @staticmethod
-    def _max_reference(dm: Any) -> int:
-        counter = getattr(dm, "num_samples", None)
-        return counter("test") if counter else 10**9
-
-    def _fid(self, x: Tensor, trainer: L.Trainer) -> float:
-        metric = make_torchmetrics_fid(DigitsFeatures())
-        real = self._reference.chunk(trainer.world_size)[trainer.global_rank]
-        metric.update(to_uint8(real), real=True)
-        metric.update(to_uint8(x.clamp(-1, 1)), real=False)
-        return float(torch.as_tensor(metric.compute()))
+            for name, est in evaluator.measure(x).estimates().items():
+                module.log(f"val/{name}@{nfe}", est.value, rank_zero_only=False, sync_dist=False)
