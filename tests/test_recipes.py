@@ -184,7 +184,7 @@ def test_toy_pipeline_runs_end_to_end_and_writes_its_report(tmp_path):
             assert r["nfe"] > 6
         else:
             assert r["nfe"] in (1, 2, 4)
-    assert 0 < res["floor"] < 1
+    assert 0 < res["floor"]["value"] < 1
 
 
 def test_digits_pipeline_runs_end_to_end_with_fid_in_digits_features(tmp_path):
@@ -195,7 +195,7 @@ def test_digits_pipeline_runs_end_to_end_with_fid_in_digits_features(tmp_path):
     spec.loader.exec_module(module)
     res = module.main(["--out", str(tmp_path), "--tiny"])
     assert res["metric"] == "fid" and res["dataset"] == "digits" and res["n_samples"] == 64
-    assert res["floor"] > 0
+    assert res["floor"]["value"] > 0
     assert all(r["value"] > 0 for r in res["rows"])
     euler = {r["nfe"]: r["value"] for r in res["rows"] if r["method"] == "teacher/euler"}
     assert set(euler) == {1, 2}

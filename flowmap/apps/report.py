@@ -92,7 +92,7 @@ class ReportConfig:
     seed: int = 0
     rtol: float = 1e-5
     atol: float = 1e-5
-    save_samples: bool = False
+    save_samples: int | None = None
     feature: str | None = None
     inception_weights: str | None = None
     batch_size: int = 1000
@@ -625,9 +625,11 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     results = _results(meta, keys, measured, floor, evaluator)
     results["seconds"] = time.time() - start
     _write_outputs(out, results, skipped, samples, keys, evaluator.reference)
-    if cfg.save_samples:
+    if cfg.save_samples is not None:
+        cap = cfg.save_samples or None  # 0: every sample
+        kept = {k: v[:cap] for k, v in samples.items()}
         _save_samples(
-            out / "samples.npz", samples, keys, evaluator, floor_x, {**meta, "skipped": skipped}
+            out / "samples.npz", kept, keys, evaluator, floor_x, {**meta, "skipped": skipped}
         )
     return results
 

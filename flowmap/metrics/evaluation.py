@@ -190,7 +190,9 @@ class Evaluator:
             :func:`default_feature_extractor`).
         weights: images only, the extractor's weights file (default: the shipped digits CNN,
             or the Inception weights resolved by :mod:`flowmap.metrics.inception`).
-        kid_subsets: KID subsets per group (torch-fidelity's subset estimator).
+        kid_subsets: KID subsets per group (torch-fidelity's subset estimator); with the default
+            1, each group is one subset, so the mean over groups is torch-fidelity's KID with
+            ``G`` subsets.
         max_reference: images only, at most this many reference images for KID and precision/
             recall (a seeded subset; FID always uses them all).
         seed: the seed of KID's subsets and of the reference subset.
@@ -204,7 +206,7 @@ class Evaluator:
         groups: int = 5,
         feature: str | None = None,
         weights: str | None = None,
-        kid_subsets: int = 10,
+        kid_subsets: int = 1,
         max_reference: int = 10_000,
         seed: int = 0,
         batch_size: int = 500,

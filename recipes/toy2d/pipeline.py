@@ -23,7 +23,7 @@ TINY = [
 def main(argv=None):
     p = recipe_parser(__doc__)
     p.add_argument("--dataset", default="checkerboard", choices=TOY2D_NAMES)
-    p.add_argument("--n-samples", type=int, default=2000, help="samples per report row")
+    p.add_argument("--n-samples", type=int, default=10_000, help="samples per report row")
     args = p.parse_args(argv)
     return run_recipe(
         HERE,
