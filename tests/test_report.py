@@ -238,6 +238,7 @@ def test_console_subcommands_sample_and_report_exit_cleanly(toy_teacher, toy_flo
     )
     z = np.load(tmp_path / "s.npz", allow_pickle=False)
     assert z["samples"].shape == (50, 2) and np.isfinite(z["samples"]).all()
+    assert (tmp_path / "s.png").stat().st_size > 0  # a scatter plot beside the array
     assert (
         main(
             [

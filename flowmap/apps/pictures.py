@@ -87,8 +87,14 @@ def grid_picture(
                 ax.axis("on")
                 _draw(ax, row[nfe], limits)
                 ax.set_title(f"NFE {nfe}", fontsize=7)
-        axes[r, 0].axis("on")
-        axes[r, 0].set_ylabel(method, fontsize=7)
+        ax = axes[r, 0]
+        if nfes and nfes[0] not in row:  # an empty first panel still carries the row's name
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        ax.set_ylabel(method, fontsize=7)
     for c, (name, x) in enumerate(refs.items()):
         ax = axes[-1, c]
         ax.axis("on")

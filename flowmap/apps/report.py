@@ -224,8 +224,10 @@ def package_versions() -> dict[str, str]:
 def _plot(results: dict[str, Any], path: Path) -> None:
     """The headline metric against NFE with 95% error bars; the endpoint error beside it."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in both panels
     for ax, key in zip(axes, (results["metric"], "endpoint")):
-        for m in dict.fromkeys(r["method"] for r in results["rows"]):
+        for m in methods:
             pts = sorted(
                 (r["nfe"], r["metrics"][key])
                 for r in results["rows"]
@@ -245,6 +247,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
                 ms=10 if single else 5,
                 capsize=3,
                 label=m,
+                color=colour[m],
             )
         if key == results["metric"]:
             fl = results["floor"]
@@ -738,8 +741,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1000, help="samples generated per batch")
     p.add_argument(
         "--save-samples",
-        action="store_true",
-        help="write samples.npz (every row, the reference, the floor set)",
+        nargs="?",
+        type=int,
+        const=0,
+        default=None,
+        metavar="N",
+        help="write samples.npz (every row, the reference, the floor set); with N, only the "
+        "first N samples of each row (a report recomputed from it then measures N samples)",
     )
     p.add_argument(
         "--from-samples",

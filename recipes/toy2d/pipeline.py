@@ -32,7 +32,7 @@ def main(argv=None):
         tiny_overrides=TINY,
         tiny_steps=(20, 10),
         report_args=["--n-samples", str(args.n_samples)],
-        tiny_report_args=["--nfe", "1", "2", "4"],
+        tiny_report_args=["--nfe", "1", "2", "4", "--groups", "4"],
         argv=argv,
     )
 
