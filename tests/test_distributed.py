@@ -206,3 +206,44 @@ def test_torchmetrics_fid_states_reduce_across_ranks(tmp_path):
     for rank in range(2):
         got = float(torch.load(tmp_path / f"fid{rank}.pt", weights_only=True))
         assert got == pytest.approx(expected, rel=1e-6)
+
+
+class _LoggedQuality(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_validation_end(self, trainer, module):
+        got = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/w2")}
+        torch.save(got, self.out / f"val{trainer.global_rank}.pt")
+
+
+def test_sample_quality_logs_the_single_process_value_on_every_rank(tmp_path):
+    from flowmap.data.toy2d import Toy2DDataModule
+    from flowmap.training import SampleQuality
+
+    torch.manual_seed(0)
+    module = build(VelocityModule, {"net": NET})
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=2,
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SampleQuality(nfe=(1, 2), n=200, groups=4), _LoggedQuality(tmp_path)],
+    )
+    dm = Toy2DDataModule("8gaussians", batch_size=32)
+    trainer.fit(module, dm)
+    ranks = [torch.load(tmp_path / f"val{r}.pt", weights_only=True) for r in range(2)]
+    assert set(ranks[0]) == {"val/w2@1", "val/w2@2"} and ranks[0] == ranks[1]
+    # the weights came back from rank 0: one process measures the same value
+    quality = SampleQuality(nfe=(1, 2), n=200, groups=4)
+    x0 = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    x = module.generate(x0, 1, "euler").x
+    single = quality.evaluator(dm).measure(x).estimates()["w2"].value
+    assert ranks[0]["val/w2@1"] == pytest.approx(single, rel=1e-5)
