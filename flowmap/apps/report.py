@@ -42,7 +42,7 @@ from rich.progress import Progress
 from torch import Tensor
 
 from flowmap.apps.pictures import grid_picture
-from flowmap.data.base import REFERENCE_SPLITS, FlowDataModule
+from flowmap.data.base import REFERENCE_SPLITS, FlowDataModule, to_uint8
 from flowmap.metrics.evaluation import Evaluator, Measurement
 from flowmap.metrics.intervals import Replicates
 from flowmap.ode import STAGES
@@ -407,8 +407,6 @@ def _load_row(f: Path, groups: int) -> tuple[Tensor, int, Measurement]:
 
 def _stored(x: Tensor, image: bool) -> Tensor:
     """What a row keeps of its samples: uint8 pixels (all that image metrics see) or float32."""
-    from flowmap.data.base import to_uint8
-
     return to_uint8(x.clamp(-1, 1)) if image else x.detach().cpu().to(torch.float32)
 
 
@@ -674,10 +672,15 @@ def report_from_samples(cfg: ReportConfig) -> dict[str, Any]:
         seed=index["seed"],
         weights=cfg.inception_weights,
     )
-    keys = [(r["method"], r["nfe"], f"{r['method']}@{r['nfe']}") for r in index["rows"]]
+    keys = [  # the adaptive row is keyed by its name alone, as in run_report
+        (
+            r["method"],
+            r["nfe"],
+            r["method"] if r["method"] == ADAPTIVE else f"{r['method']}@{r['nfe']}",
+        )
+        for r in index["rows"]
+    ]
     samples = {k: arrays[r["array"]] for (_, _, k), r in zip(keys, index["rows"])}
-    keys = [(m, n, ADAPTIVE if m == ADAPTIVE else k) for m, n, k in keys]
-    samples = {(ADAPTIVE if k.startswith(ADAPTIVE + "@") else k): v for k, v in samples.items()}
     measured = {}
     if ADAPTIVE in samples:
         measured[ADAPTIVE] = evaluator.measure(samples[ADAPTIVE])
