@@ -62,6 +62,14 @@ def _limits(sets: list[Tensor]) -> tuple[float, float] | None:
     return lo - pad, hi + pad
 
 
+def _save(fig: plt.Figure, path: str | Path, dpi: int) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def grid_picture(
     panels: Mapping[str, Mapping[int, Tensor]],
     path: str | Path,
@@ -102,11 +110,7 @@ def grid_picture(
         ax.set_title(name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def samples_picture(x: Tensor, path: str | Path, title: str = "") -> Path:
@@ -115,8 +119,4 @@ def samples_picture(x: Tensor, path: str | Path, title: str = "") -> Path:
     _draw(ax, x, _limits([x]))
     if title:
         ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)

@@ -42,7 +42,7 @@ from rich.progress import Progress
 from torch import Tensor
 
 from flowmap.apps.pictures import grid_picture
-from flowmap.data.base import REFERENCE_SPLITS, FlowDataModule, to_uint8
+from flowmap.data.base import REFERENCE_SPLITS, FlowDataModule
 from flowmap.metrics.evaluation import Evaluator, Measurement
 from flowmap.metrics.intervals import Replicates
 from flowmap.ode import STAGES
@@ -253,9 +253,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
             fl = results["floor"]
             ax.axhspan(fl["ci_low"], fl["ci_high"], color="k", alpha=0.12)
             ax.axhline(fl["value"], color="k", ls="--", lw=1, label="floor (held-out data)")
-            ax.set_yscale("log")
-        else:
-            ax.set_yscale("log")
+        ax.set_yscale("log")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("NFE (network evaluations per sample)")
         ax.set_ylabel(key.upper() if key != "endpoint" else "distance from teacher endpoint")
@@ -405,9 +403,11 @@ def _load_row(f: Path, groups: int) -> tuple[Tensor, int, Measurement]:
         return torch.from_numpy(z["x"]), int(z["nfe"]), Measurement(reps, len(z["x"]), groups)
 
 
-def _stored(x: Tensor, image: bool) -> Tensor:
-    """What a row keeps of its samples: uint8 pixels (all that image metrics see) or float32."""
-    return to_uint8(x.clamp(-1, 1)) if image else x.detach().cpu().to(torch.float32)
+def _stored(evaluator: Evaluator, x: Tensor) -> Tensor:
+    """What a row keeps of its samples: what the metrics see (checked by the evaluator), with
+    vectors back in float32 (generated in float32, so nothing is lost)."""
+    x = evaluator.prepare(x)
+    return x if evaluator.image else x.to(torch.float32)
 
 
 def _results(
@@ -551,14 +551,16 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     evaluator.check_sample_count(n)
     held_out = "test" if cfg.reference_split == "train" else "train"
     if image:
-        floor_x = _stored(dm.reference_samples(dm.num_samples(held_out), held_out, cfg.seed), True)
+        floor_x = _stored(
+            evaluator, dm.reference_samples(dm.num_samples(held_out), held_out, cfg.seed)
+        )
         floor_sets = (
             f"the whole {held_out} split ({len(floor_x)} images) against the {cfg.reference_split} "
             f"split ({len(evaluator.reference)}), the reference of every row; its smaller size "
             "biases it upward against rows of many more samples"
         )
     else:
-        floor_x = _stored(dm.reference_samples(n, held_out, cfg.seed + 1), False)
+        floor_x = _stored(evaluator, dm.reference_samples(n, held_out, cfg.seed + 1))
         floor_sets = (
             f"{n} fresh {held_out}-stream points against the same {n} reference points, in the "
             "same groups as every row"
@@ -605,7 +607,7 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
                 sol = _batched(row.run, x0, cfg.batch_size)
                 if row.nfe and sol.nfe != row.nfe:
                     raise RuntimeError(f"{row.key} used {sol.nfe} NFE, not {row.nfe}.")
-                x, used = _stored(sol.x, image), sol.nfe
+                x, used = _stored(evaluator, sol.x), sol.nfe
                 meas = evaluator.measure(x, samples.get(ADAPTIVE))
                 _save_row(f, x, used, meas)
             samples[row.key], measured[row.key], nfe_used[row.key] = x, meas, used
