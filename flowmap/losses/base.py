@@ -58,6 +58,33 @@ def _check_same_path(flow_map: FlowMap, teacher: Velocity) -> None:
         )
 
 
+class _SharedTeacherCall:
+    r"""A teacher whose first call also evaluates the diagonal target :math:`b_t(x_t)`, so that a
+    loss step makes one batched teacher call where it would make two (the diagonal rows and the
+    off-diagonal query of the residual, e.g. :math:`b_t(\mathrm{sg}\,X)` or :math:`b_s(x_s)`)."""
+
+    def __init__(self, teacher: Velocity, x_diag: Tensor, t_diag: Tensor) -> None:
+        self.teacher, self.x_diag, self.t_diag = teacher, x_diag, t_diag
+        self._diag: Tensor | None = None
+        self.path = getattr(teacher, "path", None)
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if self._diag is not None or self.x_diag.shape[0] == 0:
+            return self.teacher(x, t)
+        n = x.shape[0]
+        both = self.teacher(torch.cat([x, self.x_diag.to(x.dtype)]), torch.cat([t, self.t_diag]))
+        self._diag = both[n:]
+        return both[:n]
+
+    @torch.no_grad()
+    def diagonal_target(self) -> Tensor:
+        """:math:`b_t(x_t)` on the diagonal rows (from the shared call if there was one)."""
+        if self._diag is None:
+            self._diag = self.teacher(self.x_diag, self.t_diag)
+        return self._diag
+
+
 class FlowMapLoss(nn.Module, ABC):
     r"""Base of the Lagrangian, Eulerian and semigroup losses.
 
@@ -124,6 +151,7 @@ class FlowMapLoss(nn.Module, ABC):
         sample = flow_map.path.sample(x0, x1, p.s)
         x_s = sample.x_t
         d, off = p.diagonal, ~p.diagonal
+        shared: _SharedTeacherCall | None = None
         if teacher is None:
 
             @torch.no_grad()
@@ -133,17 +161,18 @@ class FlowMapLoss(nn.Module, ABC):
             diag_target = sample.dx_t[d]  # plain CFM on the diagonal (s = t there)
         else:
             _check_same_path(flow_map, teacher)
-            with torch.no_grad():
-                diag_target = teacher(x_s[d], p.t[d]) if d.any() else x_s[d]
+            teacher = shared = _SharedTeacherCall(teacher, x_s[d], p.t[d])
         out: dict[str, Tensor] = {}
         total = x_s.new_zeros(())
-        if d.any():
-            diag = mean_square(diagonal_residual(flow_map, x_s[d], p.t[d], diag_target))
-            total = total + self.weighting(diag, p.s[d], p.t[d]).sum()
-            out["diagonal"] = diag.mean().detach()
-        if off.any():
+        if off.any():  # first: its teacher call also serves the diagonal
             ell = self.off_diagonal(flow_map, teacher, x_s[off], p.s[off], p.t[off], step)
             total = total + self.weighting(ell, p.s[off], p.t[off]).sum()
             out[self.name] = ell.mean().detach()
+        if d.any():
+            if shared is not None:
+                diag_target = shared.diagonal_target()
+            diag = mean_square(diagonal_residual(flow_map, x_s[d], p.t[d], diag_target))
+            total = total + self.weighting(diag, p.s[d], p.t[d]).sum()
+            out["diagonal"] = diag.mean().detach()
         out["loss"] = total / x1.shape[0]
         return out

@@ -49,10 +49,10 @@ class TwoTimeEmbedding(nn.Module):
     starts at zero, so a freshly built (or warm-started) net ignores the gap until trained on it.
     """
 
-    def __init__(self, dim: int, hidden: int | None = None) -> None:
+    def __init__(self, dim: int, hidden: int | None = None, scale: float = 100.0) -> None:
         super().__init__()
         hidden = hidden or 4 * dim
-        self.features = SinusoidalEmbedding(dim)
+        self.features = SinusoidalEmbedding(dim, scale)
         self.start = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.gap = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         nn.init.zeros_(self.gap[-1].weight)

@@ -37,6 +37,7 @@ class MLP(nn.Module):
         width: hidden width.
         depth: number of residual blocks.
         time_dim: sinusoidal feature size of each time.
+        time_scale: the highest frequency of the sinusoidal time features (rad per unit time).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class MLP(nn.Module):
         width: int = 256,
         depth: int = 4,
         time_dim: int = 64,
+        time_scale: float = 100.0,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -53,7 +55,7 @@ class MLP(nn.Module):
             )
         self.data_shape = tuple(int(d) for d in data_shape)
         dim = math.prod(self.data_shape)
-        self.time = TwoTimeEmbedding(time_dim, hidden=width)
+        self.time = TwoTimeEmbedding(time_dim, hidden=width, scale=time_scale)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(_Block(width, width) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))

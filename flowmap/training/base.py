@@ -17,7 +17,10 @@ from torch.optim.swa_utils import AveragedModel
 
 from flowmap.training.checkpoints import CHECKPOINT_FORMAT
 
-__all__ = ["FlowModuleBase", "NonFiniteLossError", "build", "fork_rng"]
+__all__ = ["FlowModuleBase", "NonFiniteLossError", "build", "fork_rng", "lr_factor", "LR_SCHEDULES"]
+
+#: learning-rate schedules after the linear warm-up (:func:`lr_factor`)
+LR_SCHEDULES = ("constant", "cosine")
 
 #: Lightning's (allow-listed) instantiator: a checkpoint whose hyperparameters name it is rebuilt
 #: from its config by ``load_from_checkpoint(path)``, with no arguments.
@@ -47,6 +50,20 @@ def build(cls: type[L.LightningModule], config: Mapping[str, Any]) -> L.Lightnin
     module = parser.instantiate_classes(cfg).module
     module.save_hyperparameters({**full, "_instantiator": _CONFIG_INSTANTIATOR})
     return module
+
+
+def lr_factor(step: int, warmup: int, total: int | None, schedule: str = "constant") -> float:
+    r"""Learning-rate multiplier at optimiser step ``step`` (0-based): a linear warm-up
+    :math:`\min(1, (k+1)/W)` over ``warmup`` steps, then ``"constant"`` 1 or ``"cosine"``
+    :math:`\tfrac12(1 + \cos(\pi\,(k - W)/(T - W)))` decaying to 0 at ``total`` steps :math:`T`."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"Unknown lr_schedule {schedule!r}; choose one of {list(LR_SCHEDULES)}.")
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or not total or total <= warmup:
+        return 1.0
+    frac = min(1.0, (step - warmup) / (total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 class EMAWithWarmup:
@@ -96,9 +113,14 @@ class FlowModuleBase(L.LightningModule):
         warmup_steps: int,
         ema_decay: float | None,
         data_shape: Sequence[int] | None,
+        lr_schedule: str = "constant",
     ) -> None:
         if lr <= 0:
             raise ValueError(f"The learning rate must be positive, got {lr}.")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"Unknown lr_schedule {lr_schedule!r}; choose one of {list(LR_SCHEDULES)}."
+            )
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(
                 f"ema_decay must lie in [0, 1) (or be null for no EMA), got {ema_decay}."
@@ -178,8 +200,14 @@ class FlowModuleBase(L.LightningModule):
         hp = self.hparams
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         warm = max(int(hp.warmup_steps), 0)
+        schedule = hp.get("lr_schedule", "constant")
+        total = None
+        if schedule != "constant":
+            total = self.trainer.max_steps
+            if total is None or total < 1:  # an epoch-bounded run: Lightning's estimate
+                total = int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0
+            opt, functools.partial(lr_factor, warmup=warm, total=total, schedule=schedule)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -23,7 +23,8 @@ class VelocityModule(FlowModuleBase):
 
     A :class:`~flowmap.protocols.Velocity` (``module(x, t)`` is :math:`b_t(x)` from the EMA net) and a
     :class:`~flowmap.protocols.Sampler` (``generate(x0, nfe, method)`` with a fixed-step solver or
-    ``"dopri5"``). AdamW with linear LR warm-up over ``warmup_steps``; gradient clipping comes from
+    ``"dopri5"``). AdamW with linear LR warm-up over ``warmup_steps``, then ``lr_schedule``
+    (``"constant"`` or ``"cosine"`` decay to 0 at ``trainer.max_steps``); gradient clipping comes from
     the Trainer (``gradient_clip_val``); EMA of the net with ``ema_decay`` (null disables it).
     ``VelocityModule.load_from_checkpoint(path)`` rebuilds it with no arguments.
     """
@@ -43,6 +44,7 @@ class VelocityModule(FlowModuleBase):
         warmup_steps: int = 0,
         ema_decay: float | None = 0.999,
         data_shape: Sequence[int] | None = None,
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
         if time_distribution not in TIME_DISTRIBUTIONS:
@@ -52,7 +54,7 @@ class VelocityModule(FlowModuleBase):
             )
         self.save_hyperparameters()
         self.path = AffinePath(schedule)
-        self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape)
+        self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         r"""The teacher's :math:`b_t(x)` from the EMA net (the raw net when EMA is off)."""

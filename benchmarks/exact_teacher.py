@@ -1,0 +1,401 @@
+"""Distil flow maps from an *exact* teacher and measure how far one jump lands from the ODE's end.
+
+The teacher is the closed-form velocity of a Gaussian mixture (``flowmap.oracles``), so it has no
+training error, and the reference endpoint :math:`X(0, 1, x_0)` comes from a tight float64 dopri5
+solve. What remains is the student's optimisation and capacity: this separates them from teacher
+error. Problems:
+
+* ``ring2d`` — 8 components on a circle of radius 2.5, std 0.15 (2D);
+* ``mix32d`` — 8 components at radius 2.5 in random directions of R^32, std 0.15.
+
+The metric is the RMS endpoint error :math:`\\sqrt{E\\|\\hat X_{0\\to1}(x_0) - X_{0\\to 1}(x_0)\\|^2}` at
+1/2/4 jumps over 2048 fixed noise points, as a fraction of the data radius (2.5), with a 95%
+interval: over the evaluation points for one run (t-interval on the mean square, then the square
+root) and over training seeds when several are run (t-interval on the per-seed values).
+
+    python benchmarks/exact_teacher.py run --loss lagrangian --steps 3000 --seeds 0 1 2
+    python benchmarks/exact_teacher.py run --loss eulerian --loss-args '{"form": "full"}'
+    python benchmarks/exact_teacher.py ablation --out benchmarks/results/exact-teacher
+
+``run`` trains one configuration (per seed) and prints its curve; ``ablation`` runs the committed
+list of knobs (``ABLATIONS``) one after another and writes ``results.json`` and ``report.md``.
+Everything trains in one process, one run at a time (wall times are comparable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from flowmap.flowmap import FlowMap
+from flowmap.losses import (
+    EulerianLoss,
+    FlowMapLoss,
+    LagrangianLoss,
+    LossWeighting,
+    SemigroupLoss,
+    TimePairSampler,
+    cfm_loss,
+)
+from flowmap.metrics.intervals import t_interval
+from flowmap.nets import MLP
+from flowmap.ode import sample_flow_map, solve_ode
+from flowmap.oracles import GaussianMixtureTarget
+from flowmap.paths import AffinePath
+from flowmap.training.base import EMAWithWarmup, lr_factor
+
+LOSSES: dict[str, type[FlowMapLoss]] = {
+    "lagrangian": LagrangianLoss,
+    "eulerian": EulerianLoss,
+    "semigroup": SemigroupLoss,
+}
+RADIUS = 2.5
+NFES = (1, 2, 4)
+
+
+# ----------------------------------------------------------------------------- problems
+def problem(name: str) -> GaussianMixtureTarget:
+    """The exact teacher of a named problem (module docstring)."""
+    if name == "ring2d":
+        return GaussianMixtureTarget.ring(8, radius=RADIUS, std=0.15)
+    if name == "mix32d":
+        g = torch.Generator().manual_seed(32)
+        means = torch.randn(8, 32, generator=g, dtype=torch.float64)
+        means = RADIUS * means / means.norm(dim=1, keepdim=True)
+        return GaussianMixtureTarget(
+            torch.ones(8), means.float(), torch.full_like(means, 0.15).float()
+        )
+    raise ValueError(f"Unknown problem {name!r}; choose ring2d or mix32d.")
+
+
+@dataclass
+class Reference:
+    x0: torch.Tensor  # (N, d) float32 noise
+    x1: torch.Tensor  # (N, d) float64 endpoint of the tight solve
+
+
+_REFERENCES: dict[str, Reference] = {}
+
+
+def reference(name: str, teacher: GaussianMixtureTarget, n: int = 2048) -> Reference:
+    """Fixed evaluation noise and its exact endpoint (float64 dopri5, rtol = atol = 1e-9)."""
+    if name not in _REFERENCES:
+        g = torch.Generator().manual_seed(1234)
+        x0 = torch.randn(n, *teacher.data_shape, generator=g)
+        ref64 = GaussianMixtureTarget(
+            teacher.weights.double(), teacher.means.double(), teacher.stds.double()
+        )
+        _REFERENCES[name] = Reference(x0, ref64.flow_map(x0.double(), 0.0, 1.0))
+    return _REFERENCES[name]
+
+
+def endpoint_error(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """RMS endpoint error / radius with a 95% t-interval over points (on the mean square)."""
+    sq = (x.double() - ref).pow(2).sum(1) / RADIUS**2
+    e = t_interval(sq.tolist())
+    return {
+        "value": math.sqrt(e.value),
+        "ci_low": math.sqrt(max(e.ci_low, 0.0)),
+        "ci_high": math.sqrt(e.ci_high),
+    }
+
+
+@torch.no_grad()
+def evaluate(flow_map: FlowMap, ref: Reference) -> dict[str, dict[str, float]]:
+    return {
+        str(k): endpoint_error(sample_flow_map(flow_map, ref.x0, steps=k).x, ref.x1) for k in NFES
+    }
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class Config:
+    """One distillation run. ``loss_args`` are the loss's keyword arguments; ``pairs`` and
+    ``weighting`` inside them are the keyword arguments of TimePairSampler and LossWeighting."""
+
+    loss: str = "lagrangian"
+    loss_args: dict[str, Any] = field(default_factory=dict)
+    problem: str = "ring2d"
+    steps: int = 3000
+    batch: int = 1024
+    width: int = 256
+    depth: int = 4
+    time_scale: float | None = None  # the MLP's time-embedding frequency scale (None: its default)
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    ema_decay: float | None = None
+    grad_clip: float | None = None
+    warm_start_steps: int = 0  # CFM steps of a velocity net, copied into the student first
+    teacher: str = "exact"  # "exact" or "net" (the warm-start net, frozen, as teacher)
+    eval_every: int = 500
+
+    def label(self) -> str:
+        return f"{self.loss} {json.dumps(self.loss_args, sort_keys=True)}"
+
+
+def build_loss(cfg: Config) -> FlowMapLoss:
+    args = dict(cfg.loss_args)
+    if "pairs" in args:
+        args["pairs"] = TimePairSampler(**args["pairs"])
+    if "weighting" in args:
+        args["weighting"] = LossWeighting(**args["weighting"])
+    return LOSSES[cfg.loss](**args)
+
+
+def build_net(cfg: Config, data_shape: tuple[int, ...]) -> MLP:
+    kw = {} if cfg.time_scale is None else {"time_scale": cfg.time_scale}
+    return MLP(data_shape, cfg.width, cfg.depth, **kw)
+
+
+def train_velocity(cfg: Config, teacher: GaussianMixtureTarget, path: AffinePath) -> MLP:
+    """A velocity net trained by CFM on the mixture's samples (the warm start / a real teacher)."""
+    net = build_net(cfg, teacher.data_shape)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    for k in range(cfg.warm_start_steps):
+        lr = cfg.lr * lr_factor(k, 0, cfg.warm_start_steps, "cosine")
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        cfm_loss(lambda x, t: net(x, t, t), teacher.sample(cfg.batch), path).backward()
+        opt.step()
+    return net
+
+
+def train(cfg: Config, seed: int) -> dict[str, Any]:
+    """Train one flow map; return its curve (endpoint errors against steps and wall time)."""
+    torch.manual_seed(seed)
+    teacher_exact = problem(cfg.problem)
+    ref = reference(cfg.problem, teacher_exact)
+    path = AffinePath("linear")
+    net = build_net(cfg, teacher_exact.data_shape)
+    teacher: Any = teacher_exact
+    t_warm = 0.0
+    if cfg.warm_start_steps > 0:
+        t0 = time.perf_counter()
+        velocity_net = train_velocity(cfg, teacher_exact, path)
+        t_warm = time.perf_counter() - t0
+        net.load_state_dict(velocity_net.state_dict())
+        if cfg.teacher == "net":
+            frozen = copy.deepcopy(velocity_net).requires_grad_(False)
+            teacher = lambda x, t: frozen(x, t, t)  # noqa: E731
+    flow_map = FlowMap(net, path)
+    loss = build_loss(cfg)
+    params = [*net.parameters(), *loss.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    ema = None
+    if cfg.ema_decay is not None:
+        ema = AveragedModel(net, avg_fn=EMAWithWarmup(cfg.ema_decay), use_buffers=True)
+    curve: list[dict[str, Any]] = []
+    wall = 0.0
+    for k in range(cfg.steps + 1):
+        if k % cfg.eval_every == 0 or k == cfg.steps:
+            sampler = FlowMap(ema.module if ema is not None and k > 0 else net, path)
+            curve.append({"step": k, "wall_s": round(wall, 2), "error": evaluate(sampler, ref)})
+        if k == cfg.steps:
+            break
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(k, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+        opt.zero_grad(set_to_none=True)
+        out = loss(flow_map, teacher_exact.sample(cfg.batch), teacher, step=k)
+        if not torch.isfinite(out["loss"]):
+            curve.append({"step": k, "wall_s": round(wall, 2), "diverged": True})
+            break
+        out["loss"].backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update_parameters(net)
+        wall += time.perf_counter() - t0
+    return {"seed": seed, "warm_start_s": round(t_warm, 2), "curve": curve}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final errors: per seed, and across seeds with a t-interval when there are several."""
+    finals = [r["curve"][-1] for r in runs]
+    out: dict[str, Any] = {"wall_s": statistics.mean(r["curve"][-1]["wall_s"] for r in runs)}
+    if any(f.get("diverged") for f in finals):
+        out["diverged"] = True
+        return out
+    for k in map(str, NFES):
+        vals = [f["error"][k]["value"] for f in finals]
+        if len(vals) > 1:
+            e = t_interval(vals)
+            out[k] = {
+                "value": e.value,
+                "ci_low": e.ci_low,
+                "ci_high": e.ci_high,
+                "interval": "seeds",
+            }
+        else:
+            out[k] = {**finals[0]["error"][k], "interval": "points"}
+    return out
+
+
+def run_config(cfg: Config, seeds: list[int], log: bool = True) -> dict[str, Any]:
+    runs = []
+    for seed in seeds:
+        r = train(cfg, seed)
+        runs.append(r)
+        if log:
+            last = r["curve"][-1]
+            errs = "  ".join(
+                f"{k}:{100 * last['error'][k]['value']:.2f}%" for k in last.get("error", {})
+            )
+            print(f"  seed {seed}: {errs or 'diverged'}  ({last['wall_s']:.0f} s)", flush=True)
+    return {"config": asdict(cfg), "seeds": seeds, "runs": runs, "summary": summarise(runs)}
+
+
+@torch.no_grad()
+def teacher_solver_rows(problem_name: str) -> dict[str, Any]:
+    """The exact teacher's own fixed-step solvers at 1/2/4 NFE, for scale."""
+    teacher = problem(problem_name)
+    ref = reference(problem_name, teacher)
+    rows: dict[str, Any] = {}
+    for method in ("euler", "heun"):
+        rows[method] = {
+            str(k): endpoint_error(solve_ode(teacher, ref.x0, method, nfe=k).x, ref.x1)
+            for k in NFES
+            if k % (1 if method == "euler" else 2) == 0
+        }
+    return rows
+
+
+# ----------------------------------------------------------------------------- ablation
+#: The ablation budget: cheaper than the goal's 3000 steps at batch 1024, same network.
+ABLATION_BUDGET: dict[str, Any] = {"steps": 1500, "batch": 256, "eval_every": 500}
+#: The issue's starting point: Adam 1e-3, constant, no EMA, each loss at its defaults.
+PLAIN: dict[str, Any] = {}
+#: Cosine decay of the learning rate and an EMA: the baseline every other knob is varied from.
+SCHEDULED: dict[str, Any] = {"lr_schedule": "cosine", "ema_decay": 0.999}
+
+COMMON_KNOBS: list[tuple[str, dict[str, Any]]] = [
+    ("lr 3e-3", {"lr": 3e-3}),
+    ("time features up to 10 rad", {"time_scale": 10.0}),
+    ("eta 0.5", {"pairs": {"eta": 0.5}}),
+    (
+        "gap curriculum 0.05 -> 1 over 1000 steps",
+        {"pairs": {"gap_start": 0.05, "gap_warmup_steps": 1000}},
+    ),
+    ("adaptive weighting", {"weighting": {"kind": "adaptive"}}),
+    ("warm start: 1500 CFM steps", {"warm_start_steps": 1500}),
+    ("width 512", {"width": 512}),
+]
+SPECIFIC_KNOBS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "lagrangian": [("regression form", {"form": "regression"})],
+    "eulerian": [
+        ("full form (backprop through the JVP)", {"form": "full"}),
+        ("sg_advective form", {"form": "sg_advective"}),
+        ("tangent normalisation c=0.1", {"tangent_norm": 0.1}),
+        ("tangent warm-up 1000 steps", {"tangent_warmup_steps": 1000}),
+    ],
+    "semigroup": [
+        ("uniform split", {"split": "uniform"}),
+        ("teacher gap 0.125", {"teacher_gap": 0.125}),
+        ("teacher gap 0.5", {"teacher_gap": 0.5}),
+        ("teacher steps 2", {"teacher_steps": 2}),
+    ],
+}
+CONFIG_FIELDS = set(Config.__dataclass_fields__)
+
+
+def with_overrides(loss: str, base: dict[str, Any], knob: dict[str, Any]) -> Config:
+    """A Config for ``loss``: fields of ``knob`` that are Config fields set it, the rest are
+    loss arguments (``pairs`` / ``weighting`` merged as dicts)."""
+    cfg: dict[str, Any] = {**ABLATION_BUDGET, **base, "loss": loss, "loss_args": {}}
+    for k, v in knob.items():
+        if k in CONFIG_FIELDS:
+            cfg[k] = v
+        elif isinstance(v, dict):
+            cfg["loss_args"][k] = {**cfg["loss_args"].get(k, {}), **v}
+        else:
+            cfg["loss_args"][k] = v
+    return Config(**cfg)
+
+
+def ablations(losses: list[str]) -> list[tuple[str, Config]]:
+    """The committed ablation: per loss, the plain start, the scheduled baseline, then one knob
+    at a time on top of the scheduled baseline."""
+    out = []
+    for loss in losses:
+        out.append(
+            (f"{loss} | plain (Adam 1e-3 constant, no EMA)", with_overrides(loss, PLAIN, {}))
+        )
+        out.append((f"{loss} | + cosine lr", with_overrides(loss, {"lr_schedule": "cosine"}, {})))
+        out.append(
+            (f"{loss} | + cosine lr + EMA 0.999 (baseline)", with_overrides(loss, SCHEDULED, {}))
+        )
+        for name, knob in [*SPECIFIC_KNOBS[loss], *COMMON_KNOBS]:
+            out.append((f"{loss} | baseline + {name}", with_overrides(loss, SCHEDULED, knob)))
+    return out
+
+
+def fmt(v: dict[str, float] | None) -> str:
+    if not v:
+        return "—"
+    half = (v["ci_high"] - v["ci_low"]) / 2
+    return f"{100 * v['value']:.2f} ± {100 * half:.2f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="train one configuration")
+    for f, v in asdict(Config()).items():
+        flag = "--" + f.replace("_", "-")
+        if isinstance(v, dict):
+            run.add_argument(flag, type=json.loads, default=v)
+        elif v is None:
+            run.add_argument(flag, type=float if f != "teacher" else str, default=None)
+        else:
+            run.add_argument(flag, type=type(v), default=v)
+    run.add_argument("--seeds", type=int, nargs="+", default=[0])
+    run.add_argument("--json", type=Path, default=None, help="write the result here")
+    abl = sub.add_parser("ablation", help="run the committed ablation list")
+    abl.add_argument("--losses", nargs="+", default=list(LOSSES))
+    abl.add_argument("--only", nargs="*", default=None, help="substrings of run names to keep")
+    abl.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.cmd == "run":
+        kw = {f: getattr(args, f) for f in asdict(Config())}
+        cfg = Config(**kw)
+        print(cfg.label(), flush=True)
+        result = run_config(cfg, args.seeds)
+        s = result["summary"]
+        print("  summary: " + "  ".join(f"{k}: {fmt(s.get(k))}" for k in map(str, NFES)))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            result["command"] = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+            result["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads"
+            args.json.write_text(json.dumps(result, indent=1))
+
+    if args.cmd == "ablation":
+        args.out.mkdir(parents=True, exist_ok=True)
+        store = args.out / "ablation.json"
+        done = json.loads(store.read_text()) if store.exists() else {}
+        for name, cfg in ablations(args.losses):
+            if name in done or (args.only and not any(o in name for o in args.only)):
+                continue
+            print(name, flush=True)
+            done[name] = run_config(cfg, [0])
+            store.write_text(json.dumps(done, indent=1))
+
+
+if __name__ == "__main__":
+    main()
