@@ -106,10 +106,14 @@ def endpoint_error(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     """RMS endpoint error / radius with a 95% t-interval over points (on the mean square)."""
     sq = (x.double() - ref).pow(2).sum(1) / RADIUS**2
     e = t_interval(sq.tolist())
+    dist = sq.sqrt()
     return {
         "value": math.sqrt(e.value),
         "ci_low": math.sqrt(max(e.ci_low, 0.0)),
         "ci_high": math.sqrt(e.ci_high),
+        "median": float(dist.median()),
+        "p99": float(dist.quantile(0.99)),
+        "share_of_ms_from_worst_1pct": float(sq.sort().values[-len(sq) // 100 :].sum() / sq.sum()),
     }
 
 
@@ -311,6 +315,9 @@ SPECIFIC_KNOBS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("teacher steps 2", {"teacher_steps": 2}),
     ],
 }
+#: The common knobs are varied on top of these loss arguments (the Eulerian's regression form
+#: stalls whatever else is done, so its knobs are measured on the full form that works).
+COMMON_KNOB_BASE: dict[str, dict[str, Any]] = {"eulerian": {"form": "full"}}
 CONFIG_FIELDS = set(Config.__dataclass_fields__)
 
 
@@ -340,8 +347,13 @@ def ablations(losses: list[str]) -> list[tuple[str, Config]]:
         out.append(
             (f"{loss} | + cosine lr + EMA 0.999 (baseline)", with_overrides(loss, SCHEDULED, {}))
         )
-        for name, knob in [*SPECIFIC_KNOBS[loss], *COMMON_KNOBS]:
+        for name, knob in SPECIFIC_KNOBS[loss]:
             out.append((f"{loss} | baseline + {name}", with_overrides(loss, SCHEDULED, knob)))
+        form = COMMON_KNOB_BASE.get(loss, {})
+        prefix = "".join(f" + {k} {v}" for k, v in form.items())
+        for name, knob in COMMON_KNOBS:
+            cfg = with_overrides(loss, SCHEDULED, {**form, **knob})
+            out.append((f"{loss} | baseline{prefix} + {name}", cfg))
     return out
 
 
@@ -350,6 +362,195 @@ def fmt(v: dict[str, float] | None) -> str:
         return "—"
     half = (v["ci_high"] - v["ci_low"]) / 2
     return f"{100 * v['value']:.2f} ± {100 * half:.2f}"
+
+
+#: The goal's budget (issue 3/7): 3000 steps at batch 1024, 4x256 MLP, Adam; the losses at their
+#: package defaults, with the package's default schedule (cosine) and EMA.
+GOAL: dict[str, Any] = {"steps": 3000, "batch": 1024, "lr_schedule": "cosine", "ema_decay": 0.999}
+#: The learning rate each loss did best with in the ablation (the adaptive weighting of the
+#: Lagrangian loss already rescales its gradients: 3e-3 on top of it was worse than 1e-3).
+GOAL_LR: dict[str, float] = {"lagrangian": 1e-3, "eulerian": 3e-3, "semigroup": 3e-3}
+
+
+def goal_runs(out: Path, problems: list[str], losses: list[str], seeds: list[int]) -> None:
+    """Each loss at its package defaults and the goal's budget; results in ``out/goal.json``."""
+    store = out / "goal.json"
+    done = json.loads(store.read_text()) if store.exists() else {}
+    for prob in problems:
+        done.setdefault("teacher", {})[prob] = teacher_solver_rows(prob)
+        for loss in losses:
+            name = f"{prob} | {loss}"
+            if name in done:
+                continue
+            print(name, flush=True)
+            cfg = Config(loss=loss, problem=prob, lr=GOAL_LR[loss], **GOAL)
+            done[name] = run_config(cfg, seeds)
+            store.write_text(json.dumps(done, indent=1))
+    store.write_text(json.dumps(done, indent=1))
+
+
+#: The loss arguments that reproduce each loss's defaults before issue 3/7.
+OLD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lagrangian": {"weighting": {"kind": "none"}},
+    "eulerian": {"form": "regression"},
+    "semigroup": {"teacher_steps": 4},
+}
+
+
+def check_runs(out: Path, problem_name: str, losses: list[str]) -> None:
+    """Old against new defaults on ``problem_name`` at the ablation budget (``out/check.json``):
+    do the ablation's conclusions hold beyond 2D?"""
+    store = out / "check.json"
+    done = json.loads(store.read_text()) if store.exists() else {}
+    for loss in losses:
+        cfgs = {
+            "before (Adam 1e-3 constant, old loss defaults)": Config(
+                loss=loss, problem=problem_name, loss_args=OLD_DEFAULTS[loss], **ABLATION_BUDGET
+            ),
+            "now (package defaults, cosine, EMA)": Config(
+                loss=loss,
+                problem=problem_name,
+                lr=GOAL_LR[loss],
+                lr_schedule="cosine",
+                ema_decay=0.999,
+                **ABLATION_BUDGET,
+            ),
+        }
+        for label, cfg in cfgs.items():
+            name = f"{problem_name} | {loss} | {label}"
+            if name not in done:
+                print(name, flush=True)
+                done[name] = run_config(cfg, [0])
+                store.write_text(json.dumps(done, indent=1))
+
+
+def _row(name: str, summary: dict[str, Any], base: dict[str, Any] | None = None) -> str:
+    if summary.get("diverged"):
+        return f"| {name} | diverged | | | {summary['wall_s']:.0f} |"
+    cells = [fmt(summary.get(k)) for k in map(str, NFES)]
+    rel = ""
+    if base and not base.get("diverged"):
+        rel = f"{summary['1']['value'] / base['1']['value']:.2f}"
+    return f"| {name} | {' | '.join(cells)} | {summary['wall_s']:.0f} | {rel} |"
+
+
+def write_report(out: Path, command: str) -> None:
+    """``report.md`` and ``curves.png`` from ``ablation.json`` and ``goal.json`` in ``out``."""
+    abl = (
+        json.loads((out / "ablation.json").read_text()) if (out / "ablation.json").exists() else {}
+    )
+    goal = json.loads((out / "goal.json").read_text()) if (out / "goal.json").exists() else {}
+    lines = [
+        "# Distillation from an exact teacher",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "- metric: RMS endpoint error of 1, 2 and 4 jumps from 2048 fixed noise points against a "
+        "float64 dopri5 solve (rtol = atol = 1e-9) of the exact mixture velocity, in % of the data "
+        "radius 2.5; ± is the 95% interval (over training seeds where there are several, else over "
+        "the 2048 points).",
+        "- network: the package's MLP (4 residual blocks of width 256) unless stated; Adam; the EMA "
+        "net is evaluated when there is one.",
+        "",
+    ]
+    if goal:
+        lines += [
+            "## The goal: each loss at its package defaults, 3000 steps at batch 1024",
+            "",
+        ]
+        for prob, rows in goal.get("teacher", {}).items():
+            lines += [
+                f"### {prob}",
+                "",
+                "| row | 1 step | 2 steps | 4 steps | train s | |",
+                "|---|---|---|---|---|---|",
+            ]
+            for method, r in rows.items():
+                cells = [fmt(r.get(k)) for k in map(str, NFES)]
+                lines.append(f"| exact teacher, {method} | {' | '.join(cells)} | | |")
+            for name, res in goal.items():
+                if name.startswith(prob + " |"):
+                    n = len(res["seeds"])
+                    lines.append(
+                        _row(f"{name.split('| ')[1]} ({n} seed{'s' * (n > 1)})", res["summary"])
+                    )
+            lines.append("")
+    check = json.loads((out / "check.json").read_text()) if (out / "check.json").exists() else {}
+    if check:
+        lines += [
+            "## Beyond 2D: old against new defaults on mix32d (1500 steps at batch 256, one seed)",
+            "",
+            "| loss and setting | 1 step | 2 steps | 4 steps | train s | |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [_row(n.split("| ", 1)[1], r["summary"]) for n, r in check.items()]
+        lines.append("")
+    if abl:
+        lines += [
+            "## Ablation (ring2d, 1500 steps at batch 256, one seed)",
+            "",
+            "Each loss starts from the issue's setting (plain: Adam 1e-3 constant, no EMA), then "
+            "the baseline adds a cosine learning-rate decay and an EMA of 0.999, and every other row "
+            "changes one knob of that baseline. The last column is the 1-step error relative to the "
+            "baseline (for the Eulerian loss the common knobs are changed on the full form, "
+            "and the ratio is still to the regression-form baseline). ± covers the evaluation "
+            "points only: each row is one training seed, and the seed-to-seed spread was not "
+            "measured per row, so read differences under about a point as unresolved. Wall times "
+            "are indicative: some rows trained while other work shared the 2 cores.",
+            "",
+        ]
+        for loss in LOSSES:
+            names = [n for n in abl if n.startswith(loss + " |")]
+            if not names:
+                continue
+            base = next((abl[n]["summary"] for n in names if "(baseline)" in n), None)
+            lines += [
+                f"### {loss}",
+                "",
+                "| setting | 1 step | 2 steps | 4 steps | train s | 1 step / baseline |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [_row(n.split("| ")[1], abl[n]["summary"], base) for n in names]
+            lines.append("")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    if goal:
+        plot_curves(goal, out / "curves.png")
+
+
+def plot_curves(goal: dict[str, Any], path: Path) -> None:
+    """1-step error against training steps and wall time, per problem and loss (seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs = list(goal.get("teacher", {}))
+    fig, axes = plt.subplots(len(probs), 2, figsize=(10, 3.6 * len(probs)), squeeze=False)
+    colors = dict(zip(LOSSES, ("tab:blue", "tab:orange", "tab:green")))
+    for i, prob in enumerate(probs):
+        for name, res in goal.items():
+            if not name.startswith(prob + " |"):
+                continue
+            loss = name.split("| ")[1]
+            for run in res["runs"]:
+                pts = [c for c in run["curve"] if "error" in c]
+                err = [100 * c["error"]["1"]["value"] for c in pts]
+                kw = dict(
+                    color=colors.get(loss), alpha=0.8, label=loss if run is res["runs"][0] else None
+                )
+                axes[i, 0].plot([c["step"] for c in pts], err, marker="o", **kw)
+                axes[i, 1].plot([c["wall_s"] for c in pts], err, marker="o", **kw)
+        for j, xl in enumerate(("training step", "training wall time (s)")):
+            ax = axes[i, j]
+            ax.set_yscale("log")
+            ax.axhline(2.0, color="grey", ls="--", lw=1)
+            ax.set_xlabel(xl)
+            ax.set_ylabel("1-step RMS endpoint error (% of radius)")
+            ax.set_title(f"{prob}: dashed line = 2% goal")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -370,8 +571,19 @@ def main(argv: list[str] | None = None) -> None:
     abl.add_argument("--losses", nargs="+", default=list(LOSSES))
     abl.add_argument("--only", nargs="*", default=None, help="substrings of run names to keep")
     abl.add_argument("--out", type=Path, required=True)
+    gl = sub.add_parser("goal", help="each loss at its defaults and the goal's budget")
+    gl.add_argument("--problems", nargs="+", default=["ring2d", "mix32d"])
+    gl.add_argument("--losses", nargs="+", default=list(LOSSES))
+    gl.add_argument("--seeds", type=int, nargs="+", default=[0])
+    gl.add_argument("--out", type=Path, required=True)
+    chk = sub.add_parser("check", help="old against new defaults on another problem")
+    chk.add_argument("--problem", default="mix32d")
+    chk.add_argument("--losses", nargs="+", default=list(LOSSES))
+    chk.add_argument("--out", type=Path, required=True)
+    rep = sub.add_parser("report", help="write report.md and curves.png from the stored runs")
+    rep.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
     if args.cmd == "run":
         kw = {f: getattr(args, f) for f in asdict(Config())}
         cfg = Config(**kw)
@@ -381,11 +593,9 @@ def main(argv: list[str] | None = None) -> None:
         print("  summary: " + "  ".join(f"{k}: {fmt(s.get(k))}" for k in map(str, NFES)))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            result["command"] = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-            result["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads"
+            result["command"] = command
             args.json.write_text(json.dumps(result, indent=1))
-
-    if args.cmd == "ablation":
+    elif args.cmd == "ablation":
         args.out.mkdir(parents=True, exist_ok=True)
         store = args.out / "ablation.json"
         done = json.loads(store.read_text()) if store.exists() else {}
@@ -395,6 +605,14 @@ def main(argv: list[str] | None = None) -> None:
             print(name, flush=True)
             done[name] = run_config(cfg, [0])
             store.write_text(json.dumps(done, indent=1))
+    elif args.cmd == "goal":
+        args.out.mkdir(parents=True, exist_ok=True)
+        goal_runs(args.out, args.problems, args.losses, args.seeds)
+    elif args.cmd == "check":
+        args.out.mkdir(parents=True, exist_ok=True)
+        check_runs(args.out, args.problem, args.losses)
+    else:
+        write_report(args.out, command)
 
 
 if __name__ == "__main__":

@@ -40,15 +40,13 @@ from flowmap.paths import AffinePath
 from flowmap.training import VelocityModule
 
 VARIANTS: dict[str, tuple[type[FlowMapLoss], dict]] = {
+    "lagrangian (backprop, default)": (LagrangianLoss, {}),
     "lagrangian (regression)": (LagrangianLoss, {"form": "regression"}),
-    "lagrangian (backprop)": (LagrangianLoss, {"form": "backprop"}),
+    "eulerian (full, default)": (EulerianLoss, {}),
     "eulerian (regression)": (EulerianLoss, {"form": "regression"}),
     "eulerian (sg_advective)": (EulerianLoss, {"form": "sg_advective"}),
-    "semigroup (midpoint)": (SemigroupLoss, {"split": "midpoint"}),
-    "semigroup (toy recipe: δ=0.25, 4 Heun)": (
-        SemigroupLoss,
-        {"split": "midpoint", "teacher_gap": 0.25, "teacher_steps": 4},
-    ),
+    "semigroup (default: δ=0.25, 4 Heun)": (SemigroupLoss, {}),
+    "semigroup (δ=0.125, 2 Heun)": (SemigroupLoss, {"teacher_gap": 0.125, "teacher_steps": 2}),
 }
 
 

@@ -1,6 +1,13 @@
 """Short distillations from the exact Gaussian-mixture teacher (DESIGN §5), one per loss, in a
-hand-written training loop with no Lightning (as users embed the losses in their own trainers):
-the one-step map must land far closer to the teacher's ODE endpoint than one Euler step does."""
+hand-written training loop with no Lightning (as users embed the losses in their own trainers).
+
+Each loss runs at its package defaults with the package's cosine learning-rate decay
+(:func:`~flowmap.training.base.lr_factor`), and its one-jump RMS endpoint error against a float64
+solve must beat a bound chosen from ``benchmarks/exact_teacher.py``'s findings. On this problem
+(4 components at radius 2, std 0.3; a 2×64 MLP, 300 steps at batch 256, 3 seeds each) the
+defaults before issue 3/7 reached 15–28% of the radius (Lagrangian), 36–47% (Eulerian, regression
+form) and 16–17% (semigroup, constant rate); one Euler step of the teacher is 103%.
+"""
 
 import pytest
 import torch
@@ -10,44 +17,66 @@ from flowmap.losses import EulerianLoss, LagrangianLoss, SemigroupLoss
 from flowmap.nets import MLP
 from flowmap.ode import sample_flow_map, solve_ode
 from flowmap.oracles import GaussianMixtureTarget
+from flowmap.training.base import lr_factor
 
 STEPS = 300
+RADIUS = 2.0
 
 
 @pytest.fixture(scope="module")
 def gmm_endpoints():
-    gmm = GaussianMixtureTarget.ring(k=4, radius=2.0, std=0.3)
+    gmm = GaussianMixtureTarget.ring(k=4, radius=RADIUS, std=0.3)
     x0 = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
     ref = gmm.flow_map(x0, 0.0, 1.0)  # tight float64 dopri5 solve
-    euler1 = (solve_ode(gmm.velocity, x0, "euler", nfe=1).x - ref).norm(dim=1).mean().item()
-    return gmm, x0, ref, euler1
+    return gmm, x0, ref
 
 
-@pytest.mark.parametrize(
-    "make_loss",
-    [
-        lambda: LagrangianLoss(form="regression"),
-        LagrangianLoss,
-        EulerianLoss,
-        SemigroupLoss,
-    ],
-    ids=["lagrangian-regression", "lagrangian", "eulerian", "semigroup"],
-)
-def test_distillation_from_the_mixture_teacher_beats_one_euler_step(gmm_endpoints, make_loss):
-    gmm, x0, ref, euler1 = gmm_endpoints
+def rms_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """RMS endpoint error as a fraction of the data radius."""
+    return ((x - ref).pow(2).sum(1).mean().sqrt() / RADIUS).item()
+
+
+def distil(gmm, loss, steps: int = STEPS, lr: float = 3e-3) -> FlowMap:
     torch.manual_seed(0)
     fm = FlowMap(MLP((2,), width=64, depth=2), gmm.path)
-    loss = make_loss()  # the recommended defaults
-    opt = torch.optim.Adam(fm.parameters(), lr=3e-3)
+    opt = torch.optim.Adam([*fm.parameters(), *loss.parameters()], lr=lr)
     g = torch.Generator().manual_seed(2)
-    for step in range(STEPS):
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, 0, steps, "cosine")
         opt.zero_grad()
         out = loss(fm, gmm.sample(256, generator=g), gmm, step=step)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(fm.parameters(), 1.0)
         opt.step()
+    return fm
+
+
+def test_one_euler_step_of_the_teacher_is_far_off(gmm_endpoints):
+    """The scale the bounds below are read against: one Euler step misses by about the radius."""
+    gmm, x0, ref = gmm_endpoints
+    assert rms_error(solve_ode(gmm.velocity, x0, "euler", nfe=1).x, ref) > 0.9
+
+
+@pytest.mark.parametrize(
+    "make_loss, bound",
+    [(LagrangianLoss, 0.10), (EulerianLoss, 0.10), (SemigroupLoss, 0.12)],
+    ids=["lagrangian", "eulerian", "semigroup"],
+)
+def test_defaults_distil_the_mixture_teacher_in_one_jump(gmm_endpoints, make_loss, bound):
+    gmm, x0, ref = gmm_endpoints
+    fm = distil(gmm, make_loss())
     with torch.no_grad():
         one = sample_flow_map(fm, x0, steps=1)
-        err = (one.x - ref).norm(dim=1).mean().item()
     assert one.nfe == 1
-    assert err < 0.5 * euler1, (loss.name, err, euler1)
+    err = rms_error(one.x, ref)
+    assert err < bound, (make_loss.__name__, err)
+
+
+def test_lagrangian_regression_form_still_beats_an_euler_step(gmm_endpoints):
+    """The cheaper regression form stays available (and learns), though slower than backprop."""
+    gmm, x0, ref = gmm_endpoints
+    fm = distil(gmm, LagrangianLoss(form="regression"))
+    with torch.no_grad():
+        err = rms_error(sample_flow_map(fm, x0, steps=1).x, ref)
+    assert err < 0.4, err

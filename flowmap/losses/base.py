@@ -100,12 +100,14 @@ class FlowMapLoss(nn.Module, ABC):
 
     Args:
         pairs: the time-pair sampler (default: uniform pairs, diagonal fraction 0.25).
-        weighting: the per-pair weighting (default: none).
+        weighting: the per-pair weighting (default: the subclass's ``default_weighting``).
     """
 
     #: the key of the off-diagonal term in the returned dict (default: the class name, lower case,
     #: without "Loss")
     name: ClassVar[str]
+    #: the :class:`LossWeighting` kind used when none is given (each loss sets its best measured one)
+    default_weighting: ClassVar[str] = "none"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -117,7 +119,7 @@ class FlowMapLoss(nn.Module, ABC):
     ) -> None:
         super().__init__()
         self.pairs = pairs if pairs is not None else TimePairSampler()
-        self.weighting = weighting if weighting is not None else LossWeighting()
+        self.weighting = weighting if weighting is not None else LossWeighting(self.default_weighting)
 
     @abstractmethod
     def off_diagonal(

@@ -5,10 +5,16 @@ r"""Eulerian map distillation (EMD / ESD): move the start time.
 
 one JVP in :math:`(s, x)` with tangent :math:`(1, b_s(x_s))`. Forms (``form``):
 
-* ``"regression"`` (MeanFlow; default) — :math:`\phi \leftarrow \mathrm{sg}[b_s + r(k)\,(t-s)\,D\phi]`;
+* ``"full"`` (default) — :math:`\|r_E\|^2` with gradients through the whole JVP: the true gradient
+  of the convex Eulerian objective of Flow Map Matching. Distilling an exact mixture teacher it
+  reached a third of the regression form's one-jump error (``benchmarks/results/exact-teacher``).
+  It is the form reported unstable on images with U-Nets (spatial Jacobian); use the stabilised
+  regression form there;
+* ``"regression"`` (MeanFlow, AYF, sCM) — :math:`\phi \leftarrow \mathrm{sg}[b_s + r(k)\,(t-s)\,D\phi]`,
+  a semigradient that needs no second-order autodiff; with an exact teacher it stalls (a fixed-point
+  iteration along characteristics, not the gradient of any objective);
 * ``"sg_advective"`` — :math:`\|\partial_s X + \mathrm{sg}(\nabla_x X\,b_s)\|^2`, gradients through
-  :math:`\partial_s X` only (Boffi's ESD stop-gradient; two JVPs);
-* ``"full"`` — :math:`\|r_E\|^2` with gradients through the whole JVP (the unstable one on images).
+  :math:`\partial_s X` only (Boffi's ESD stop-gradient; two JVPs).
 
 Stabilisers: tangent normalisation :math:`g/(\|g\| + c)` (``tangent_norm=c``, regression form) and
 tangent warm-up :math:`r(k) = \min(1, k/H)` on the :math:`(t-s)D\phi` term (``tangent_warmup_steps=H``).
@@ -31,7 +37,7 @@ from flowmap.protocols import Velocity
 
 __all__ = ["eulerian_residual", "EulerianLoss"]
 
-FORMS = ("regression", "sg_advective", "full")
+FORMS = ("full", "regression", "sg_advective")
 
 
 def eulerian_residual(
@@ -53,7 +59,7 @@ class EulerianLoss(FlowMapLoss):
     """Eulerian loss with the stop-gradient variants and stabilisers of the module docstring.
 
     Args:
-        form: ``"regression"``, ``"sg_advective"`` or ``"full"``.
+        form: ``"full"`` (default), ``"regression"`` or ``"sg_advective"``.
         tangent_norm: normalisation constant :math:`c` (regression form), or ``None``.
         tangent_warmup_steps: :math:`H` of the tangent warm-up (0: none).
         pairs, weighting: see :class:`~flowmap.losses.FlowMapLoss`.
@@ -63,7 +69,7 @@ class EulerianLoss(FlowMapLoss):
 
     def __init__(
         self,
-        form: Literal["regression", "sg_advective", "full"] = "regression",
+        form: Literal["full", "regression", "sg_advective"] = "full",
         tangent_norm: float | None = None,
         tangent_warmup_steps: int = 0,
         pairs: TimePairSampler | None = None,

@@ -72,9 +72,10 @@ class SemigroupLoss(FlowMapLoss):
     Args:
         split: ``"midpoint"`` (:math:`\\gamma = 1/2`) or ``"uniform"`` (:math:`\\gamma \\sim U[0, 1]`).
         teacher_gap: :math:`\\delta`: jumps with :math:`|t - s| \\le \\delta` take the teacher's target.
-        teacher_steps: Heun steps of the teacher's target. The defaults (0.25, 4) bought the
-            semigroup's one-step quality on the toy checkerboard; at 2.55× the cost of a CFM step,
-            against 1.91× for (0.125, 2) (``benchmarks/results/throughput``).
+        teacher_steps: Heun steps of the teacher's target. Default (0.25, 2): distilling an exact
+            mixture teacher, 2 steps gave the one-jump error of 4 (7.6% vs 7.8% of the data
+            radius) at 2.1× the cost of a CFM step instead of 2.9×; a horizon of 0.125 or 0.5
+            did not change it either (``benchmarks/results/exact-teacher``, ``throughput``).
         pairs, weighting: see :class:`~flowmap.losses.FlowMapLoss`.
     """
 
@@ -84,7 +85,7 @@ class SemigroupLoss(FlowMapLoss):
         self,
         split: Literal["midpoint", "uniform"] = "midpoint",
         teacher_gap: float = 0.25,
-        teacher_steps: int = 4,
+        teacher_steps: int = 2,
         pairs: TimePairSampler | None = None,
         weighting: LossWeighting | None = None,
     ) -> None:
