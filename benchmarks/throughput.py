@@ -42,11 +42,11 @@ from flowmap.training import VelocityModule
 VARIANTS: dict[str, tuple[type[FlowMapLoss], dict]] = {
     "lagrangian (backprop, default)": (LagrangianLoss, {}),
     "lagrangian (regression)": (LagrangianLoss, {"form": "regression"}),
-    "eulerian (full, default)": (EulerianLoss, {}),
-    "eulerian (regression)": (EulerianLoss, {"form": "regression"}),
+    "eulerian (regression, default)": (EulerianLoss, {}),
+    "eulerian (full)": (EulerianLoss, {"form": "full"}),
     "eulerian (sg_advective)": (EulerianLoss, {"form": "sg_advective"}),
-    "semigroup (default: δ=0.25, 4 Heun)": (SemigroupLoss, {}),
-    "semigroup (δ=0.125, 2 Heun)": (SemigroupLoss, {"teacher_gap": 0.125, "teacher_steps": 2}),
+    "semigroup (default: δ=0.25, 2 Heun)": (SemigroupLoss, {}),
+    "semigroup (δ=0.25, 4 Heun: the old default)": (SemigroupLoss, {"teacher_steps": 4}),
 }
 
 

@@ -252,5 +252,5 @@ def test_every_loss_has_its_measured_defaults_and_one_diagonal_fraction():
         assert loss.pairs.eta == TimePairSampler().eta == 0.25
     assert LagrangianLoss().weighting.kind == "adaptive"
     assert EulerianLoss().weighting.kind == "none"
-    assert LagrangianLoss().form == "backprop" and EulerianLoss().form == "full"
+    assert LagrangianLoss().form == "backprop" and EulerianLoss().form == "regression"
     assert LagrangianLoss(weighting=LossWeighting("none")).weighting.kind == "none"

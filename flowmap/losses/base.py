@@ -119,7 +119,9 @@ class FlowMapLoss(nn.Module, ABC):
     ) -> None:
         super().__init__()
         self.pairs = pairs if pairs is not None else TimePairSampler()
-        self.weighting = weighting if weighting is not None else LossWeighting(self.default_weighting)
+        self.weighting = (
+            weighting if weighting is not None else LossWeighting(self.default_weighting)
+        )
 
     @abstractmethod
     def off_diagonal(
