@@ -102,10 +102,18 @@ def _ddp_and_single(module: L.LightningModule, tmp_path: Path):
 
 
 def _assert_same(ranks, ref):
+    """Both ranks hold the same gradient, equal to one process's up to float32 reduction order
+    (half-batch against full-batch matmuls: 1e-5 of the tensor's largest entry; an unsynchronised
+    gradient would differ by the order of the entries themselves)."""
     assert set(ranks[0]) == set(ref) and ref
     for name, g in ref.items():
         assert torch.allclose(ranks[0][name], ranks[1][name], atol=1e-7), name
-        assert torch.allclose(ranks[0][name], g, atol=1e-6, rtol=1e-4), name
+        atol = 1e-6 + 1e-5 * float(g.abs().max())
+        assert torch.allclose(ranks[0][name], g, atol=atol, rtol=1e-4), (
+            name,
+            float((ranks[0][name] - g).abs().max()),
+            float(g.abs().max()),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +150,8 @@ def test_ddp_teacher_gradients_match_single_process(tmp_path):
     "loss,options",
     [
         ("LagrangianLoss", {"form": "regression"}),
-        ("LagrangianLoss", {"form": "backprop"}),
+        ("LagrangianLoss", {"form": "backprop", "weighting": {"kind": "none"}}),
+        ("LagrangianLoss", {}),  # the default: adaptive weighting
         ("EulerianLoss", {"form": "regression"}),
         ("SemigroupLoss", {"split": "midpoint", "teacher_gap": 0.3}),
     ],
