@@ -19,6 +19,8 @@ from flowmap.nets import MLP
 from flowmap.oracles import GaussianTarget
 from tests.helpers import ExactPhi
 
+NONE = LossWeighting("none")
+
 B = 64
 
 
@@ -154,13 +156,21 @@ def test_lagrangian_forms_share_their_value_and_differ_in_gradient_as_derived(ga
     s, t = _pairs()
     pairs = TimePairs(s, t, torch.zeros(B, dtype=torch.bool))
     v = gaussian.velocity
-    backprop = _param_grads(LagrangianLoss(form="backprop").double(), net, x1, v, x0, pairs)
-    regression = _param_grads(LagrangianLoss(form="regression").double(), net, x1, v, x0, pairs)
+    backprop = _param_grads(
+        LagrangianLoss(form="backprop", weighting=NONE).double(), net, x1, v, x0, pairs
+    )
+    regression = _param_grads(
+        LagrangianLoss(form="regression", weighting=NONE).double(), net, x1, v, x0, pairs
+    )
     x_s = gaussian.path.sample(x0, x1, s).x_t
     fm = FlowMap(net)
     r, phi = lagrangian_residual(fm, v, x_s, s, t)
-    a = LagrangianLoss(form="backprop").double()(fm, x1, v, x0=x0, pairs=pairs)["loss"]
-    b = LagrangianLoss(form="regression").double()(fm, x1, v, x0=x0, pairs=pairs)["loss"]
+    a = LagrangianLoss(form="backprop", weighting=NONE).double()(fm, x1, v, x0=x0, pairs=pairs)[
+        "loss"
+    ]
+    b = LagrangianLoss(form="regression", weighting=NONE).double()(fm, x1, v, x0=x0, pairs=pairs)[
+        "loss"
+    ]
     assert torch.allclose(a, b)  # same value ...
     params = [p for p in net.parameters()]
     n = r[0].numel() * B
