@@ -264,3 +264,15 @@ def test_every_loss_has_its_measured_defaults_and_one_diagonal_fraction():
     assert EulerianLoss().weighting.kind == "none"
     assert LagrangianLoss().form == "backprop" and EulerianLoss().form == "regression"
     assert LagrangianLoss(weighting=LossWeighting("none")).weighting.kind == "none"
+
+
+def test_semigroup_zero_length_off_diagonal_pair_is_finite(gaussian):
+    """An off-diagonal row with s == t (a gap curriculum starting at 0) takes the velocity as its
+    chord slope instead of dividing 0 by 0."""
+    torch.manual_seed(0)
+    fm = FlowMap(MLP((2,), width=16, depth=1).double())
+    s = torch.tensor([0.2, 0.5, 0.5, 0.9], dtype=torch.float64)
+    t = torch.tensor([0.2, 0.5, 0.7, 0.9], dtype=torch.float64)
+    pairs = TimePairs(s, t, torch.tensor([True, False, False, False]))
+    out = SemigroupLoss()(fm, gaussian.sample(4), gaussian.velocity, pairs=pairs)
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["semigroup"])

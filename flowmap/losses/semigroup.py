@@ -54,7 +54,12 @@ def semigroup_target(
     if short.any():
         xs, ss, ts = x_s[short], s[short], t[short]
         end = solve_between(teacher, xs, ss, ts, steps=teacher_steps, method="heun").x
-        target[short] = (end - xs) / expand_like(ts - ss, xs).to(xs.dtype)
+        gap = expand_like(ts - ss, xs).to(xs.dtype)
+        chord = (end - xs) / torch.where(gap == 0, torch.ones_like(gap), gap)
+        zero = ts == ss  # a zero-length jump's chord slope is the velocity itself
+        if zero.any():
+            chord[zero] = teacher(xs[zero], ss[zero])
+        target[short] = chord
     return target
 
 
