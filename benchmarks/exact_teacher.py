@@ -52,7 +52,7 @@ from flowmap.losses import (
 )
 from flowmap.metrics.intervals import t_interval
 from flowmap.nets import MLP
-from flowmap.ode import sample_flow_map, solve_ode
+from flowmap.ode import STAGES, sample_flow_map, solve_ode
 from flowmap.oracles import GaussianMixtureTarget
 from flowmap.paths import AffinePath
 from flowmap.training.base import EMAWithWarmup, lr_factor
@@ -275,7 +275,7 @@ def teacher_solver_rows(problem_name: str) -> dict[str, Any]:
         rows[method] = {
             str(k): endpoint_error(solve_ode(teacher, ref.x0, method, nfe=k).x, ref.x1)
             for k in NFES
-            if k % (1 if method == "euler" else 2) == 0
+            if k % STAGES[method] == 0
         }
     return rows
 

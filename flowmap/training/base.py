@@ -117,10 +117,7 @@ class FlowModuleBase(L.LightningModule):
     ) -> None:
         if lr <= 0:
             raise ValueError(f"The learning rate must be positive, got {lr}.")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"Unknown lr_schedule {lr_schedule!r}; choose one of {list(LR_SCHEDULES)}."
-            )
+        lr_factor(0, 0, None, lr_schedule)  # the one check of the schedule's name, raised early
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(
                 f"ema_decay must lie in [0, 1) (or be null for no EMA), got {ema_decay}."
