@@ -41,8 +41,10 @@ from flowmap.training import VelocityModule
 
 VARIANTS: dict[str, tuple[type[FlowMapLoss], dict]] = {
     "lagrangian (backprop, default)": (LagrangianLoss, {}),
+    "lagrangian (backprop, eta 0.5)": (LagrangianLoss, {"pairs": {"eta": 0.5}}),
     "lagrangian (regression)": (LagrangianLoss, {"form": "regression"}),
-    "eulerian (regression, default)": (EulerianLoss, {}),
+    "eulerian (discrete, default: share 0.5, 1 Heun)": (EulerianLoss, {}),
+    "eulerian (regression)": (EulerianLoss, {"form": "regression"}),
     "eulerian (full)": (EulerianLoss, {"form": "full"}),
     "eulerian (sg_advective)": (EulerianLoss, {"form": "sg_advective"}),
     "semigroup (default: δ=0.25, 2 Heun)": (SemigroupLoss, {}),
@@ -81,7 +83,8 @@ def loss_steps(width: int, depth: int, batch: int, eta: float) -> dict[str, Call
 
     steps = {"cfm": make(lambda net: cfm_loss(lambda x, t: net(x, t, t), data, path))}
     for label, (cls, opts) in VARIANTS.items():
-        loss = cls(pairs=TimePairSampler(eta=eta), **opts)
+        opts = dict(opts)
+        loss = cls(pairs=TimePairSampler(**{"eta": eta, **opts.pop("pairs", {})}), **opts)
         steps[label] = make(lambda net, loss=loss: loss(FlowMap(net), data, teacher)["loss"])
     return steps
 

@@ -145,4 +145,13 @@ class FlowMap(nn.Module):
                 "Warm start needs the student net to have the teacher's architecture, but they "
                 "differ; copy the teacher's `net` config or set warm_start: false."
             ) from None
+        teacher_buffers = dict(velocity_net.named_buffers())
+        for name, buf in self.net.named_buffers():  # e.g. the time features' frequencies
+            other = teacher_buffers.get(name)
+            if other is not None and (other.shape != buf.shape or not torch.equal(other, buf)):
+                raise ValueError(
+                    f"Warm start needs the student net built as the teacher's, but their fixed "
+                    f"buffer {name!r} differs (e.g. another time_scale); copy the teacher's `net` "
+                    "config or set warm_start: false."
+                )
         return self

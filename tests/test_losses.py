@@ -11,6 +11,7 @@ from flowmap.losses import (
     TimePairs,
     TimePairSampler,
     diagonal_residual,
+    discrete_eulerian_target,
     eulerian_residual,
     lagrangian_residual,
     semigroup_residual,
@@ -51,6 +52,8 @@ def _residuals(fm, target, x, s, t):
             teacher_gap=1.0,
             teacher_steps=64,
         )[0],
+        "eulerian_discrete": fm.phi(x, s, t)
+        - discrete_eulerian_target(fm, target.velocity, x, s, t, share=0.5, steps=64),
         "diagonal": diagonal_residual(fm, x, t, target.velocity(x, t)),
     }
 
@@ -61,7 +64,8 @@ def test_every_residual_vanishes_at_the_exact_map_and_not_at_a_perturbed_one(gau
     exact = _residuals(FlowMap(ExactPhi(gaussian)), gaussian, x, s, t)
     perturbed = _residuals(FlowMap(ExactPhi(gaussian, perturb=0.05)), gaussian, x, s, t)
     for name, r in exact.items():
-        tol = 1e-3 if name == "semigroup_teacher" else 1e-10  # teacher: 64 Heun steps
+        teacher_steps = name in ("semigroup_teacher", "eulerian_discrete")  # 64 Heun steps
+        tol = 1e-3 if teacher_steps else 1e-10
         assert r.abs().max() < tol, (name, r.abs().max())
         assert perturbed[name].abs().mean() > 1e-3, name
 
@@ -113,6 +117,7 @@ def test_jvp_residuals_agree_with_finite_differences(gaussian):
         EulerianLoss(form="regression", tangent_norm=0.1, tangent_warmup_steps=10),
         EulerianLoss(form="sg_advective"),
         EulerianLoss(form="full"),
+        EulerianLoss(form="discrete", teacher_share=0.25, teacher_steps=2),
         SemigroupLoss(split="uniform"),
         SemigroupLoss(split="midpoint", teacher_gap=0.3),
     ],
@@ -125,7 +130,8 @@ def test_losses_are_zero_at_exact_map_and_give_finite_gradients(gaussian, loss):
     exact = loss(FlowMap(ExactPhi(gaussian)), x1, gaussian.velocity, step=50)
     torch.manual_seed(1)
     perturbed = loss(FlowMap(ExactPhi(gaussian, perturb=0.05)), x1, gaussian.velocity, step=50)
-    tol = 1e-3 if loss.name == "semigroup" else 1e-16  # semigroup: the teacher's Heun steps
+    solves = loss.name == "semigroup" or getattr(loss, "form", "") == "discrete"
+    tol = 1e-3 if solves else 1e-16  # the teacher's Heun steps
     assert exact["loss"].item() < tol, exact
     assert perturbed["loss"].item() > 10 * max(exact["loss"].item(), 1e-12), (exact, perturbed)
     net = MLP((2,), width=16, depth=1).double()
@@ -218,6 +224,8 @@ def test_learned_weighting_reaches_the_loss_scale():
         (lambda: TimePairSampler(eta=1.5), r"eta .* must lie in \[0, 1\]"),
         (lambda: LagrangianLoss(form="exact"), "Unknown Lagrangian form"),
         (lambda: EulerianLoss(form="half"), "Unknown Eulerian form"),
+        (lambda: EulerianLoss(form="discrete", teacher_share=0.0), "teacher_share must lie"),
+        (lambda: EulerianLoss(form="discrete", teacher_steps=0), "teacher_steps must be"),
         (lambda: SemigroupLoss(split="thirds"), "Unknown semigroup split"),
         (lambda: LossWeighting("focal"), "Unknown loss weighting"),
     ],
@@ -262,11 +270,12 @@ def test_every_loss_has_its_measured_defaults_and_one_diagonal_fraction():
         assert loss.pairs.eta == TimePairSampler().eta == 0.25
     assert LagrangianLoss().weighting.kind == "adaptive"
     assert EulerianLoss().weighting.kind == "none"
-    assert LagrangianLoss().form == "backprop" and EulerianLoss().form == "regression"
+    assert LagrangianLoss().form == "backprop" and EulerianLoss().form == "discrete"
     assert LagrangianLoss(weighting=LossWeighting("none")).weighting.kind == "none"
 
 
-def test_semigroup_zero_length_off_diagonal_pair_is_finite(gaussian):
+@pytest.mark.parametrize("loss", [SemigroupLoss(), EulerianLoss(form="discrete")], ids=str)
+def test_zero_length_off_diagonal_pair_is_finite(gaussian, loss):
     """An off-diagonal row with s == t (a gap curriculum starting at 0) takes the velocity as its
     chord slope instead of dividing 0 by 0."""
     torch.manual_seed(0)
@@ -274,5 +283,21 @@ def test_semigroup_zero_length_off_diagonal_pair_is_finite(gaussian):
     s = torch.tensor([0.2, 0.5, 0.5, 0.9], dtype=torch.float64)
     t = torch.tensor([0.2, 0.5, 0.7, 0.9], dtype=torch.float64)
     pairs = TimePairs(s, t, torch.tensor([True, False, False, False]))
-    out = SemigroupLoss()(fm, gaussian.sample(4), gaussian.velocity, pairs=pairs)
-    assert torch.isfinite(out["loss"]) and torch.isfinite(out["semigroup"])
+    out = loss.double()(fm, gaussian.sample(4), gaussian.velocity, pairs=pairs)
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out[loss.name])
+
+
+def test_discrete_eulerian_tends_to_the_eulerian_residual(gaussian):
+    """Moving the start time by a share δ of the jump, target - φ = δ·r_E + O(δ²): consistency
+    distillation's continuous-time limit is the Eulerian residual (LSD paper, App. C.1)."""
+    torch.manual_seed(0)
+    fm = FlowMap(MLP((2,), width=32, depth=2).double())
+    x = torch.randn(B, 2, dtype=torch.float64)
+    s, t = _pairs()
+    r, phi = eulerian_residual(fm, gaussian.velocity, x, s, t)  # r = -r_E
+    gaps = []
+    for share in (1e-3, 1e-4):
+        target = discrete_eulerian_target(fm, gaussian.velocity, x, s, t, share=share)
+        gaps.append(((target - phi) / share + r).abs().max().item())
+    assert r.abs().mean() > 1e-2  # an untrained map: the residual is not small
+    assert gaps[1] < 1e-3 and gaps[1] < gaps[0] / 5, gaps  # O(δ)

@@ -78,6 +78,11 @@ def test_warm_start_from_a_trained_teacher_is_the_teacher_on_the_diagonal_and_an
 def test_warm_start_into_another_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="teacher's architecture"):
         FlowMap(MLP((2,), width=16, depth=1)).warm_start(MLP((2,), width=32, depth=1))
+    # same weights' shapes, other time features: the copy would load silently and be wrong
+    with pytest.raises(ValueError, match="buffer 'time.features.freqs' differs"):
+        FlowMap(MLP((2,), width=16, depth=1)).warm_start(
+            MLP((2,), width=16, depth=1, time_scale=100.0)
+        )
 
 
 class _LabelledNet(torch.nn.Module):

@@ -8,7 +8,7 @@ defines ``off_diagonal``.
 
 from flowmap.losses.base import FlowMapLoss, diagonal_residual, mean_square, regression_loss
 from flowmap.losses.cfm import cfm_loss
-from flowmap.losses.eulerian import EulerianLoss, eulerian_residual
+from flowmap.losses.eulerian import EulerianLoss, discrete_eulerian_target, eulerian_residual
 from flowmap.losses.lagrangian import LagrangianLoss, lagrangian_residual
 from flowmap.losses.pairs import TimePairs, TimePairSampler, sample_times
 from flowmap.losses.semigroup import SemigroupLoss, semigroup_residual, semigroup_target
@@ -25,6 +25,7 @@ __all__ = [
     "cfm_loss",
     "lagrangian_residual",
     "eulerian_residual",
+    "discrete_eulerian_target",
     "semigroup_residual",
     "semigroup_target",
     "diagonal_residual",

@@ -21,7 +21,7 @@ from flowmap.losses.weighting import LossWeighting
 from flowmap.paths import expand_like
 from flowmap.protocols import Velocity, declared_schedule
 
-__all__ = ["FlowMapLoss", "mean_square", "regression_loss", "diagonal_residual"]
+__all__ = ["FlowMapLoss", "mean_square", "regression_loss", "diagonal_residual", "chord_slope"]
 
 
 def mean_square(r: Tensor) -> Tensor:
@@ -47,6 +47,18 @@ def diagonal_residual(flow_map: FlowMap, x_t: Tensor, t: Tensor, target: Tensor)
     r"""Tangent condition :math:`\phi(x_t, t, t) - \mathrm{target}`, the target being :math:`b_t(x_t)` in
     distillation or :math:`\dot x_t` from scratch (plain CFM on the diagonal)."""
     return flow_map.velocity(x_t, t) - target
+
+
+@torch.no_grad()
+def chord_slope(x_s: Tensor, end: Tensor, s: Tensor, t: Tensor, velocity: Velocity) -> Tensor:
+    r"""Slope :math:`(\mathrm{end} - x_s)/(t - s)` of a jump :math:`x_s \to \mathrm{end}`, the :math:`\phi`
+    a target jump implies; a zero-length jump takes its limit, the velocity :math:`b_s(x_s)`."""
+    gap = expand_like(t - s, x_s).to(x_s.dtype)
+    zero = t == s
+    slope = (end - x_s) / torch.where(gap == 0, torch.ones_like(gap), gap)
+    if zero.any():
+        slope[zero] = velocity(x_s[zero], s[zero])
+    return slope
 
 
 def _check_same_path(flow_map: FlowMap, teacher: Velocity) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from flowmap.flowmap import FlowMap
-from flowmap.losses.base import FlowMapLoss, mean_square
+from flowmap.losses.base import FlowMapLoss, chord_slope, mean_square
 from flowmap.losses.pairs import TimePairSampler
 from flowmap.losses.weighting import LossWeighting
 from flowmap.ode import solve_between
@@ -54,12 +54,7 @@ def semigroup_target(
     if short.any():
         xs, ss, ts = x_s[short], s[short], t[short]
         end = solve_between(teacher, xs, ss, ts, steps=teacher_steps, method="heun").x
-        gap = expand_like(ts - ss, xs).to(xs.dtype)
-        chord = (end - xs) / torch.where(gap == 0, torch.ones_like(gap), gap)
-        zero = ts == ss  # a zero-length jump's chord slope is the velocity itself
-        if zero.any():
-            chord[zero] = teacher(xs[zero], ss[zero])
-        target[short] = chord
+        target[short] = chord_slope(xs, end, ss, ts, teacher)
     return target
 
 

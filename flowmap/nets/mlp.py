@@ -38,6 +38,11 @@ class MLP(nn.Module):
         depth: number of residual blocks.
         time_dim: sinusoidal feature size of each time.
         time_scale: the highest frequency of the sinusoidal time features (rad per unit time).
+            Default 10: smooth time features keep the time derivatives of a flow map's JVP small
+            (sCM's "positional rather than large-scale Fourier embeddings"). Distilling an exact
+            mixture teacher, 10 instead of 100 took the Eulerian regression form from 28.6% to
+            6.1% of the data radius at one jump and the Lagrangian from 10.0% to 8.0%; a CFM
+            teacher was unchanged within its interval (``benchmarks/results/exact-teacher``).
     """
 
     def __init__(
@@ -46,7 +51,7 @@ class MLP(nn.Module):
         width: int = 256,
         depth: int = 4,
         time_dim: int = 64,
-        time_scale: float = 100.0,
+        time_scale: float = 10.0,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
