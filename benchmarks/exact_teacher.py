@@ -498,6 +498,25 @@ def write_report(out: Path, command: str) -> None:
                         _row(f"{name.split('| ')[1]} ({n} seed{'s' * (n > 1)})", res["summary"])
                     )
             lines.append("")
+    others: list[str] = []
+    for extra in sorted(out.glob("goal-*.json")):  # earlier or side runs at the goal's budget
+        runs = json.loads(extra.read_text())
+        runs = {extra.stem: runs} if "summary" in runs else runs
+        for name, res in runs.items():
+            if name != "teacher":
+                label = f"{extra.name}: {name} {json.dumps(res['config']['loss_args'])}"
+                if res["config"].get("time_scale") is not None:
+                    label += f", time features up to {res['config']['time_scale']:g} rad"
+                others.append(_row(f"{label}, lr {res['config']['lr']:g}", res["summary"]))
+    if others:
+        lines += [
+            "## Other runs at the goal's budget (earlier defaults or side questions)",
+            "",
+            "| file: run, loss arguments | 1 step | 2 steps | 4 steps | train s | |",
+            "|---|---|---|---|---|---|",
+            *others,
+            "",
+        ]
     check = json.loads((out / "check.json").read_text()) if (out / "check.json").exists() else {}
     if check:
         lines += [
@@ -530,7 +549,8 @@ def write_report(out: Path, command: str) -> None:
         lines += [
             "## Ablation (ring2d, 1500 steps at batch 256, one seed)",
             "",
-            "Each loss starts from the issue's setting (plain: Adam 1e-3 constant, no EMA), then "
+            "Each loss starts from the issue's setting (plain: Adam 1e-3 constant, no EMA, the "
+            "loss defaults of that time and time features up to 100 rad), then "
             "the baseline adds a cosine learning-rate decay and an EMA of 0.999, and every other row "
             "changes one knob of that baseline. The last column is the 1-step error relative to the "
             "baseline (for the Eulerian loss the common knobs are changed on the full form, "

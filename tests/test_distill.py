@@ -7,17 +7,21 @@ solve must beat a bound set from three seeds of this very test with a margin. On
 (4 components at radius 2, std 0.3; a 2×64 MLP, 300 steps at batch 256, Adam 3e-3), measured
 when the bounds were set (fraction of the radius; one Euler step of the teacher: 1.03):
 
-============================  ==================  =================  =====
-loss                          before (constant)   now (cosine)       bound
-============================  ==================  =================  =====
-Lagrangian (default)          0.24, 0.28, 0.15    0.14, 0.11, 0.12   0.17
-semigroup (default)           0.17, 0.16, 0.16    0.13, 0.12, 0.13   0.15
-Eulerian (default regression) 0.39, 0.36, 0.47    0.42, 0.50, 0.36   0.6
-Eulerian, full form           0.25, 0.27, 0.25    0.11, 0.12, 0.13   0.17
-============================  ==================  =================  =====
+==============================  ==================  =================  =====
+loss                            before (constant)   now                bound
+==============================  ==================  =================  =====
+Lagrangian (default)            0.24, 0.28, 0.15    0.13, 0.11, 0.13   0.17
+semigroup (default)             0.17, 0.16, 0.16    0.12, 0.12, 0.12   0.15
+Eulerian (default: discrete)    0.39, 0.36, 0.47    0.10, 0.10, 0.09   0.13
+Eulerian, regression (MeanFlow) 0.39, 0.36, 0.47    0.10, 0.12, 0.11   0.15
+Eulerian, full form             0.25, 0.27, 0.25    0.10, 0.11, 0.12   0.16
+Lagrangian, regression form     —                   0.17, 0.17, 0.19   0.25
+==============================  ==================  =================  =====
 
-The Eulerian default is not improved here: its regression form stalls (see the exact-teacher
-report); the full form learns fast in short runs but drifts in long ones.
+"before" is the package at the start of issue 3/7 (constant learning rate; the Eulerian default
+was the regression form with time features up to 100 rad); "now" has the cosine decay, the
+current loss defaults and the MLP's time features up to 10 rad, which alone took the regression
+form from about 0.45 to 0.11 here.
 """
 
 import pytest
@@ -74,10 +78,11 @@ def test_one_euler_step_of_the_teacher_is_far_off(gmm_endpoints):
     [
         (LagrangianLoss, 0.17),
         (SemigroupLoss, 0.15),
-        (EulerianLoss, 0.6),
-        (lambda: EulerianLoss(form="full"), 0.17),
+        (EulerianLoss, 0.13),
+        (lambda: EulerianLoss(form="regression"), 0.15),
+        (lambda: EulerianLoss(form="full"), 0.16),
     ],
-    ids=["lagrangian", "semigroup", "eulerian", "eulerian-full"],
+    ids=["lagrangian", "semigroup", "eulerian", "eulerian-regression", "eulerian-full"],
 )
 def test_defaults_distil_the_mixture_teacher_in_one_jump(gmm_endpoints, make_loss, bound):
     gmm, x0, ref = gmm_endpoints
@@ -95,4 +100,4 @@ def test_lagrangian_regression_form_still_beats_an_euler_step(gmm_endpoints):
     fm = distil(gmm, LagrangianLoss(form="regression"))
     with torch.no_grad():
         err = rms_error(sample_flow_map(fm, x0, steps=1).x, ref)
-    assert err < 0.4, err
+    assert err < 0.25, err
