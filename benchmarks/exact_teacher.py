@@ -52,7 +52,7 @@ from flowmap.losses import (
 )
 from flowmap.metrics.intervals import t_interval
 from flowmap.nets import MLP
-from flowmap.ode import STAGES, sample_flow_map, solve_ode
+from flowmap.ode import STAGES, sample_flow_map, solve_adaptive, solve_ode
 from flowmap.oracles import GaussianMixtureTarget
 from flowmap.paths import AffinePath
 from flowmap.training.base import EMAWithWarmup, lr_factor
@@ -447,6 +447,45 @@ def check_runs(out: Path, problem_name: str, losses: list[str]) -> None:
                 store.write_text(json.dumps(done, indent=1))
 
 
+#: CFM velocity nets (teachers) at two time-feature scales: does the flow maps' smoother time
+#: embedding cost a teacher anything? 3000 steps at batch 256, lr 2e-3 cosine, 4x256 MLP.
+VELOCITY_RUNS: dict[str, dict[str, Any]] = {
+    f"CFM velocity net, time features up to {ts:g} rad": {
+        "loss": "lagrangian",  # unused: only the warm-start (CFM) stage is trained
+        "warm_start_steps": 3000,
+        "batch": 256,
+        "lr": 2e-3,
+        "time_scale": ts,
+    }
+    for ts in (100.0, 10.0)
+}
+
+
+def velocity_runs(out: Path, problem_name: str) -> None:
+    """Train each ``VELOCITY_RUNS`` net by CFM on the exact mixture's samples; its dopri5 endpoint
+    (rtol = atol = 1e-5) against the exact one, as the flow maps are measured (``velocity.json``)."""
+    store = out / "velocity.json"
+    done = json.loads(store.read_text()) if store.exists() else {}
+    for name, kw in VELOCITY_RUNS.items():
+        key = f"{problem_name} | {name}"
+        if key in done:
+            continue
+        print(key, flush=True)
+        torch.manual_seed(0)
+        cfg = Config(problem=problem_name, **kw)
+        teacher = problem(problem_name)
+        ref = reference(problem_name, teacher)
+        t0 = time.perf_counter()
+        net = train_velocity(cfg, teacher, AffinePath("linear"))
+        wall = time.perf_counter() - t0
+        with torch.no_grad():
+            x = solve_adaptive(lambda x, t, n=net: n(x, t, t), ref.x0, rtol=1e-5, atol=1e-5)
+        done[key] = {"config": asdict(cfg), "wall_s": round(wall, 2), "nfe": x.nfe}
+        done[key]["error"] = endpoint_error(x.x, ref.x1)
+        print(f"  adaptive solve: {fmt(done[key]['error'])}", flush=True)
+        store.write_text(json.dumps(done, indent=1))
+
+
 def _row(name: str, summary: dict[str, Any], base: dict[str, Any] | None = None) -> str:
     if summary.get("diverged"):
         return f"| {name} | diverged | | | {summary['wall_s']:.0f} |"
@@ -515,6 +554,22 @@ def write_report(out: Path, command: str) -> None:
             "| file: run, loss arguments | 1 step | 2 steps | 4 steps | train s | |",
             "|---|---|---|---|---|---|",
             *others,
+            "",
+        ]
+    vel = (
+        json.loads((out / "velocity.json").read_text()) if (out / "velocity.json").exists() else {}
+    )
+    if vel:
+        lines += [
+            "## Teachers: CFM velocity nets, adaptive solve (dopri5) against the exact endpoint",
+            "",
+            "| net | adaptive solve | median | NFE | train s |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {n.replace(' | ', ', ')} | {fmt(r['error'])} | {100 * r['error']['median']:.2f} | {r['nfe']} "
+                f"| {r['wall_s']:.0f} |"
+                for n, r in vel.items()
+            ),
             "",
         ]
     check = json.loads((out / "check.json").read_text()) if (out / "check.json").exists() else {}
@@ -647,6 +702,9 @@ def main(argv: list[str] | None = None) -> None:
     chk.add_argument("--problem", default="mix32d")
     chk.add_argument("--losses", nargs="+", default=list(LOSSES))
     chk.add_argument("--out", type=Path, required=True)
+    vel = sub.add_parser("velocity", help="CFM teachers at two time-feature scales")
+    vel.add_argument("--problem", default="ring2d")
+    vel.add_argument("--out", type=Path, required=True)
     rep = sub.add_parser("report", help="write report.md and curves.png from the stored runs")
     rep.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -675,6 +733,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "goal":
         args.out.mkdir(parents=True, exist_ok=True)
         goal_runs(args.out, args.problems, args.losses, args.seeds)
+    elif args.cmd == "velocity":
+        args.out.mkdir(parents=True, exist_ok=True)
+        velocity_runs(args.out, args.problem)
     elif args.cmd == "check":
         args.out.mkdir(parents=True, exist_ok=True)
         check_runs(args.out, args.problem, args.losses)
