@@ -333,7 +333,10 @@ SPECIFIC_KNOBS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("teacher gap 0.125", {"teacher_gap": 0.125}),
         ("teacher gap 0.5", {"teacher_gap": 0.5}),
         ("teacher steps 2", {"teacher_steps": 2}),
-        ("lr 3e-3 + time features up to 10 rad", {"lr": 3e-3, "time_scale": 10.0}),
+        (
+            "teacher steps 2 + lr 3e-3 + time features up to 10 rad",
+            {"teacher_steps": 2, "lr": 3e-3, "time_scale": 10.0},
+        ),
     ],
 }
 #: The common knobs are varied on top of these loss arguments (the Eulerian's regression form

@@ -126,12 +126,14 @@ def test_jvp_residuals_agree_with_finite_differences(gaussian):
 def test_losses_are_zero_at_exact_map_and_give_finite_gradients(gaussian, loss):
     x1 = gaussian.sample(B)
     loss = loss.double()
+    solves = loss.name == "semigroup" or getattr(loss, "form", "") == "discrete"
+    if solves:  # the teacher's Heun steps: fine enough that their error is not the map's
+        loss.teacher_steps = 16
     torch.manual_seed(1)
     exact = loss(FlowMap(ExactPhi(gaussian)), x1, gaussian.velocity, step=50)
     torch.manual_seed(1)
     perturbed = loss(FlowMap(ExactPhi(gaussian, perturb=0.05)), x1, gaussian.velocity, step=50)
-    solves = loss.name == "semigroup" or getattr(loss, "form", "") == "discrete"
-    tol = 1e-3 if solves else 1e-16  # the teacher's Heun steps
+    tol = 1e-5 if solves else 1e-16
     assert exact["loss"].item() < tol, exact
     assert perturbed["loss"].item() > 10 * max(exact["loss"].item(), 1e-12), (exact, perturbed)
     net = MLP((2,), width=16, depth=1).double()
