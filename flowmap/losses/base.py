@@ -112,14 +112,12 @@ class FlowMapLoss(nn.Module, ABC):
 
     Args:
         pairs: the time-pair sampler (default: uniform pairs, diagonal fraction 0.25).
-        weighting: the per-pair weighting (default: the subclass's ``default_weighting``).
+        weighting: the per-pair weighting (default: none).
     """
 
     #: the key of the off-diagonal term in the returned dict (default: the class name, lower case,
     #: without "Loss")
     name: ClassVar[str]
-    #: the :class:`LossWeighting` kind used when none is given (each loss sets its best measured one)
-    default_weighting: ClassVar[str] = "none"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -131,9 +129,7 @@ class FlowMapLoss(nn.Module, ABC):
     ) -> None:
         super().__init__()
         self.pairs = pairs if pairs is not None else TimePairSampler()
-        self.weighting = (
-            weighting if weighting is not None else LossWeighting(self.default_weighting)
-        )
+        self.weighting = weighting if weighting is not None else LossWeighting("none")
 
     @abstractmethod
     def off_diagonal(
