@@ -45,7 +45,7 @@ class LagrangianLoss(FlowMapLoss):
         weighting: default none. Adaptive weighting :math:`\\ell/\\mathrm{sg}(\\ell + \\varepsilon)`
             (``LossWeighting("adaptive")``) helps in 2D (exact-teacher one-jump error 3.3% of the
             data radius against 7.2% at 3000 steps; the toy recipes use it) but hurts on digits
-            (the 1-NFE FID of the 2000-sample training check at step 2900: 39 with it, 21 without).
+            (one-step FID 38.1 ± 2.1 with it, 19.0 ± 1.5 without; the teacher's is 5.2).
     """
 
     name = "lagrangian"
