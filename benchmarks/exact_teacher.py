@@ -593,7 +593,9 @@ def write_report(out: Path, command: str) -> None:
             "| loss and setting | 1 step | 2 steps | 4 steps | train s | |",
             "|---|---|---|---|---|---|",
         ]
-        lines += [_row(n.split("| ", 1)[1], r["summary"]) for n, r in check.items()]
+        lines += [
+            _row(n.split("| ", 1)[1].replace(" | ", ", "), r["summary"]) for n, r in check.items()
+        ]
         lines.append("")
     if goal:
         lines += [
