@@ -349,7 +349,7 @@ def with_overrides(loss: str, base: dict[str, Any], knob: dict[str, Any]) -> Con
     """A Config for ``loss``: fields of ``knob`` that are Config fields set it, the rest are
     loss arguments (``pairs`` / ``weighting`` merged as dicts)."""
     cfg: dict[str, Any] = {**ABLATION_BUDGET, **base, "loss": loss}
-    cfg["loss_args"] = json.loads(json.dumps(OLD_DEFAULTS[loss]))  # a deep copy
+    cfg["loss_args"] = copy.deepcopy(OLD_DEFAULTS[loss])
     for k, v in knob.items():
         if k in CONFIG_FIELDS:
             cfg[k] = v
