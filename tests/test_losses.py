@@ -118,6 +118,7 @@ def test_jvp_residuals_agree_with_finite_differences(gaussian):
         EulerianLoss(form="sg_advective"),
         EulerianLoss(form="full"),
         EulerianLoss(form="discrete", teacher_share=0.25, teacher_steps=2),
+        EulerianLoss(form="discrete", teacher_max_gap=0.1),
         SemigroupLoss(split="uniform"),
         SemigroupLoss(split="midpoint", teacher_gap=0.3),
     ],
@@ -228,6 +229,7 @@ def test_learned_weighting_reaches_the_loss_scale():
         (lambda: EulerianLoss(form="half"), "Unknown Eulerian form"),
         (lambda: EulerianLoss(form="discrete", teacher_share=0.0), "teacher_share must lie"),
         (lambda: EulerianLoss(form="discrete", teacher_steps=0), "teacher_steps must be"),
+        (lambda: EulerianLoss(form="discrete", teacher_max_gap=0.0), "teacher_max_gap must lie"),
         (lambda: SemigroupLoss(split="thirds"), "Unknown semigroup split"),
         (lambda: LossWeighting("focal"), "Unknown loss weighting"),
     ],
@@ -302,3 +304,23 @@ def test_discrete_eulerian_tends_to_the_eulerian_residual(gaussian):
         gaps.append(((target - phi) / share + r).abs().max().item())
     assert r.abs().mean() > 1e-2  # an untrained map: the residual is not small
     assert gaps[1] < 1e-3 and gaps[1] < gaps[0] / 5, gaps  # O(δ)
+
+
+def test_discrete_eulerian_max_gap_caps_the_teachers_move_only_on_long_jumps(gaussian):
+    """With ``max_gap`` Δ the teacher moves min(δ(t−s), Δ): a long jump's target is the uncapped
+    target at the share Δ/(t−s); a short jump's is unchanged."""
+    torch.manual_seed(0)
+    fm = FlowMap(MLP((2,), width=32, depth=2).double())
+    x = torch.randn(2, 2, dtype=torch.float64)
+    s = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    t = torch.tensor([1.0, 0.6], dtype=torch.float64)
+
+    def target(share, rows, max_gap=None):
+        return discrete_eulerian_target(
+            fm, gaussian.velocity, x[rows], s[rows], t[rows], share=share, max_gap=max_gap
+        )
+
+    capped = discrete_eulerian_target(fm, gaussian.velocity, x, s, t, share=0.5, max_gap=0.2)
+    assert torch.allclose(capped[:1], target(0.2, [0]), atol=1e-12)  # long: u = 0 + 0.2
+    assert torch.allclose(capped[1:], target(0.5, [1]), atol=1e-12)  # short: u = 0.55
+    assert (capped[:1] - target(0.5, [0])).abs().max() > 1e-3  # the cap changed the long jump
