@@ -326,6 +326,13 @@ SPECIFIC_KNOBS: dict[str, list[tuple[str, dict[str, Any]]]] = {
             for share, n in ((0.25, 1), (0.25, 2), (0.5, 1), (0.5, 2), (0.75, 2))
         ),
         ("discrete form + lr 3e-3", {"form": "discrete", "lr": 3e-3}),
+        *(
+            (
+                f"discrete form, teacher max gap {gap}",
+                {"form": "discrete", "teacher_max_gap": gap},
+            )
+            for gap in (0.125, 0.25)
+        ),
         ("discrete form + time features up to 10 rad", {"form": "discrete", "time_scale": 10.0}),
     ],
     "semigroup": [

@@ -41,9 +41,12 @@ from flowmap.training import VelocityModule
 
 VARIANTS: dict[str, tuple[type[FlowMapLoss], dict]] = {
     "lagrangian (backprop, default)": (LagrangianLoss, {}),
-    "lagrangian (backprop, eta 0.5)": (LagrangianLoss, {"pairs": {"eta": 0.5}}),
+    "lagrangian (backprop, eta 0.5: cheaper, worse on digits)": (
+        LagrangianLoss,
+        {"pairs": {"eta": 0.5}},
+    ),
     "lagrangian (regression)": (LagrangianLoss, {"form": "regression"}),
-    "eulerian (discrete, default: share 0.5, 1 Heun)": (EulerianLoss, {}),
+    "eulerian (discrete, default: share 0.5 up to 0.125, 1 Heun)": (EulerianLoss, {}),
     "eulerian (regression)": (EulerianLoss, {"form": "regression"}),
     "eulerian (full)": (EulerianLoss, {"form": "full"}),
     "eulerian (sg_advective)": (EulerianLoss, {"form": "sg_advective"}),

@@ -118,7 +118,7 @@ def test_jvp_residuals_agree_with_finite_differences(gaussian):
         EulerianLoss(form="sg_advective"),
         EulerianLoss(form="full"),
         EulerianLoss(form="discrete", teacher_share=0.25, teacher_steps=2),
-        EulerianLoss(form="discrete", teacher_max_gap=0.1),
+        EulerianLoss(form="discrete", teacher_max_gap=None),
         SemigroupLoss(split="uniform"),
         SemigroupLoss(split="midpoint", teacher_gap=0.3),
     ],
@@ -274,6 +274,7 @@ def test_every_loss_has_its_measured_defaults_and_one_diagonal_fraction():
         assert loss.pairs.eta == TimePairSampler().eta == 0.25
     assert all(loss().weighting.kind == "none" for loss in (LagrangianLoss, EulerianLoss))
     assert LagrangianLoss().form == "backprop" and EulerianLoss().form == "discrete"
+    assert EulerianLoss().teacher_max_gap == 0.125 and EulerianLoss().teacher_steps == 1
     assert LagrangianLoss(weighting=LossWeighting("adaptive")).weighting.kind == "adaptive"
 
 
