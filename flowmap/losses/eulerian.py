@@ -13,7 +13,9 @@ i.e. :math:`X(s,t,\cdot)` is constant along the teacher's flow in :math:`s`. For
   it is the regression form below (the LSD paper's App. C.1). No JVP. A finite :math:`\delta`
   carries information from the diagonal a finite distance per update instead of an
   infinitesimal one: distilling an exact mixture teacher it reached 6.0% of the data radius at one
-  jump where the regression form was at 28.6% (``benchmarks/results/exact-teacher``);
+  jump where the regression form was at 28.6% (``benchmarks/results/exact-teacher``). The map
+  inherits the error of the teacher's step, so the teacher moves at most ``teacher_max_gap``
+  (default 0.125) on long jumps, as consistency distillation's fixed teacher step does;
 * ``"regression"`` (MeanFlow, AYF, sCM) —
   :math:`\phi \leftarrow \mathrm{sg}[b_s + r(k)\,(t-s)\,D\phi]`, one JVP in :math:`(s, x)` with tangent
   :math:`(1, b_s)`, a semigradient that needs no second-order autodiff. Its fixed point is the flow
