@@ -566,6 +566,8 @@ def write_report(out: Path, command: str) -> None:
                 label = f"{extra.name}: {name.replace(' | ', ', ')} {args or '(the defaults then)'}"
                 if res["config"].get("time_scale") is not None:
                     label += f", time features up to {res['config']['time_scale']:g} rad"
+                if res["config"].get("width", Config.width) != Config.width:
+                    label += f", width {res['config']['width']}"
                 others.append(_row(f"{label}, lr {res['config']['lr']:g}", res["summary"]))
     if others:
         lines += [
