@@ -3,6 +3,7 @@ pipeline runs end to end in a tiny setting; CIFAR-10 configs run with fast_dev_r
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from flowmap.training import FlowMapModule, VelocityModule, load_module, read_ch
 from tests.fakes import make_fake_cifar10
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+FLOW_MAP_LOSSES = ("lagrangian", "eulerian", "semigroup")
 CONFIGS = sorted(RECIPES.glob("*/*.yaml"))
 
 
@@ -157,14 +159,18 @@ def test_cifar10_configs_run_with_fast_dev_run_on_a_stand_in(tmp_path):
         )
 
 
-def test_toy_pipeline_runs_end_to_end_and_writes_its_report(tmp_path):
+def test_toy_pipeline_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatch, capsys):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("toy_pipeline", RECIPES / "toy2d/pipeline.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = tmp_path / "toy"
+    monkeypatch.chdir(tmp_path)  # the README's paths, relative to a fresh directory
+    out = Path("runs/toy2d")
     module.main(["--out", str(out), "--tiny", "--n-samples", "200"])
+    console = capsys.readouterr().out
+    assert "flow map, lagrangian" in console and "Files: runs/toy2d/report.md" in console
+    assert "Inversion, round trip" in console  # the toy recipes train both directions
     for name in ("report.md", "fid_vs_steps.png", "results.json", "samples.npz"):
         assert (out / name).stat().st_size > 0
     res = json.loads((out / "results.json").read_text())
@@ -186,6 +192,26 @@ def test_toy_pipeline_runs_end_to_end_and_writes_its_report(tmp_path):
             assert r["nfe"] in (1, 2, 4)
     euler1 = next(r for r in res["rows"] if (r["method"], r["nfe"]) == ("teacher/euler", 1))
     assert 0 < res["floor"]["ci_low"] < res["floor"]["value"] < euler1["ci_low"]
+    rt = res["round_trip"]
+    assert {r["method"] for r in rt["rows"]} == {f"flowmap/{k}" for k in FLOW_MAP_LOSSES}
+    assert rt["teacher"]["method"] == "teacher/heun" and not rt["forward_only"]
+
+    # the same command again reuses every stage (same recipe, overrides and teacher) ...
+    again = module.main(["--out", str(out), "--tiny", "--n-samples", "200"])
+    assert "reusing" in capsys.readouterr().out
+    fits = ("teacher", *FLOW_MAP_LOSSES)
+    assert [again["stage_seconds"][k] for k in fits] == [res["stage_seconds"][k] for k in fits]
+    # ... and other flags into the same --out are refused, saying which input changed
+    with pytest.raises(ValueError, match="--data.name=moons now; pass another --out"):
+        module.main(["--out", str(out), "--tiny", "--dataset", "moons"])
+    assert json.loads((out / "results.json").read_text())["dataset"] == "checkerboard"
+
+    # the README's Python snippets run as written against this run's checkpoints
+    readme = (RECIPES.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
 
 
 def test_digits_pipeline_runs_end_to_end_with_fid_in_digits_features(tmp_path):

@@ -1,20 +1,26 @@
 """Recipe pipelines: teacher → flow maps (one per loss) → FID/W2-vs-steps report, one command.
 
 Each stage is the same Lightning CLI fit a user would run by hand (``flowmap fit --config
-recipes/<name>/<stage>.yaml``); a stage whose checkpoint is already there is reused, so a killed
-pipeline resumes where it stopped.
+recipes/<name>/<stage>.yaml``). A finished stage is reused only if its recipe, overrides and
+teacher are unchanged, and a killed stage resumes from its ``last.ckpt`` (:func:`fit_stage`), so a
+killed pipeline resumes where it stopped; other inputs into the same ``--out`` are an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
 import time
 from collections.abc import Sequence
+from io import StringIO
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.table import Table
 
 from flowmap.apps.cli import cli_main
 from flowmap.apps.report import main as report_main
@@ -24,21 +30,77 @@ __all__ = ["fit_stage", "run_pipeline", "recipe_parser", "run_recipe"]
 FLOW_MAP_STAGES = ("lagrangian", "eulerian", "semigroup")
 
 
-def fit_stage(config: Path, root: Path, overrides: Sequence[str] = ()) -> Path:
-    """Run ``flowmap fit --config config`` into ``root`` (skipped if ``root/done.json`` exists;
-    that file records the checkpoint and the stage's wall time)."""
-    done = root / "done.json"
-    if done.exists():
-        return Path(json.loads(done.read_text())["checkpoint"])
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stage_inputs(config: Path, overrides: Sequence[str], teacher: Path | None) -> dict[str, Any]:
+    """What a stage's result depends on: its recipe file (by content), the overrides, and the
+    teacher checkpoint it distils (by content)."""
+    return {
+        "config": str(config),
+        "config_sha256": _sha256(config),
+        "overrides": list(overrides),
+        "teacher_sha256": _sha256(teacher) if teacher is not None else None,
+    }
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The inputs that differ, as a user reads them."""
+    what = []
+    if old.get("config_sha256") != new["config_sha256"]:
+        what.append(f"the recipe {new['config']} was edited")
+    if old.get("overrides") != new["overrides"]:
+        a, b = set(old.get("overrides", [])), set(new["overrides"])
+        gone, added = " ".join(sorted(a - b)) or "none", " ".join(sorted(b - a)) or "none"
+        what.append(f"overrides {gone} then, {added} now")
+    if old.get("teacher_sha256") != new["teacher_sha256"]:
+        what.append("its teacher checkpoint changed")
+    return "; ".join(what) or "inputs recorded by an older flowmap"
+
+
+def fit_stage(
+    config: Path, root: Path, overrides: Sequence[str] = (), teacher: Path | None = None
+) -> Path:
+    """Run ``flowmap fit --config config`` into ``root``, unless it already ran there.
+
+    A finished stage (``root/done.json``: checkpoint, wall time, inputs) is reused only if its
+    inputs (:func:`stage_inputs`) are unchanged; a stage that was killed resumes from its
+    ``last.ckpt`` under the same condition. Other inputs are an error that says which changed:
+    the directory holds another run, and mixing them would report one under the other's name.
+    """
+    inputs = stage_inputs(config, overrides, teacher)
+    done, started = root / "done.json", root / "inputs.json"
+    recorded = done if done.exists() else started if started.exists() else None
+    if recorded is not None:
+        old = json.loads(recorded.read_text())
+        old_inputs = old.get("inputs", old)
+        if old_inputs != inputs:
+            raise ValueError(
+                f"{root} holds a stage made from other inputs ({_changed(old_inputs, inputs)}); "
+                "pass another --out, or delete that directory to retrain it."
+            )
+        if recorded is done:
+            print(f"{root.name}: reusing {root} (same recipe, overrides and teacher)")
+            return Path(old["checkpoint"])
+    last = root / "checkpoints" / "last.ckpt"
+    resume = ["--ckpt_path", str(last)] if recorded is started and last.exists() else []
+    if resume:
+        print(f"{root.name}: resuming the interrupted run from {last}")
+    root.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps(inputs, indent=2))
     start = time.time()
     cli = cli_main(
-        ["fit", "--config", str(config), f"--trainer.default_root_dir={root}", *overrides]
+        ["fit", "--config", str(config), f"--trainer.default_root_dir={root}", *overrides, *resume]
     )
     ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
     done.write_text(
         json.dumps(
-            {"checkpoint": str(ckpt), "seconds": time.time() - start, "overrides": list(overrides)},
-            indent=2,
+            {"checkpoint": str(ckpt), "seconds": time.time() - start, "inputs": inputs}, indent=2
         )
     )
     return ckpt
@@ -67,6 +129,7 @@ def run_pipeline(
             recipe / f"{loss}.yaml",
             out / loss,
             [f"--model.teacher={teacher}", *data_overrides, *flowmap_overrides],
+            teacher=teacher,
         )
         flowmaps += ["--flowmap", f"{loss}={ckpt}"]
     for stage in ("teacher", *losses):  # wall time of the run that trained each stage
@@ -86,7 +149,66 @@ def run_pipeline(
             + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
             + ".\n"
         )
+    print(headline(results, out), end="")
     return results
+
+
+def _pm(e: dict[str, Any] | None, ratio: dict[str, Any] | None = None) -> str:
+    if e is None:
+        return "-"
+    text = f"{e['value']:.3g} ± {0.5 * (e['ci_high'] - e['ci_low']):.2g}"
+    if ratio is not None:
+        text += f" ({ratio['value']:.2f}×)"
+    return text
+
+
+def headline(results: dict[str, Any], out: Path, nfes: Sequence[int] = (1, 2, 4)) -> str:
+    """The main job's last words: quality at 1, 2 and 4 steps per method with 95% intervals (and
+    the ratio to the teacher's adaptive solve), the inversion round trip, and where the files are."""
+    table = Table(
+        title=f"{results['metric'].upper()} on {results['dataset']} "
+        f"({results['n_samples']} samples per row, ± = half-width of the 95% interval)",
+        title_justify="left",
+    )
+    table.add_column("method")
+    for n in nfes:
+        table.add_column(f"{n} step{'s' if n > 1 else ''}", justify="right")
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results["rows"]:
+        rows.setdefault(r["method"], {})[r["nfe"]] = r
+    ref = next((r for m, by in rows.items() if m.endswith("dopri5") for r in by.values()), None)
+    if ref is not None:
+        table.add_row(f"teacher, adaptive solve (NFE {ref['nfe']})", _pm(ref), "", "")
+    table.add_row("floor: held-out data (noise level)", _pm(results.get("floor")), "", "")
+    for method, by in rows.items():
+        if (
+            method.endswith("dopri5")
+            or method not in ("teacher/euler",)
+            and "flowmap/" not in method
+        ):
+            continue
+        cells = [_pm(by.get(n), by.get(n, {}).get("ratio_to_teacher")) for n in nfes]
+        table.add_row(
+            method.replace("flowmap/", "flow map, ").replace("teacher/euler", "teacher, Euler"),
+            *cells,
+        )
+    rt = results.get("round_trip") or {}
+    buf = StringIO()
+    console = Console(file=buf, width=120, force_terminal=False)
+    console.print(table)
+    if rt.get("rows"):
+        two = {r["method"]: r for r in rt["rows"] if r["nfe"] == 2}
+        console.print(
+            "Inversion, round trip noise -> data -> noise at 2 jumps each way (mean distance): "
+            + ", ".join(f"{m.split('/')[-1]} {_pm(r)}" for m, r in two.items())
+            + f"; the teacher's {rt['teacher']['method']} at NFE {rt['teacher']['nfe']}: "
+            + _pm(rt["teacher"])
+        )
+    console.print(
+        f"Files: {out / 'report.md'} (every row and metric), {out / 'fid_vs_steps.png'}, "
+        f"{out / 'samples_grid.png'}, {out / 'results.json'}; checkpoints under {out}/<stage>/."
+    )
+    return buf.getvalue()
 
 
 def recipe_parser(doc: str) -> argparse.ArgumentParser:

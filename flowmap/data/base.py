@@ -22,10 +22,32 @@ __all__ = [
     "FlowDataModule",
     "TensorSamples",
     "check_split",
+    "dataset_identity",
+    "describe_dataset",
     "from_uint8",
     "mix_seed",
     "to_uint8",
 ]
+
+#: DataModule arguments that change how the data is served, not which distribution it is.
+LOADER_ARGS = frozenset(
+    {"batch_size", "n_val", "num_workers", "seed", "download", "check_integrity", "_instantiator"}
+)
+
+
+def dataset_identity(hparams: dict[str, Any] | None) -> dict[str, Any]:
+    """What names a dataset in a DataModule's saved hyperparameters (its class and the arguments
+    that choose the distribution, e.g. ``name``, ``root``): two checkpoints with equal identities
+    were trained on the same data."""
+    return {k: v for k, v in (hparams or {}).items() if k not in LOADER_ARGS}
+
+
+def describe_dataset(identity: dict[str, Any]) -> str:
+    """``Toy2DDataModule(name='moons')``: a dataset identity as error messages print it."""
+    cls = str(identity.get("_class_path", "unknown data")).rpartition(".")[2]
+    args = ", ".join(f"{k}={v!r}" for k, v in identity.items() if k != "_class_path")
+    return f"{cls}({args})"
+
 
 #: Names accepted by :meth:`FlowDataModule.reference_samples`.
 REFERENCE_SPLITS: tuple[str, ...] = ("train", "test")

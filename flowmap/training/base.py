@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -15,7 +16,8 @@ from jsonargparse import ArgumentParser
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from flowmap.training.checkpoints import CHECKPOINT_FORMAT
+from flowmap.data.base import dataset_identity
+from flowmap.training.checkpoints import CHECKPOINT_FORMAT, CheckpointError
 
 __all__ = ["FlowModuleBase", "NonFiniteLossError", "build", "fork_rng", "lr_factor", "LR_SCHEDULES"]
 
@@ -29,6 +31,45 @@ _CONFIG_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 # Nets are constructor arguments on purpose: the CLI records their config (not the object) in the
 # hyperparameters, which is what lets `load_from_checkpoint(path)` rebuild them with no arguments.
 warnings.filterwarnings("ignore", message=r"Attribute '(net|loss)' is an instance of `nn.Module`")
+# A fresh fit into a directory that holds checkpoints is refused (FlowModuleBase.on_fit_start), so
+# Lightning's warning about it is noise; it also fired on a fresh run, for the saved config.yaml.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+#: hyperparameters that may differ between a checkpoint and the run resuming it
+_RESUME_FREE = frozenset({"data_shape", "_instantiator"})
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"net": {"init_args": {"width": 8}}}`` → ``{"net.init_args.width": 8}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``["lr: 0.002 in the checkpoint, 0.001 now", …]`` for every plain-data key that differs
+    (keys whose current value is an object, e.g. a net built in Python, are not compared)."""
+    plain = (str, int, float, bool, type(None), list, tuple, Mapping)
+    a = _flatten({k: v for k, v in saved.items() if k not in _RESUME_FREE})
+    b = _flatten({k: v for k, v in now.items() if k not in _RESUME_FREE and isinstance(v, plain)})
+    top = {k.split(".")[0] for k in b} | {k for k, v in now.items() if isinstance(v, plain)}
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k.split(".")[0] not in top:
+            continue
+        if k.startswith("_") and (k not in a or k not in b):  # e.g. _class_path, CLI runs only
+            continue
+        va, vb = a.get(k, "unset"), b.get(k, "unset")
+        if isinstance(va, tuple | list) and isinstance(vb, tuple | list):
+            va, vb = list(va), list(vb)
+        if va != vb:
+            diffs.append(f"{k}: {va!r} in the checkpoint, {vb!r} now")
+    return diffs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -168,6 +209,50 @@ class FlowModuleBase(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng_state = checkpoint.get("torch_rng_state")
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            self._check_resume(checkpoint, trainer)
+
+    def _check_resume(self, checkpoint: dict[str, Any], trainer: L.Trainer) -> None:
+        """Resuming under another model config or another dataset is an error (one sentence):
+        the run would silently continue as something it was not."""
+        diffs = [
+            f"model.{d}"
+            for d in config_differences(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
+        ]
+        dm = getattr(trainer, "datamodule", None)
+        saved_data = checkpoint.get("datamodule_hyper_parameters")
+        if dm is not None and saved_data is not None:
+            diffs += [
+                f"data.{d}"
+                for d in config_differences(
+                    dataset_identity(saved_data), dataset_identity(dict(dm.hparams))
+                )
+            ]
+        if diffs:
+            shown = "; ".join(diffs[:3]) + (
+                f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            )
+            raise CheckpointError(
+                f"Cannot resume {trainer.ckpt_path or 'the checkpoint'} under a different config "
+                f"({shown}); resume with the run's own config (config.yaml beside the checkpoint) "
+                "or train into another --trainer.default_root_dir."
+            )
+
+    def on_fit_start(self) -> None:
+        """A fresh fit into a directory that already holds checkpoints is refused: it would write
+        ``last-v1.ckpt`` beside another run's ``last.ckpt`` and leave both half-described."""
+        trainer = self.trainer
+        ckpt = trainer.checkpoint_callback
+        dirpath = getattr(ckpt, "dirpath", None)
+        if trainer.ckpt_path is None and dirpath and os.path.isdir(dirpath):
+            old = sorted(f for f in os.listdir(dirpath) if f.endswith(".ckpt"))
+            if old:
+                raise CheckpointError(
+                    f"{dirpath} already holds the checkpoints of a run ({', '.join(old[:3])}); "
+                    "resume it with --ckpt_path last, or train into another "
+                    "--trainer.default_root_dir."
+                )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         state = getattr(self, "_pending_rng_state", None)

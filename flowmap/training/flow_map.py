@@ -200,9 +200,27 @@ class FlowMapModule(FlowModuleBase):
         self._check_method(method)
         return sample_flow_map(self.sampling_flow_map, x0, steps=self._check_nfe(nfe))
 
+    @property
+    def trained_backward(self) -> bool:
+        r"""Whether the loss drew pairs with :math:`s > t` (``pairs.backward_fraction > 0``), the
+        only ones that train the backward jumps :meth:`invert` takes."""
+        pairs = getattr(self.loss, "pairs", None)
+        return float(getattr(pairs, "backward_fraction", 0.0)) > 0.0
+
     @torch.no_grad()
     def invert(self, x1: Tensor, nfe: int = 1) -> Solution:
-        """``nfe`` uniform jumps backwards, from data at :math:`t=1` to noise at :math:`t=0`."""
+        """``nfe`` uniform jumps backwards, from data at :math:`t=1` to noise at :math:`t=0`.
+
+        Only a map trained on backward pairs can (``loss.pairs.backward_fraction > 0``, as in the
+        toy recipes); any other refuses, since its jumps with :math:`s > t` were never trained
+        (a forward-only checkerboard map missed the noise by 1.0 at 2 jumps)."""
+        if not self.trained_backward:
+            raise ValueError(
+                "This flow map was trained only forward (noise -> data, "
+                "loss.pairs.backward_fraction = 0), so its backward jumps are untrained; retrain "
+                "it with --model.loss.init_args.pairs.backward_fraction=0.5 to invert, or solve "
+                "the teacher's ODE backwards."
+            )
         return sample_flow_map(
             self.sampling_flow_map, x1, steps=self._check_nfe(nfe), t0=1.0, t1=0.0
         )
