@@ -1,4 +1,4 @@
-r"""The flow map :math:`X(s, t, x) = x + (t - s)\,\phi(x, s, t)` (DESIGN §2), the one owner of the
+r"""The flow map :math:`X(s, t, x) = x + (t - s)\,\phi(x, s, t)`, the one owner of the
 parameterisation, as EDM's preconditioner is: losses and samplers call :class:`FlowMap`, never its net.
 
 :math:`X(s, s, x) = x` holds exactly by construction, and the diagonal :math:`\phi(x, t, t)` is a

@@ -7,6 +7,7 @@ the file and what to do.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["UnsafeFileError", "safe_load"]
+__all__ = ["UnsafeFileError", "file_sha256", "safe_load"]
 
 
 class UnsafeFileError(ValueError):
@@ -36,6 +37,13 @@ def safe_load(path: str | os.PathLike[str], what: str = "file") -> Any:
     p = Path(path)
     if not p.is_file():
         raise UnsafeFileError(f"The {what} {str(p)!r} does not exist; check the path.")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip (torch.save) or pickle
+        raise UnsafeFileError(
+            f"Could not read the {what} {str(p)!r}: it is not a torch file (neither a zip archive "
+            "nor a pickle stream); pass the .ckpt/.pt file itself."
+        )
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -44,8 +52,25 @@ def safe_load(path: str | os.PathLike[str], what: str = "file") -> Any:
             "plain data, and flowmap never unpickles such files (torch.load weights_only=True); "
             "re-save it from a trusted source as a state_dict."
         ) from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as err:
+    except (
+        EOFError,
+        RuntimeError,
+        zipfile.BadZipFile,
+        OSError,
+        KeyError,
+        IndexError,
+        ValueError,
+    ) as err:
         raise UnsafeFileError(
             f"Could not read the {what} {str(p)!r}: the file is truncated or not a torch file "
             f"({type(err).__name__}); use an intact copy."
         ) from None
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB blocks): a file's identity by content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,4 +1,4 @@
-r"""Analytic teachers for tests and benchmarks (DESIGN §5).
+r"""Analytic teachers for tests and benchmarks: closed-form velocities and flow maps.
 
 * :class:`GaussianTarget` — data :math:`x_1 \sim N(\mu, \mathrm{diag}(c^2))`. With
   :math:`m_t = \alpha_t\mu` and :math:`v_t = \alpha_t^2 c^2 + \sigma_t^2`,

@@ -133,3 +133,34 @@ def test_a_report_refuses_flow_maps_of_another_dataset_or_teacher(
     )
     assert "was distilled from" in line and str(toy_teacher[1]) in line
     assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
+
+
+# --------------------------------------------------------------------------- README
+def _readme_commands(prefix: str) -> list[list[str]]:
+    """The README's shell commands starting with ``prefix``, continuation lines joined."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith(prefix):
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_the_readme_fit_commands_parse_as_written():
+    from flowmap.apps.cli import cli_main
+
+    commands = _readme_commands("flowmap fit")
+    assert len(commands) >= 4
+    roots = set()
+    for argv in commands:
+        with pytest.raises(SystemExit) as exc:
+            cli_main([*argv, "--print_config"])
+        assert exc.value.code in (0, None), argv
+        roots |= {a for a in argv if a.startswith("--trainer.default_root_dir=")}
+    assert len(roots) >= 3  # each example writes into its own directory

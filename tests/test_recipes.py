@@ -202,7 +202,7 @@ def test_toy_pipeline_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatc
     fits = ("teacher", *FLOW_MAP_LOSSES)
     assert [again["stage_seconds"][k] for k in fits] == [res["stage_seconds"][k] for k in fits]
     # ... and other flags into the same --out are refused, saying which input changed
-    with pytest.raises(ValueError, match="--data.name=moons now; pass another --out"):
+    with pytest.raises(ValueError, match=r"--data.name=moons now\); pass another --out"):
         module.main(["--out", str(out), "--tiny", "--dataset", "moons"])
     assert json.loads((out / "results.json").read_text())["dataset"] == "checkerboard"
 

@@ -273,7 +273,7 @@ def _run_and_expect_one_sentence(args, capsys, match):
 def test_wandb_offline_run_writes_its_files_and_a_second_run_does_not_crash(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    for _ in range(2):
+    for resume in ([], ["--ckpt_path=last", "--trainer.max_steps=6"]):  # a fit, then its resume
         cli_main(
             [
                 "fit",
@@ -285,6 +285,7 @@ def test_wandb_offline_run_writes_its_files_and_a_second_run_does_not_crash(tmp_
                 f"--trainer.default_root_dir={tmp_path}",
                 "--trainer.max_steps=3",
                 "--data.batch_size=32",
+                *resume,
             ]
         )
         import wandb

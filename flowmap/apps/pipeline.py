@@ -9,7 +9,6 @@ killed pipeline resumes where it stopped; other inputs into the same ``--out`` a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
@@ -24,18 +23,11 @@ from rich.table import Table
 
 from flowmap.apps.cli import cli_main
 from flowmap.apps.report import main as report_main
+from flowmap.io import file_sha256
 
 __all__ = ["fit_stage", "run_pipeline", "recipe_parser", "run_recipe"]
 
 FLOW_MAP_STAGES = ("lagrangian", "eulerian", "semigroup")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stage_inputs(config: Path, overrides: Sequence[str], teacher: Path | None) -> dict[str, Any]:
@@ -43,9 +35,9 @@ def stage_inputs(config: Path, overrides: Sequence[str], teacher: Path | None) -
     teacher checkpoint it distils (by content)."""
     return {
         "config": str(config),
-        "config_sha256": _sha256(config),
+        "config_sha256": file_sha256(config),
         "overrides": list(overrides),
-        "teacher_sha256": _sha256(teacher) if teacher is not None else None,
+        "teacher_sha256": file_sha256(teacher) if teacher is not None else None,
     }
 
 

@@ -1,4 +1,4 @@
-r"""FID (or W2 on 2D data) against the number of sampling steps, with 95% intervals (DESIGN §6).
+r"""FID (or W2 on 2D data) against the number of sampling steps, with 95% intervals.
 
 ``flowmap report --teacher T.ckpt --flowmap L.ckpt [--flowmap name=E.ckpt …] --out DIR``
 
@@ -41,11 +41,17 @@ from lightning.pytorch.cli import instantiate_module
 from rich.progress import Progress
 from torch import Tensor
 
-from flowmap.apps.pictures import grid_picture
-from flowmap.data.base import REFERENCE_SPLITS, FlowDataModule
+from flowmap.apps.pictures import grid_picture, quality_vs_steps_plot
+from flowmap.data.base import (
+    REFERENCE_SPLITS,
+    FlowDataModule,
+    dataset_identity,
+    describe_dataset,
+)
+from flowmap.io import file_sha256
 from flowmap.metrics.evaluation import Evaluator, Measurement
-from flowmap.metrics.intervals import Replicates
-from flowmap.ode import STAGES
+from flowmap.metrics.intervals import Replicates, t_interval
+from flowmap.ode import STAGES, solve_ode
 from flowmap.protocols import Sampler, Solution
 from flowmap.training import (
     CheckpointError,
@@ -56,7 +62,6 @@ from flowmap.training import (
 )
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 __all__ = [
     "ReportConfig",
@@ -138,6 +143,38 @@ def _load_flowmap(spec: str) -> tuple[str, FlowMapModule, str]:
     return label or module.loss.name, module, path
 
 
+def check_same_origin(
+    teacher_path: str, teacher_ckpt: dict[str, Any], label: str, path: str
+) -> None:
+    """A flow map is reported only beside its own teacher's data, path and (when the file it
+    recorded still exists) its own teacher: anything else is an error naming the mismatch."""
+    ck = read_checkpoint(path, expected_kind="FlowMapModule")
+    want = dataset_identity(teacher_ckpt.get("datamodule_hyper_parameters"))
+    got = dataset_identity(ck.get("datamodule_hyper_parameters"))
+    if want and got and want != got:
+        raise ValueError(
+            f"The flow map {label!r} ({path}) was trained on {describe_dataset(got)} but the "
+            f"teacher {teacher_path} on {describe_dataset(want)}; report checkpoints of one dataset."
+        )
+    schedules = [
+        c.get("hyper_parameters", {}).get("schedule") or "linear" for c in (teacher_ckpt, ck)
+    ]
+    if schedules[0] != schedules[1]:
+        raise ValueError(
+            f"The flow map {label!r} follows the {schedules[1]!r} path but the teacher the "
+            f"{schedules[0]!r} one; report a flow map beside the teacher it was distilled from."
+        )
+    own = ck.get("flowmap_teacher")
+    if isinstance(own, str) and not own.startswith("python:") and os.path.isfile(own):
+        if not os.path.samefile(own, teacher_path) and file_sha256(own) != file_sha256(
+            teacher_path
+        ):
+            raise ValueError(
+                f"The flow map {label!r} ({path}) was distilled from {own}, not from the teacher "
+                f"{teacher_path}; pass --teacher {own}, or report it in its own run."
+            )
+
+
 def plan_rows(
     teacher: VelocityModule, flowmaps: dict[str, tuple[Sampler, str]], cfg: ReportConfig
 ) -> tuple[list[Row], list[str]]:
@@ -199,7 +236,13 @@ def _batched(run: Callable[[Tensor], Solution], x0: Tensor, batch: int) -> Solut
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     dev = "CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return f"{platform.node()} · {platform.system()} {platform.machine()} {cpu} · {os.cpu_count()} cores · {dev}"
+    # the thread count changes float reduction order: same machine, versions and threads give
+    # bit-identical reports, another thread count moves the values within their intervals
+    threads = f"{torch.get_num_threads()} torch threads"
+    return (
+        f"{platform.node()} · {platform.system()} {platform.machine()} {cpu} · "
+        f"{os.cpu_count()} cores · {threads} · {dev}"
+    )
 
 
 def package_versions() -> dict[str, str]:
@@ -219,53 +262,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def _plot(results: dict[str, Any], path: Path) -> None:
-    """The headline metric against NFE with 95% error bars; the endpoint error beside it."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
-    colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in both panels
-    for ax, key in zip(axes, (results["metric"], "endpoint")):
-        for m in methods:
-            pts = sorted(
-                (r["nfe"], r["metrics"][key])
-                for r in results["rows"]
-                if r["method"] == m and key in r["metrics"]
-            )
-            if not pts:
-                continue
-            xs = [p[0] for p in pts]
-            ys = np.array([p[1]["value"] for p in pts])
-            err = np.array([[y - p[1]["ci_low"], p[1]["ci_high"] - y] for y, p in zip(ys, pts)]).T
-            single = len(xs) == 1
-            ax.errorbar(
-                xs,
-                ys,
-                yerr=err,
-                marker="*" if single else "o",
-                ms=10 if single else 5,
-                capsize=3,
-                label=m,
-                color=colour[m],
-            )
-        if key == results["metric"]:
-            fl = results["floor"]
-            ax.axhspan(fl["ci_low"], fl["ci_high"], color="k", alpha=0.12)
-            ax.axhline(fl["value"], color="k", ls="--", lw=1, label="floor (held-out data)")
-        ax.set_yscale("log")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("NFE (network evaluations per sample)")
-        ax.set_ylabel(key.upper() if key != "endpoint" else "distance from teacher endpoint")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(
-        f"{results['dataset']}: {results['metric'].upper()} vs sampling steps "
-        f"(n={results['n_samples']} per row, {results['groups']} groups, 95% intervals)"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _cell(e: dict[str, Any] | None) -> str:
@@ -362,6 +358,7 @@ def _markdown(results: dict[str, Any], skipped: list[str]) -> str:
                 else ""
             )
             lines += ["", f"## {title}", "", *_table(results, key, nfes), "", floor.strip()]
+    lines += _round_trip_lines(results.get("round_trip"))
     lines += [
         "",
         "## Samples",
@@ -452,7 +449,7 @@ def _write_outputs(
 ) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(_markdown(results, skipped))
-    _plot(results, out / "fid_vs_steps.png")
+    quality_vs_steps_plot(results, out / "fid_vs_steps.png")
     shown = 2000 if reference.dim() == 2 else 64
     panels: dict[str, dict[int, Tensor]] = {}
     for method, nfe, key in keys:
@@ -512,6 +509,79 @@ def _sizes(image: bool, n: int | None, groups: int | None) -> tuple[int, int]:
     return int(n or dn), int(groups or dg)
 
 
+#: the teacher's fixed-step solve whose round trip is the yardstick of a flow map's inversion
+ROUND_TRIP_SOLVER = ("heun", 8)
+
+
+@torch.no_grad()
+def round_trips(
+    teacher: VelocityModule,
+    flowmaps: dict[str, tuple[FlowMapModule, str]],
+    x0: Tensor,
+    nfes: Sequence[int],
+    groups: int,
+    batch: int,
+) -> dict[str, Any]:
+    r"""How well each flow map inverts: the mean distance :math:`\|x_0 - X(1,0,X(0,1,x_0))\|`
+    of the round trip noise -> data -> noise in ``n`` jumps each way, with a 95% interval over the
+    groups, beside the same round trip of the teacher's Heun solve at 8 NFE each way. Maps not
+    trained on backward pairs (:attr:`FlowMapModule.trained_backward`) are listed, not measured."""
+
+    def mean_distance(back: Tensor) -> dict[str, Any]:
+        d = (back - x0).flatten(1).norm(dim=1).double().numpy()
+        return t_interval([g.mean() for g in np.array_split(d, groups)]).as_dict()
+
+    out: dict[str, Any] = {"rows": [], "forward_only": []}
+    if not any(m.trained_backward for m, _ in flowmaps.values()):
+        out["forward_only"] = list(flowmaps)
+        return out
+    solver, nfe = ROUND_TRIP_SOLVER
+    x1 = _batched(lambda x: teacher.generate(x, nfe, solver), x0, batch).x
+    back = _batched(
+        lambda x: solve_ode(teacher.velocity, x, solver, nfe=nfe, t0=1.0, t1=0.0),
+        x1,
+        batch,
+    ).x
+    out["teacher"] = {"method": f"teacher/{solver}", "nfe": nfe, **mean_distance(back)}
+    for label, (fm, _) in flowmaps.items():
+        if not fm.trained_backward:
+            out["forward_only"].append(label)
+            continue
+        for n in nfes:
+            x1 = _batched(lambda x, m=fm, n=n: m.generate(x, n), x0, batch).x
+            back = _batched(lambda x, m=fm, n=n: m.invert(x, n), x1, batch).x
+            out["rows"].append({"method": f"flowmap/{label}", "nfe": n, **mean_distance(back)})
+    return out
+
+
+def _round_trip_lines(rt: dict[str, Any] | None) -> list[str]:
+    if not rt or not (rt.get("rows") or rt.get("forward_only")):
+        return []
+    lines = [
+        "",
+        "## Inversion: round trip noise -> data -> noise (mean distance from the noise)",
+        "",
+    ]
+    if rt.get("rows"):
+        ref = rt["teacher"]
+        lines += [
+            f"The yardstick is the teacher's own fixed-step solve both ways, `{ref['method']}` at "
+            f"NFE {ref['nfe']} each way: {_cell(ref)}.",
+            "",
+            "| flow map | jumps each way | round-trip distance |",
+            "|---|---|---|",
+            *(f"| {r['method']} | {r['nfe']} | {_cell(r)} |" for r in rt["rows"]),
+        ]
+    if rt.get("forward_only"):
+        lines += [
+            "",
+            "Not inverted (trained forward only, `backward_fraction` 0): "
+            + ", ".join(rt["forward_only"])
+            + ".",
+        ]
+    return lines
+
+
 def run_report(cfg: ReportConfig) -> dict[str, Any]:
     """Evaluate every row (reusing rows finished by an earlier, interrupted run) and write the files."""
     if cfg.from_samples:
@@ -533,6 +603,7 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         if label in flowmaps:
             raise ValueError(f"Two flow maps are labelled {label!r}; name them as label=path.")
         flowmaps[label] = (module, path)
+        check_same_origin(cfg.teacher, ck, label, path)
     dm = build_datamodule(ck.get("datamodule_hyper_parameters", {}))
     shape = tuple(dm.data_shape)
     for name, mod in [("teacher", teacher), *((k, v[0]) for k, v in flowmaps.items())]:
@@ -626,6 +697,9 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         "reference_split": cfg.reference_split,
     }
     results = _results(meta, keys, measured, floor, evaluator)
+    results["round_trip"] = round_trips(
+        teacher, flowmaps, x0, [n for n in cfg.nfe if n <= 8], groups, cfg.batch_size
+    )
     results["seconds"] = time.time() - start
     _write_outputs(out, results, skipped, samples, keys, evaluator.reference)
     if cfg.save_samples is not None:
@@ -706,44 +780,76 @@ def report_from_samples(cfg: ReportConfig) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowmap report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", default=None, help="VelocityModule checkpoint (the teacher)")
+    from flowmap.apps.cli import CommandParser
+    from flowmap.apps.sample import positive_int
+
+    p = CommandParser(
+        prog="flowmap report",
+        description="FID (images) or W2 (2D data) against the number of sampling steps, with 95% "
+        "intervals: the teacher's solvers, its adaptive solve, every flow map and the data's own "
+        "floor, measured on the same noise. Writes report.md, fid_vs_steps.png, samples_grid.png "
+        "and results.json into --out; a killed run resumes from --out/rows/.",
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="the teacher's checkpoint (a VelocityModule from `flowmap fit`); its data module "
+        "gives the reference data. Needed unless --from-samples",
+    )
     p.add_argument(
         "--flowmap",
         action="append",
         default=[],
         dest="flowmaps",
-        help="FlowMapModule checkpoint, optionally label=path (repeatable)",
+        metavar="[LABEL=]CKPT",
+        help="a flow map's checkpoint (FlowMapModule), optionally labelled; repeat for several "
+        "(the label defaults to the loss's name)",
     )
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_NFE), help="NFE grid")
+    p.add_argument(
+        "--out", required=True, help="output directory (created; an existing one is resumed)"
+    )
+    p.add_argument(
+        "--nfe",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_NFE),
+        help="NFE grid: network evaluations per sample, each a multiple of every solver's "
+        "evaluations per step",
+    )
     p.add_argument(
         "--solvers",
         nargs="+",
         default=["euler", "heun"],
         choices=list(STAGES),
-        help="the teacher's fixed-step solvers",
+        help="the teacher's fixed-step solvers, one row each per NFE",
     )
     p.add_argument(
         "--n-samples",
-        type=int,
+        type=positive_int,
         default=None,
-        help="samples per row (default 10000)",
+        help=f"samples per row (None: {DEFAULT_SIZES['image'][0]})",
     )
     p.add_argument(
         "--groups",
-        type=int,
+        type=positive_int,
         default=None,
-        help="disjoint groups of samples used as replicates for the 95%% intervals "
-        "(default 20 on images, 10 on vector data)",
+        help="disjoint groups of samples used as replicates for the 95%% intervals (None: "
+        f"{DEFAULT_SIZES['image'][1]} on images, {DEFAULT_SIZES['vector'][1]} on vector data)",
     )
-    p.add_argument("--reference-split", default="train", help="the data every row is compared with")
+    p.add_argument(
+        "--reference-split",
+        default="train",
+        help=f"the data every row is compared with: {' or '.join(REFERENCE_SPLITS)} (the floor "
+        "uses the other split)",
+    )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the noise and of the reference draw"
     )
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
-    p.add_argument("--batch-size", type=int, default=1000, help="samples generated per batch")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=1000, help="samples generated per batch"
+    )
     p.add_argument(
         "--save-samples",
         nargs="?",
@@ -752,27 +858,38 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="write samples.npz (every row, the reference, the floor set); with N, only the "
-        "first N samples of each row (a report recomputed from it then measures N samples)",
+        "first N samples of each row (a report recomputed from it then measures N samples); "
+        "None: no samples.npz",
     )
     p.add_argument(
         "--from-samples",
         default=None,
-        help="recompute the report from a samples.npz alone (no checkpoints)",
+        metavar="NPZ",
+        help="recompute the report from a samples.npz alone (no checkpoints needed)",
     )
     p.add_argument(
         "--feature",
         default=None,
-        help="torch-fidelity feature extractor (default: flowmap-digits on 8×8, "
+        help="torch-fidelity feature extractor for FID (None: flowmap-digits on 8×8 images, "
         "inception-v3-compat otherwise)",
     )
-    p.add_argument("--inception-weights", default=None, help="path to Inception-v3 weights")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help="Inception-v3 weights file for FID on images other than 8×8 digits",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``flowmap report`` / ``python benchmarks/fid_vs_steps.py``."""
+    """``flowmap report`` / ``python benchmarks/fid_vs_steps.py``. A problem the user can fix
+    raises :class:`ValueError` or :class:`CheckpointError` (one sentence) before any work."""
+    from flowmap.apps.cli import check_writable_dir
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    check_writable_dir(args.out, "--out")
     cmd = "flowmap report " + " ".join(shlex.quote(a) for a in argv)
     cfg = ReportConfig(command=cmd, **vars(args))
     results = run_report(cfg)

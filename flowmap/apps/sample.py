@@ -2,9 +2,10 @@
 
     flowmap sample --ckpt last.ckpt --nfe 2 --n 1000 --out samples.npz [--method heun] [--seed 0]
 
-Writes ``samples`` (data space) and ``noise`` into an ``.npz`` (no pickle), a picture beside it
-(``samples.png``: a tile of up to 64 images, or a scatter plot of 2D samples) and prints the NFE
-used.
+Writes ``samples`` (data space) and ``noise`` into an ``.npz`` (no pickle) and a picture (a tile of
+up to 64 images, or a scatter plot of 2D samples) beside it with the same stem: ``--out
+samples.npz`` writes ``samples.npz`` and ``samples.png``; ``--out samples.png`` (or ``.jpg``,
+``.pdf``, ``.svg``) writes that picture and ``samples.npz``. It prints both paths and the NFE used.
 A flow map can also run backwards: ``--invert --data-npz x.npz`` maps data to noise.
 """
 
@@ -17,51 +18,149 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmap.apps.pictures import samples_picture
-from flowmap.training import FlowMapModule, VelocityModule, load_module, read_checkpoint
+from flowmap.apps.cli import CommandParser, check_writable_file
+from flowmap.training import (
+    CheckpointError,
+    FlowMapModule,
+    VelocityModule,
+    load_module,
+    read_checkpoint,
+)
 
-__all__ = ["main"]
+__all__ = ["main", "output_paths", "positive_int"]
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="flowmap sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--nfe", type=int, default=1)
-    p.add_argument("--n", type=int, default=1000)
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def output_paths(out: Path) -> tuple[Path, Path]:
+    """``(samples .npz, picture)`` for ``--out``: an ``.npz`` gets a ``.png`` beside it, a picture
+    (``.png``/``.jpg``/``.jpeg``/``.pdf``/``.svg``) an ``.npz`` beside it, both with one stem."""
+    suffix = out.suffix.lower()
+    if suffix == ".npz":
+        return out, out.with_suffix(".png")
+    if suffix in PICTURE_SUFFIXES:
+        return out.with_suffix(".npz"), out
+    raise ValueError(
+        f"--out {str(out)!r} must end in .npz (the samples; the picture goes beside it as .png) or "
+        f"in {'/'.join(PICTURE_SUFFIXES)} (the picture; the samples go beside it as .npz)."
+    )
+
+
+def _parser() -> CommandParser:
+    p = CommandParser(
+        prog="flowmap sample",
+        description="Draw samples from a teacher or a flow-map checkpoint with a given NFE; write "
+        "them (and their noise) to an .npz and a picture beside it, and print both paths.",
+    )
+    p.add_argument(
+        "--ckpt", required=True, help="checkpoint of a teacher (VelocityModule) or a flow map"
+    )
+    p.add_argument(
+        "--nfe",
+        type=positive_int,
+        default=1,
+        help="network evaluations: a flow map's number of jumps, or a teacher solver's budget "
+        "(a multiple of its evaluations per step)",
+    )
+    p.add_argument("--n", type=positive_int, default=1000, help="number of samples")
     p.add_argument(
         "--method",
         default=None,
-        help="sampling method (default: the model's own): a teacher's solver euler [default], "
-        "midpoint, heun, rk4 or dopri5; a flow map's uniform jumps",
+        help="sampling method (None: the model's own): a teacher's solver euler, midpoint, "
+        "heun, rk4 or dopri5 (adaptive; ignores --nfe), or a flow map's jumps",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--invert", action="store_true", help="flow maps: data (--data-npz) → noise")
-    p.add_argument("--data-npz", type=Path, default=None, help="npz whose 'samples' to invert")
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="samples.npz (the picture goes beside it as .png) or a picture .png/.jpg/.pdf/.svg "
+        "(the samples go beside it as .npz with the same stem)",
+    )
+    p.add_argument(
+        "--invert",
+        action="store_true",
+        help="run a flow map backwards: map the data in --data-npz to noise",
+    )
+    p.add_argument(
+        "--data-npz",
+        type=Path,
+        default=None,
+        help="with --invert: an .npz whose 'samples' array is the data to map to noise",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Run ``flowmap sample``; returns the path of the ``.npz`` written. A problem the user can fix
+    raises :class:`ValueError` or :class:`~flowmap.training.CheckpointError` (one sentence)."""
+    args = _parser().parse_args(argv)
+    npz, picture = output_paths(args.out)
+    check_writable_file(npz, "--out")
+    check_writable_file(picture, "--out")
+    if args.invert and args.data_npz is None:
+        raise ValueError("--invert needs --data-npz, the data to map to noise.")
     kind = read_checkpoint(args.ckpt).get("flowmap_module")
     cls = {"VelocityModule": VelocityModule, "FlowMapModule": FlowMapModule}.get(kind)
     if cls is None:
-        raise SystemExit(f"flowmap sample: error: {args.ckpt} is not a flowmap checkpoint.")
+        raise CheckpointError(
+            f"{args.ckpt!r} is a Lightning checkpoint but not a flowmap one; pass a .ckpt written "
+            "by `flowmap fit`."
+        )
     module = load_module(cls, args.ckpt)
     if module.data_shape is None:
-        raise SystemExit(f"flowmap sample: error: {args.ckpt} does not record its data shape.")
+        raise CheckpointError(f"{args.ckpt!r} does not record its data shape; retrain it.")
     if args.invert:
-        if not hasattr(module, "invert") or args.data_npz is None:
-            raise SystemExit(
-                "flowmap sample: error: --invert needs a flow-map --ckpt and --data-npz."
+        if not hasattr(module, "invert"):
+            raise ValueError(
+                f"--invert needs a flow-map checkpoint, but {args.ckpt!r} is a {kind}."
             )
-        with np.load(args.data_npz, allow_pickle=False) as z:
-            x1 = torch.as_tensor(z["samples"])
+        x1 = _read_data(args.data_npz, tuple(module.data_shape))
         sol = module.invert(x1, args.nfe)
-        np.savez(args.out, noise=sol.x.numpy(), samples=x1.numpy())
+        arrays = {"noise": sol.x.numpy(), "samples": x1.numpy()}
     else:
         g = torch.Generator().manual_seed(args.seed)
         x0 = torch.randn(args.n, *module.data_shape, generator=g)
         sol = module.generate(x0, args.nfe, args.method)
-        np.savez(args.out, samples=sol.x.numpy(), noise=x0.numpy())
-    picture = samples_picture(
-        sol.x, args.out.with_suffix(".png"), f"{Path(args.ckpt).name}: NFE {sol.nfe}"
-    )
-    print(f"{args.out}: {len(sol.x)} samples, NFE {sol.nfe}; picture {picture}")
-    return args.out
+        arrays = {"samples": sol.x.numpy(), "noise": x0.numpy()}
+    from flowmap.apps.pictures import samples_picture  # matplotlib only when drawing
+
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    with open(npz, "wb") as f:  # a file object: numpy adds no second suffix
+        np.savez(f, **arrays)
+    what = "noise from the data" if args.invert else "samples"
+    samples_picture(sol.x, picture, f"{Path(args.ckpt).name}: NFE {sol.nfe}")
+    print(f"{npz}: {len(sol.x)} {what}, NFE {sol.nfe}; picture {picture}")
+    return npz
+
+
+def _read_data(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"--data-npz {str(path)!r} does not exist; check the path."
+        ) from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Cannot read --data-npz {str(path)!r} as an .npz ({err}).") from None
+    with z:
+        if not hasattr(z, "files") or "samples" not in z.files:
+            raise ValueError(f"--data-npz {str(path)!r} has no 'samples' array to invert.")
+        x1 = torch.as_tensor(z["samples"]).float()
+    if tuple(x1.shape[1:]) != shape:
+        raise ValueError(
+            f"--data-npz {str(path)!r} holds samples of shape {list(x1.shape[1:])}, but the "
+            f"checkpoint's data have shape {list(shape)}."
+        )
+    return x1

@@ -1,6 +1,6 @@
 """Common base of every DataModule in ``flowmap.data`` and the pixel-range helpers.
 
-Conventions (DESIGN.md §2): a sample ``x1`` is data at time ``t = 1``; a batch is a plain float32
+Conventions: a sample ``x1`` is data at time ``t = 1``; a batch is a plain float32
 tensor ``(B, *data_shape)`` in *model space*. Images live in ``[-1, 1]``; :func:`to_uint8` and
 :func:`from_uint8` are the only two places that know the map between model space and pixels.
 """

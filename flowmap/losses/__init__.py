@@ -1,4 +1,4 @@
-"""Losses (DESIGN §4): CFM for the teacher; the Lagrangian, Eulerian and semigroup flow-map losses.
+"""Losses: CFM for the teacher; the Lagrangian, Eulerian and semigroup flow-map losses.
 
 Each flow-map loss is a :class:`FlowMapLoss`: an ``nn.Module`` called as
 ``loss(flow_map, x1, teacher, step=k) -> {"loss": …, <terms>}``, injected into

@@ -1,6 +1,6 @@
 r"""What every flow-map loss shares: the batch of pairs, the diagonal, the regression step, weighting.
 
-Notation (DESIGN §4): :math:`X(s,t,x) = x + (t-s)\phi(x,s,t)`, teacher velocity :math:`b_t(x)`,
+Notation: :math:`X(s,t,x) = x + (t-s)\phi(x,s,t)`, teacher velocity :math:`b_t(x)`,
 :math:`\mathrm{sg}` stop-gradient, :math:`x_s` an interpolant sample at time :math:`s`.
 
 A loss is plain torch: ``loss(flow_map, x1, teacher, step=k) -> {"loss": …, <terms>}`` runs in any

@@ -117,7 +117,8 @@ class EulerianLoss(FlowMapLoss):
             teacher's adaptive solve (mean endpoint distance 0.23 → 0.06) and the digits one-step
             FID from 48.5 to 29.3 (training check, 2000 samples) at the same cost; on the exact
             mixture teacher one jump went 2.8% → 2.5% of the radius, two jumps 2.3% → 3.2%.
-        pairs, weighting: see :class:`~flowmap.losses.FlowMapLoss`.
+        pairs: the time-pair sampler (:class:`~flowmap.losses.TimePairSampler`).
+        weighting: the per-pair weighting (:class:`~flowmap.losses.LossWeighting`).
     """
 
     name = "eulerian"

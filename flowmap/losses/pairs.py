@@ -1,6 +1,6 @@
 r"""Time samplers: single times :math:`t` for CFM and pairs :math:`(s, t)` for flow maps.
 
-One implementation serves every loss (DESIGN §4, "Pairs"). A fraction :math:`\eta` of each batch
+One implementation serves every loss. A fraction :math:`\eta` of each batch
 lies on the diagonal :math:`s = t`; the rest is drawn off the diagonal from
 
 * ``"uniform"`` — uniform on the triangle :math:`0 \le s < t \le 1` (min/max of two uniforms);
@@ -89,9 +89,13 @@ class TimePairSampler:
     Args:
         distribution: law of the off-diagonal pairs.
         eta: diagonal fraction :math:`\\eta` of each batch.
-        loc, scale: logit-normal parameters.
-        max_gap: cap on :math:`|t - s|`; with ``gap_warmup_steps`` the cap grows from ``gap_start``.
-        backward_fraction: share of off-diagonal pairs swapped to :math:`s > t`.
+        loc: location of the logit-normal law.
+        scale: scale of the logit-normal law.
+        max_gap: cap on :math:`|t - s|`.
+        gap_start: the cap at step 0 when it grows (default: ``max_gap``, no curriculum).
+        gap_warmup_steps: steps over which the cap grows linearly from ``gap_start`` to ``max_gap``.
+        backward_fraction: share of off-diagonal pairs swapped to :math:`s > t` (data to noise);
+            a map needs it > 0 to invert (the toy recipes use 0.5).
     """
 
     def __init__(

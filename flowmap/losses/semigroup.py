@@ -76,7 +76,8 @@ class SemigroupLoss(FlowMapLoss):
             mixture teacher, 2 steps gave the one-jump error of 4 (7.6% vs 7.8% of the data
             radius) at 2.1× the cost of a CFM step instead of 2.9×; a horizon of 0.125 or 0.5
             did not change it either (``benchmarks/results/exact-teacher``, ``throughput``).
-        pairs, weighting: see :class:`~flowmap.losses.FlowMapLoss`.
+        pairs: the time-pair sampler (:class:`~flowmap.losses.TimePairSampler`).
+        weighting: the per-pair weighting (:class:`~flowmap.losses.LossWeighting`).
     """
 
     name = "semigroup"

@@ -1,4 +1,4 @@
-r"""Loss weighting shared by every loss (DESIGN §4, "Weighting").
+r"""Loss weighting shared by every loss.
 
 * ``"none"``: :math:`\ell`.
 * ``"learned"``: a learned log-variance :math:`w(s, t)` per pair, :math:`e^{-w(s,t)}\,\ell + w(s,t)`
@@ -26,7 +26,8 @@ class LossWeighting(nn.Module):
 
     Args:
         kind: ``"none"``, ``"learned"`` or ``"adaptive"`` (module docstring).
-        p, eps: the adaptive weighting's power and offset.
+        p: the adaptive weighting's power.
+        eps: the adaptive weighting's offset.
         dim: embedding size of the learned log-variance :math:`w(s, t)`.
     """
 

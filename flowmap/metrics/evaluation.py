@@ -47,6 +47,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from flowmap.data.base import from_uint8, to_uint8
+from flowmap.io import file_sha256
 from flowmap.metrics.digits_extractor import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
     DIGITS_WEIGHTS_PATH,
@@ -85,14 +86,6 @@ def default_feature_extractor(data_shape: tuple[int, ...]) -> str:
     )
 
 
-def _file_digest(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _Features:
     """A torch-fidelity feature extractor at its FID layer, built offline (weights checked)."""
 
@@ -109,7 +102,7 @@ class _Features:
             )
         self.name, self.batch_size = name, batch_size
         self.layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
-        self.weights_digest = _file_digest(weights_file)
+        self.weights_digest = file_sha256(weights_file)
         self.extractor = create_feature_extractor(
             name,
             [self.layer],

@@ -4,6 +4,7 @@ from flowmap.training.base import FlowModuleBase, NonFiniteLossError, build
 from flowmap.training.callbacks import ConfigBesideCheckpoints, InterruptCheckpoint, SampleQuality
 from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
 from flowmap.training.flow_map import FlowMapModule
+from flowmap.training.progress import FlowmapProgressBar
 from flowmap.training.velocity import VelocityModule
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "SampleQuality",
     "InterruptCheckpoint",
     "ConfigBesideCheckpoints",
+    "FlowmapProgressBar",
     "CheckpointError",
     "load_module",
     "read_checkpoint",

@@ -36,7 +36,9 @@ class FlowMapModule(FlowModuleBase):
         warm_start: start the student as a copy of the teacher's net (same architecture needed).
         schedule: the path's schedule. A distilled map takes the teacher's (giving another is an
             error); self-distillation uses this, ``"linear"`` if unset.
-        lr, weight_decay, warmup_steps: AdamW and its linear warm-up.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up, in steps.
         lr_schedule: after the warm-up, ``"cosine"`` decay to 0 at ``trainer.max_steps`` (default:
             with the EMA it cut the one-step endpoint error of an exact-teacher distillation
             2.3×, ``benchmarks/results/exact-teacher``) or ``"constant"``.

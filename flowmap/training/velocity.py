@@ -27,6 +27,19 @@ class VelocityModule(FlowModuleBase):
     (``"constant"`` or ``"cosine"`` decay to 0 at ``trainer.max_steps``); gradient clipping comes from
     the Trainer (``gradient_clip_val``); EMA of the net with ``ema_decay`` (null disables it).
     ``VelocityModule.load_from_checkpoint(path)`` rebuilds it with no arguments.
+
+    Args:
+        net: the network, called as ``net(x, t, t)`` (the flow-map nets, on their diagonal).
+        schedule: the path :math:`x_t = \alpha_t x_1 + \sigma_t x_0`: ``"linear"`` or ``"cosine"``.
+        time_distribution: law of the training times: ``"uniform"`` or ``"logit_normal"``.
+        time_loc: location of the logit-normal time law.
+        time_scale: scale of the logit-normal time law.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up, in steps.
+        ema_decay: EMA of the net (null: none); the EMA samples, validates and teaches.
+        data_shape: the shape of one sample (filled in from the data).
+        lr_schedule: after the warm-up, ``"constant"`` or ``"cosine"`` decay to 0 at max_steps.
     """
 
     module_kind = "VelocityModule"
