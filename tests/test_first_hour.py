@@ -77,6 +77,30 @@ def test_a_map_trained_both_ways_inverts_and_a_forward_only_one_refuses():
     assert miss_both < 0.25 * (euler.x - z).norm(dim=1).mean()
 
 
+def test_flowmap_sample_inverts_a_two_way_map_and_refuses_a_forward_only_one(
+    toy_teacher, toy_flowmap, tmp_path, capsys
+):
+    import numpy as np
+
+    data, noise = tmp_path / "x.npz", tmp_path / "z.npz"
+    main(["sample", "--ckpt", str(toy_flowmap), "--nfe", "2", "--n", "64", "--out", str(data)])
+    argv = ["--invert", "--data-npz", str(data), "--nfe", "2", "--out", str(noise)]
+    main(["sample", "--ckpt", str(toy_flowmap), *argv])  # the toy recipe trains both ways
+    with np.load(noise) as z:
+        assert z["noise"].shape == (64, 2) and np.isfinite(z["noise"]).all()
+    forward_only = fit_cli(
+        "recipes/toy2d/lagrangian.yaml",
+        tmp_path / "fwd",
+        f"--model.teacher={toy_teacher[1]}",
+        "--data.name=8gaussians",
+        "--trainer.max_steps=2",
+        "--model.loss.init_args.pairs.backward_fraction=0",
+        *TINY,
+    )
+    line = fails(capsys, "sample", "--ckpt", str(forward_only), *argv)
+    assert "trained only forward" in line and "backward_fraction=0.5" in line
+
+
 # --------------------------------------------------------------------------- runs
 def test_a_fresh_fit_into_a_run_directory_is_refused_and_a_resume_under_another_config(
     tmp_path, capsys

@@ -133,7 +133,9 @@ def test_cifar10_configs_run_with_fast_dev_run_on_a_stand_in(tmp_path):
     data = [f"--data.root={root}"]
     teacher = tmp_path / "teacher"
     config = ["--config", str(RECIPES / "cifar10/teacher.yaml"), *CIFAR_CPU, *data]
-    _fit_and_check_one_step([*config, "--trainer.fast_dev_run=true"])
+    _fit_and_check_one_step(
+        [*config, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path / 'dev'}"]
+    )
     # fast_dev_run writes no checkpoint: one real step gives the students a teacher
     cli_main(
         [

@@ -37,6 +37,8 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 
 #: hyperparameters that may differ between a checkpoint and the run resuming it
 _RESUME_FREE = frozenset({"data_shape", "_instantiator"})
+#: hyperparameters a module fills in at setup when left unset (the schedule, from the teacher)
+_FILLED_IN = frozenset({"schedule"})
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -65,6 +67,8 @@ def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list
         if k.startswith("_") and (k not in a or k not in b):  # e.g. _class_path, CLI runs only
             continue
         va, vb = a.get(k, "unset"), b.get(k, "unset")
+        if vb is None and (va == "unset" or k in _FILLED_IN):  # a default, or filled in at setup
+            continue
         if isinstance(va, tuple | list) and isinstance(vb, tuple | list):
             va, vb = list(va), list(vb)
         if va != vb:
@@ -245,7 +249,8 @@ class FlowModuleBase(L.LightningModule):
         trainer = self.trainer
         ckpt = trainer.checkpoint_callback
         dirpath = getattr(ckpt, "dirpath", None)
-        if trainer.ckpt_path is None and dirpath and os.path.isdir(dirpath):
+        writes = not trainer.fast_dev_run  # a fast_dev_run saves no checkpoint
+        if writes and trainer.ckpt_path is None and dirpath and os.path.isdir(dirpath):
             old = sorted(f for f in os.listdir(dirpath) if f.endswith(".ckpt"))
             if old:
                 raise CheckpointError(
