@@ -100,7 +100,8 @@ def discrete_eulerian_target(
 
 
 class EulerianLoss(FlowMapLoss):
-    r"""Eulerian loss with the stop-gradient variants and stabilisers of the module docstring.
+    r"""Eulerian loss: the map is constant along the teacher's flow in its start point,
+    :math:`\partial_s X + (\nabla_x X)\, b_s = 0`, in a discrete (default) or JVP form.
 
     Args:
         form: ``"discrete"`` (default), ``"regression"``, ``"full"`` or ``"sg_advective"``.

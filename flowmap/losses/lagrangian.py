@@ -34,14 +34,15 @@ def lagrangian_residual(
 
 
 class LagrangianLoss(FlowMapLoss):
-    """Lagrangian loss (module docstring).
+    """Lagrangian loss: the jump's end moves with the teacher,
+    :math:`\\partial_t X(s,t,x_s) = b_t(X(s,t,x_s))`, with the teacher at :math:`\\mathrm{sg}(X)`.
 
     Args:
         form: ``"backprop"`` (default) or ``"regression"``. Distilling an exact mixture teacher
             (``benchmarks/results/exact-teacher``), the regression form's semigradient stalled at
             twice the backprop form's one-jump error.
         tangent_norm: with the regression form, normalise the residual as :math:`r/(\\|r\\| + c)`.
-        pairs: see :class:`~flowmap.losses.FlowMapLoss`.
+        pairs: the time-pair sampler (:class:`~flowmap.losses.TimePairSampler`).
         weighting: default none. Adaptive weighting :math:`\\ell/\\mathrm{sg}(\\ell + \\varepsilon)`
             (``LossWeighting("adaptive")``) helps in 2D (exact-teacher one-jump error 3.3% of the
             data radius against 7.2% at 3000 steps; the toy recipes use it) but hurts on digits
