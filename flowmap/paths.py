@@ -33,7 +33,7 @@ __all__ = [
 
 
 def time_dtype(like: Tensor) -> torch.dtype:
-    """The dtype times are computed in : float32, even under mixed precision, except
+    """The dtype times are computed in: float32, even under mixed precision, except
     beside float64 tensors, where times stay float64 so that analytic oracles hold to float64."""
     return torch.float64 if like.dtype == torch.float64 else torch.float32
 

@@ -99,6 +99,10 @@ def test_flowmap_sample_inverts_a_two_way_map_and_refuses_a_forward_only_one(
     )
     line = fails(capsys, "sample", "--ckpt", str(forward_only), *argv)
     assert "trained only forward" in line and "backward_fraction=0.5" in line
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), dtype=np.float32))
+    argv[2] = str(tmp_path / "x.npy")
+    line = fails(capsys, "sample", "--ckpt", str(toy_flowmap), *argv)
+    assert "is a single array, not an .npz" in line
 
 
 # --------------------------------------------------------------------------- runs
@@ -107,7 +111,8 @@ def test_a_fresh_fit_into_a_run_directory_is_refused_and_a_resume_under_another_
 ):
     root = tmp_path / "teacher"
     fit_cli(TEACHER, root, "--trainer.max_steps=2", *TINY)
-    before = sorted(p.name for p in (root / "checkpoints").iterdir())
+    files = sorted((root / "checkpoints").iterdir())
+    before = {p.name: p.read_bytes() for p in files}
     line = fails(
         capsys, "fit", "--config", TEACHER, f"--trainer.default_root_dir={root}", *TINY_NET, *TINY
     )
@@ -120,7 +125,12 @@ def test_a_fresh_fit_into_a_run_directory_is_refused_and_a_resume_under_another_
     )
     line = fails(capsys, *common, "--ckpt_path=last", "--model.lr=0.01", "--trainer.max_steps=4")
     assert "model.lr: 0.002 in the checkpoint, 0.01 now" in line
-    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == before  # nothing written
+    # a checkpoint file named outright: Lightning would take its config over the one given
+    last = str(root / "checkpoints" / "last.ckpt")
+    line = fails(capsys, *common, f"--ckpt_path={last}", "--model.lr=0.01", "--trainer.max_steps=4")
+    assert "model.lr: 0.002 in the checkpoint, 0.01 now" in line
+    after = {p.name: p.read_bytes() for p in sorted((root / "checkpoints").iterdir())}
+    assert after == before  # nothing written, the run's config.yaml included
     # the same config resumes (and only the trainer's budget changed)
     main([*common, "--ckpt_path=last", "--trainer.max_steps=4"])
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)

@@ -45,6 +45,7 @@ from flowmap.training import (
     InterruptCheckpoint,
     NonFiniteLossError,
 )
+from flowmap.training.base import check_fit_directory
 from flowmap.training.progress import FlowmapProgressBar
 
 __all__ = [
@@ -104,6 +105,17 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see `{self.prog} --help`)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -480,6 +492,21 @@ class FlowmapCLI(LightningCLI):
         _check_accelerator(trainer.get("accelerator"))
         root = trainer.get("default_root_dir")
         check_writable_dir(root or os.getcwd(), "--trainer.default_root_dir")
+        # as given: LightningCLI then replaces the model config by a --ckpt_path file's own
+        self._given = {key: _as_hparams(cfg.get(key)) for key in ("model", "data")}
+
+    def before_fit(self) -> None:
+        """Before the fit writes anything: refuse a fresh fit into a directory with checkpoints
+        and a resume under another model config or dataset (:func:`check_fit_directory`)."""
+        cfg = self.config[self.subcommand]
+        ckpt = self.trainer.checkpoint_callback
+        check_fit_directory(
+            getattr(ckpt, "dirpath", None),
+            cfg.get("ckpt_path"),
+            self._given["model"],
+            self._given["data"],
+            writes_checkpoints=not self.trainer.fast_dev_run,
+        )
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but a bad argument surfaces as the model's or data's own one-sentence
@@ -522,6 +549,17 @@ class FlowmapCLI(LightningCLI):
                 ckpt.dirpath = os.path.join(root, "checkpoints")
             trainer.callbacks.append(InterruptCheckpoint(ckpt))
         return trainer
+
+
+def _as_hparams(section: Any) -> dict[str, Any]:
+    """A parsed ``model``/``data`` section (``class_path`` + ``init_args``) in the form a
+    checkpoint keeps its hyperparameters: ``{"_class_path": …, **init_args}``, plain data."""
+    if section is None:
+        return {}
+    d = section.as_dict() if hasattr(section, "as_dict") else dict(section)
+    if "class_path" in d:
+        return {"_class_path": d["class_path"], **(d.get("init_args") or {})}
+    return d
 
 
 def _check_accelerator(accelerator: Any) -> None:

@@ -31,20 +31,22 @@ FLOW_MAP_STAGES = ("lagrangian", "eulerian", "semigroup")
 
 
 def stage_inputs(config: Path, overrides: Sequence[str], teacher: Path | None) -> dict[str, Any]:
-    """What a stage's result depends on: its recipe file (by content), the overrides, and the
-    teacher checkpoint it distils (by content)."""
+    """What a stage's result depends on: its recipe (by content), the overrides, and the teacher
+    checkpoint it distils (by content; its path, like the recipe's, may move)."""
     return {
         "config": str(config),
         "config_sha256": file_sha256(config),
-        "overrides": list(overrides),
+        "overrides": [o for o in overrides if not o.startswith("--model.teacher=")],
         "teacher_sha256": file_sha256(teacher) if teacher is not None else None,
     }
 
 
-def _changed(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """The inputs that differ, as a user reads them."""
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The inputs that differ, as a user reads them (``None``: the same inputs)."""
+    if "config_sha256" not in old:
+        return "it was made by an older flowmap that did not record its inputs"
     what = []
-    if old.get("config_sha256") != new["config_sha256"]:
+    if old["config_sha256"] != new["config_sha256"]:
         what.append(f"the recipe {new['config']} was edited")
     if old.get("overrides") != new["overrides"]:
         a, b = set(old.get("overrides", [])), set(new["overrides"])
@@ -52,7 +54,7 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> str:
         what.append(f"overrides {gone} then, {added} now")
     if old.get("teacher_sha256") != new["teacher_sha256"]:
         what.append("its teacher checkpoint changed")
-    return "; ".join(what) or "inputs recorded by an older flowmap"
+    return "; ".join(what) or None
 
 
 def fit_stage(
@@ -70,10 +72,10 @@ def fit_stage(
     recorded = done if done.exists() else started if started.exists() else None
     if recorded is not None:
         old = json.loads(recorded.read_text())
-        old_inputs = old.get("inputs", old)
-        if old_inputs != inputs:
+        changed = _changed(old.get("inputs", old), inputs)
+        if changed:
             raise ValueError(
-                f"{root} holds a stage made from other inputs ({_changed(old_inputs, inputs)}); "
+                f"{root} holds a stage made from other inputs ({changed}); "
                 "pass another --out, or delete that directory to retrain it."
             )
         if recorded is done:

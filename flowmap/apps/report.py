@@ -60,6 +60,7 @@ from flowmap.training import (
     load_module,
     read_checkpoint,
 )
+from flowmap.training.base import config_differences
 
 matplotlib.use("Agg")
 
@@ -146,12 +147,13 @@ def _load_flowmap(spec: str) -> tuple[str, FlowMapModule, str]:
 def check_same_origin(
     teacher_path: str, teacher_ckpt: dict[str, Any], label: str, path: str
 ) -> None:
-    """A flow map is reported only beside its own teacher's data, path and (when the file it
-    recorded still exists) its own teacher: anything else is an error naming the mismatch."""
+    """A flow map is reported only beside its own teacher: the same dataset, the same path and,
+    when the map recorded its teacher's SHA-256, the very same teacher checkpoint (a teacher
+    resumed or retrained since is another teacher). Anything else is a one-sentence error."""
     ck = read_checkpoint(path, expected_kind="FlowMapModule")
     want = dataset_identity(teacher_ckpt.get("datamodule_hyper_parameters"))
     got = dataset_identity(ck.get("datamodule_hyper_parameters"))
-    if want and got and want != got:
+    if want and got and config_differences(want, got):
         raise ValueError(
             f"The flow map {label!r} ({path}) was trained on {describe_dataset(got)} but the "
             f"teacher {teacher_path} on {describe_dataset(want)}; report checkpoints of one dataset."
@@ -164,15 +166,14 @@ def check_same_origin(
             f"The flow map {label!r} follows the {schedules[1]!r} path but the teacher the "
             f"{schedules[0]!r} one; report a flow map beside the teacher it was distilled from."
         )
-    own = ck.get("flowmap_teacher")
-    if isinstance(own, str) and not own.startswith("python:") and os.path.isfile(own):
-        if not os.path.samefile(own, teacher_path) and file_sha256(own) != file_sha256(
-            teacher_path
-        ):
-            raise ValueError(
-                f"The flow map {label!r} ({path}) was distilled from {own}, not from the teacher "
-                f"{teacher_path}; pass --teacher {own}, or report it in its own run."
-            )
+    sha = ck.get("flowmap_teacher_sha256")
+    if sha is not None and sha != file_sha256(teacher_path):
+        raise ValueError(
+            f"The flow map {label!r} ({path}) was distilled from another teacher checkpoint than "
+            f"{teacher_path} (it recorded {ck.get('flowmap_teacher')}, SHA-256 {sha[:12]}…, "
+            "which may have been resumed or retrained since); pass the teacher it was distilled "
+            "from, or distil the map again."
+        )
 
 
 def plan_rows(
@@ -780,8 +781,7 @@ def report_from_samples(cfg: ReportConfig) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from flowmap.apps.cli import CommandParser
-    from flowmap.apps.sample import positive_int
+    from flowmap.apps.cli import CommandParser, positive_int
 
     p = CommandParser(
         prog="flowmap report",

@@ -11,14 +11,13 @@ A flow map can also run backwards: ``--invert --data-npz x.npz`` maps data to no
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flowmap.apps.cli import CommandParser, check_writable_file
+from flowmap.apps.cli import CommandParser, check_writable_file, positive_int
 from flowmap.training import (
     CheckpointError,
     FlowMapModule,
@@ -27,20 +26,9 @@ from flowmap.training import (
     read_checkpoint,
 )
 
-__all__ = ["main", "output_paths", "positive_int"]
+__all__ = ["main", "output_paths"]
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def output_paths(out: Path) -> tuple[Path, Path]:
@@ -154,8 +142,13 @@ def _read_data(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
         ) from None
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot read --data-npz {str(path)!r} as an .npz ({err}).") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise ValueError(
+            f"--data-npz {str(path)!r} is a single array, not an .npz with a 'samples' array; "
+            "pass the .npz that `flowmap sample` wrote."
+        )
     with z:
-        if not hasattr(z, "files") or "samples" not in z.files:
+        if "samples" not in z.files:
             raise ValueError(f"--data-npz {str(path)!r} has no 'samples' array to invert.")
         x1 = torch.as_tensor(z["samples"]).float()
     if tuple(x1.shape[1:]) != shape:

@@ -17,9 +17,17 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from flowmap.data.base import dataset_identity
-from flowmap.training.checkpoints import CHECKPOINT_FORMAT, CheckpointError
+from flowmap.training.checkpoints import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 
-__all__ = ["FlowModuleBase", "NonFiniteLossError", "build", "fork_rng", "lr_factor", "LR_SCHEDULES"]
+__all__ = [
+    "FlowModuleBase",
+    "NonFiniteLossError",
+    "build",
+    "check_fit_directory",
+    "fork_rng",
+    "lr_factor",
+    "LR_SCHEDULES",
+]
 
 #: learning-rate schedules after the linear warm-up (:func:`lr_factor`)
 LR_SCHEDULES = ("constant", "cosine")
@@ -31,7 +39,7 @@ _CONFIG_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 # Nets are constructor arguments on purpose: the CLI records their config (not the object) in the
 # hyperparameters, which is what lets `load_from_checkpoint(path)` rebuild them with no arguments.
 warnings.filterwarnings("ignore", message=r"Attribute '(net|loss)' is an instance of `nn.Module`")
-# A fresh fit into a directory that holds checkpoints is refused (FlowModuleBase.on_fit_start), so
+# A fresh fit into a directory that holds checkpoints is refused (check_fit_directory), so
 # Lightning's warning about it is noise; it also fired on a fresh run, for the saved config.yaml.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
@@ -74,6 +82,70 @@ def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list
         if va != vb:
             diffs.append(f"{k}: {va!r} in the checkpoint, {vb!r} now")
     return diffs
+
+
+def resume_differences(
+    checkpoint: Mapping[str, Any], model: Mapping[str, Any], data: Mapping[str, Any] | None
+) -> list[str]:
+    """``config_differences`` of the model's hyperparameters and of the dataset
+    (:func:`~flowmap.data.base.dataset_identity`) between a checkpoint and a run resuming it."""
+    diffs = [
+        f"model.{d}" for d in config_differences(checkpoint.get("hyper_parameters", {}), model)
+    ]
+    saved = checkpoint.get("datamodule_hyper_parameters")
+    if data is not None and saved is not None:
+        diffs += [
+            f"data.{d}" for d in config_differences(dataset_identity(saved), dataset_identity(data))
+        ]
+    return diffs
+
+
+def _resume_message(path: Any, diffs: list[str]) -> str:
+    shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+    return (
+        f"Cannot resume {path or 'the checkpoint'} under a different config ({shown}); resume "
+        "with the run's own config (config.yaml beside the checkpoint) or train into another "
+        "--trainer.default_root_dir."
+    )
+
+
+def _last_checkpoint(dirpath: str | None) -> str | None:
+    """What ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` in ``dirpath``."""
+    if not dirpath or not os.path.isdir(dirpath):
+        return None
+    found = [os.path.join(dirpath, f) for f in os.listdir(dirpath) if f.startswith("last")]
+    found = [f for f in found if f.endswith(".ckpt")]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def check_fit_directory(
+    dirpath: str | None,
+    ckpt_path: str | None,
+    model: Mapping[str, Any],
+    data: Mapping[str, Any] | None,
+    *,
+    writes_checkpoints: bool = True,
+) -> None:
+    """Before a fit writes anything (its ``config.yaml`` included): a fresh fit into a directory
+    that holds checkpoints is refused (it would write ``last-v1.ckpt`` beside another run's and
+    leave both half-described), and so is a resume whose checkpoint was trained with another
+    model config (``model``, as hyperparameters) or dataset (``data``). One sentence each."""
+    if ckpt_path is None:
+        if writes_checkpoints and dirpath and os.path.isdir(dirpath):
+            old = sorted(f for f in os.listdir(dirpath) if f.endswith(".ckpt"))
+            if old:
+                raise CheckpointError(
+                    f"{dirpath} already holds the checkpoints of a run ({', '.join(old[:3])}); "
+                    "resume it with --ckpt_path last, or train into another "
+                    "--trainer.default_root_dir."
+                )
+        return
+    path = _last_checkpoint(dirpath) if ckpt_path == "last" else str(ckpt_path)
+    if path is None or not os.path.isfile(path):
+        return  # Lightning says what it does with a missing checkpoint
+    diffs = resume_differences(read_checkpoint(path), model, data)
+    if diffs:
+        raise CheckpointError(_resume_message(path, diffs))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -218,46 +290,13 @@ class FlowModuleBase(L.LightningModule):
             self._check_resume(checkpoint, trainer)
 
     def _check_resume(self, checkpoint: dict[str, Any], trainer: L.Trainer) -> None:
-        """Resuming under another model config or another dataset is an error (one sentence):
-        the run would silently continue as something it was not."""
-        diffs = [
-            f"model.{d}"
-            for d in config_differences(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
-        ]
+        """``trainer.fit(model, ckpt_path=...)`` from Python under another model config or
+        dataset is an error (the CLI checks the same before it writes anything)."""
         dm = getattr(trainer, "datamodule", None)
-        saved_data = checkpoint.get("datamodule_hyper_parameters")
-        if dm is not None and saved_data is not None:
-            diffs += [
-                f"data.{d}"
-                for d in config_differences(
-                    dataset_identity(saved_data), dataset_identity(dict(dm.hparams))
-                )
-            ]
+        data = dict(dm.hparams) if dm is not None else None
+        diffs = resume_differences(checkpoint, dict(self.hparams), data)
         if diffs:
-            shown = "; ".join(diffs[:3]) + (
-                f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
-            )
-            raise CheckpointError(
-                f"Cannot resume {trainer.ckpt_path or 'the checkpoint'} under a different config "
-                f"({shown}); resume with the run's own config (config.yaml beside the checkpoint) "
-                "or train into another --trainer.default_root_dir."
-            )
-
-    def on_fit_start(self) -> None:
-        """A fresh fit into a directory that already holds checkpoints is refused: it would write
-        ``last-v1.ckpt`` beside another run's ``last.ckpt`` and leave both half-described."""
-        trainer = self.trainer
-        ckpt = trainer.checkpoint_callback
-        dirpath = getattr(ckpt, "dirpath", None)
-        writes = not trainer.fast_dev_run  # a fast_dev_run saves no checkpoint
-        if writes and trainer.ckpt_path is None and dirpath and os.path.isdir(dirpath):
-            old = sorted(f for f in os.listdir(dirpath) if f.endswith(".ckpt"))
-            if old:
-                raise CheckpointError(
-                    f"{dirpath} already holds the checkpoints of a run ({', '.join(old[:3])}); "
-                    "resume it with --ckpt_path last, or train into another "
-                    "--trainer.default_root_dir."
-                )
+            raise CheckpointError(_resume_message(trainer.ckpt_path, diffs))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         state = getattr(self, "_pending_rng_state", None)

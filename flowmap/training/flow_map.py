@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.flowmap import FlowMap
+from flowmap.io import file_sha256
 from flowmap.losses import FlowMapLoss, LagrangianLoss
 from flowmap.ode import sample_flow_map
 from flowmap.paths import AffinePath
@@ -114,6 +115,7 @@ class FlowMapModule(FlowModuleBase):
                     "(flowmap fit --config .../teacher.yaml) and pass its .ckpt path."
                 )
             teacher = load_module(VelocityModule, ckpt)
+            self._teacher_sha256 = file_sha256(ckpt)  # the teacher's identity, in the checkpoint
             teacher.requires_grad_(False)
             if teacher.data_shape is not None and self.data_shape is not None:
                 if tuple(teacher.data_shape) != tuple(self.data_shape):
@@ -139,10 +141,14 @@ class FlowMapModule(FlowModuleBase):
         checkpoint["flowmap_teacher"] = (
             teacher if isinstance(teacher, str | None) else f"python:{type(teacher).__qualname__}"
         )
+        sha = getattr(self, "_teacher_sha256", None) or getattr(self, "_saved_teacher_sha", None)
+        if sha is not None:  # the report refuses this map beside any other teacher
+            checkpoint["flowmap_teacher_sha256"] = sha
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self._saved_teacher = checkpoint.get("flowmap_teacher")
+        self._saved_teacher_sha = checkpoint.get("flowmap_teacher_sha256")
 
     def on_train_start(self) -> None:
         """Refuse to resume a distillation as a self-distillation: a Python teacher is not in the

@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
 
 __all__ = ["FlowmapProgressBar", "stage_label"]
 
@@ -66,9 +67,6 @@ class FlowmapProgressBar(RichProgressBar):
         self._train_task(trainer, pl_module)  # one bar for the whole run, not one per epoch
         self.refresh()
 
-    def _initialize_train_progress_bar_id(self) -> None:  # resuming mid-epoch
-        self._train_task(self.trainer, self.trainer.lightning_module)
-
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
@@ -80,7 +78,11 @@ class FlowmapProgressBar(RichProgressBar):
 
     def configure_columns(self, trainer: L.Trainer) -> list:
         """Lightning's columns without the speed one: the line fits 80 columns with the loss."""
-        return super().configure_columns(trainer)[:-1]
+        return [
+            c
+            for c in super().configure_columns(trainer)
+            if not isinstance(c, ProcessingSpeedColumn)
+        ]
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """The training loss alone, short (the logger's version number and the validation terms
