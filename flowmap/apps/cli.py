@@ -20,7 +20,6 @@ import argparse
 import contextvars
 import difflib
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -241,8 +240,9 @@ def _import(class_path: str) -> Any:
 
 
 def _init_params(cls: type) -> list[str]:
-    skip = ("self", "args", "kwargs")
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in skip]
+    from flowmap.apps.help import init_parameters
+
+    return list(init_parameters(cls))
 
 
 def _family(cls: type) -> list[type]:

@@ -13,7 +13,7 @@ from flowmap.apps.cli import COMMANDS
 from flowmap.data.base import FlowDataModule
 from flowmap.training import FlowModuleBase
 
-__all__ = ["command_help", "component_groups", "overview"]
+__all__ = ["command_help", "component_groups", "init_parameters", "overview"]
 
 
 class _Group:
@@ -34,6 +34,12 @@ def _concrete(module: Any, base: type, *, exclude: tuple[type, ...] = ()) -> lis
         ):
             out.append(obj)
     return out
+
+
+def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The options a component takes on the command line: its ``__init__`` parameters."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p for n, p in params.items() if n not in ("self", "args", "kwargs")}
 
 
 def component_groups() -> list[_Group]:
@@ -158,9 +164,8 @@ def _group_lines(group: _Group, width: int) -> list[str]:
     takes: dict[str, dict[str, str]] = {}
     docs: dict[tuple[str, ...], str] = {}
     for cls in group.classes:
-        for name, param in inspect.signature(cls.__init__).parameters.items():
-            if name not in ("self", "args", "kwargs"):
-                takes.setdefault(name, {})[_short(cls, group)] = _default(param.default)
+        for name, param in init_parameters(cls).items():
+            takes.setdefault(name, {})[_short(cls, group)] = _default(param.default)
         for names, text in _param_docs(cls).items():
             if text and all(n in takes for n in names):
                 docs.setdefault(names, text)
