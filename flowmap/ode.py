@@ -6,6 +6,8 @@ r"""Samplers with honest NFE accounting.
 * :func:`solve_adaptive` — an adaptive reference solve (dopri5 and friends through torchdiffeq).
 * :func:`sample_flow_map` — composes flow-map jumps :math:`x_{t_{k+1}} = X(t_k, t_{k+1}, x_{t_k})`;
   a decreasing grid runs the map backwards (data → noise).
+* :func:`sample_consistency` — a one-time map's multistep sampling (consistency models): jump to
+  data, re-noise to the next time of the grid, jump again.
 
 Every function returns a :class:`Solution` with the samples and the NFE actually counted.
 """
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from flowmap.paths import as_time, expand_like
+from flowmap.paths import AffinePath, as_time, expand_like
 from flowmap.protocols import Solution, Velocity
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "solve_between",
     "solve_adaptive",
     "sample_flow_map",
+    "sample_consistency",
 ]
 
 #: network evaluations per step of each fixed-step method
@@ -200,3 +203,32 @@ def sample_flow_map(
         x = flow_map(x, as_time(a, x), as_time(b, x))
         n += 1
     return Solution(x, n)
+
+
+def sample_consistency(
+    flow_map: Callable[[Tensor, Tensor, Tensor], Tensor],
+    x: Tensor,
+    path: AffinePath,
+    *,
+    steps: int,
+    generator: torch.Generator | None = None,
+) -> Solution:
+    r"""Multistep sampling of a one-time map :math:`f(x, s) = X(s, 1, x)` (consistency models):
+    on the grid :math:`t_k = k/N`, :math:`\hat x = X(t_k, 1, x)`, then
+    :math:`x \leftarrow \alpha_{t_{k+1}}\hat x + \sigma_{t_{k+1}} z` with fresh noise :math:`z`
+    (``generator``), until the last jump ends at data. One NFE per jump, ``steps`` in all.
+
+    A map trained only on pairs :math:`(s, 1)` has untrained jumps :math:`X(t_k, t_{k+1}, \cdot)`,
+    so :func:`sample_flow_map` cannot serve it; each extra step re-noises, and an imperfect
+    consistency model can get worse with more of them (Align Your Flow, Thm 3.1).
+    """
+    if steps < 1:
+        raise ValueError(f"A consistency sampler takes at least 1 step, got {steps}.")
+    one = as_time(1.0, x)
+    for k in range(steps):
+        x1 = flow_map(x, as_time(k / steps, x), one)
+        if k == steps - 1:
+            return Solution(x1, steps)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = path.sample(z, x1, as_time((k + 1) / steps, x)).x_t
+    raise AssertionError("unreachable")

@@ -1,4 +1,5 @@
-"""Losses: CFM for the teacher; the Lagrangian, Eulerian and semigroup flow-map losses.
+"""Losses: CFM for the teacher; the Lagrangian, Eulerian and semigroup flow-map losses, and
+MeanFlow's Eulerian loss on the conditional velocity.
 
 Each flow-map loss is a :class:`FlowMapLoss`: an ``nn.Module`` called as
 ``loss(flow_map, x1, teacher, step=k) -> {"loss": …, <terms>}``, injected into
@@ -8,9 +9,15 @@ defines ``off_diagonal``.
 
 from flowmap.losses.base import FlowMapLoss, diagonal_residual, mean_square, regression_loss
 from flowmap.losses.cfm import cfm_loss
-from flowmap.losses.eulerian import EulerianLoss, discrete_eulerian_target, eulerian_residual
+from flowmap.losses.eulerian import (
+    EulerianLoss,
+    discrete_eulerian_target,
+    eulerian_residual,
+    tangent_warmup,
+)
 from flowmap.losses.lagrangian import LagrangianLoss, lagrangian_residual
-from flowmap.losses.pairs import TimePairs, TimePairSampler, sample_times
+from flowmap.losses.meanflow import MeanFlowLoss
+from flowmap.losses.pairs import OneTimePairSampler, TimePairs, TimePairSampler, sample_times
 from flowmap.losses.semigroup import SemigroupLoss, semigroup_residual, semigroup_target
 from flowmap.losses.weighting import LossWeighting
 
@@ -19,13 +26,16 @@ __all__ = [
     "LagrangianLoss",
     "EulerianLoss",
     "SemigroupLoss",
+    "MeanFlowLoss",
     "TimePairSampler",
+    "OneTimePairSampler",
     "TimePairs",
     "LossWeighting",
     "cfm_loss",
     "lagrangian_residual",
     "eulerian_residual",
     "discrete_eulerian_target",
+    "tangent_warmup",
     "semigroup_residual",
     "semigroup_target",
     "diagonal_residual",

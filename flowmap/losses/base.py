@@ -131,11 +131,23 @@ class FlowMapLoss(nn.Module, ABC):
         self.pairs = pairs if pairs is not None else TimePairSampler()
         self.weighting = weighting if weighting is not None else LossWeighting("none")
 
+    #: whether the loss can distil a given teacher (MeanFlow's target is the data's own
+    #: conditional velocity, so it cannot)
+    accepts_teacher: ClassVar[bool] = True
+
     @abstractmethod
     def off_diagonal(
-        self, flow_map: FlowMap, teacher: Velocity, x_s: Tensor, s: Tensor, t: Tensor, step: int
+        self,
+        flow_map: FlowMap,
+        teacher: Velocity,
+        x_s: Tensor,
+        s: Tensor,
+        t: Tensor,
+        step: int,
+        dx_s: Tensor,
     ) -> Tensor:
-        """Per-sample loss ``(n,)`` on off-diagonal pairs :math:`s \\neq t`."""
+        r"""Per-sample loss ``(n,)`` on off-diagonal pairs :math:`s \neq t`; ``dx_s`` is the
+        conditional velocity :math:`\dot x_s` of the interpolant samples ``x_s``."""
 
     def forward(
         self,
@@ -164,6 +176,11 @@ class FlowMapLoss(nn.Module, ABC):
         x_s = sample.x_t
         d, off = p.diagonal, ~p.diagonal
         shared: _SharedTeacherCall | None = None
+        if teacher is not None and not self.accepts_teacher:
+            raise ValueError(
+                f"{type(self).__name__} trains from the data's conditional velocity and takes no "
+                "teacher; drop the teacher to train from scratch, or distil with EulerianLoss."
+            )
         if teacher is None:
 
             @torch.no_grad()
@@ -177,7 +194,9 @@ class FlowMapLoss(nn.Module, ABC):
         out: dict[str, Tensor] = {}
         total = x_s.new_zeros(())
         if off.any():  # first: its teacher call also serves the diagonal
-            ell = self.off_diagonal(flow_map, teacher, x_s[off], p.s[off], p.t[off], step)
+            ell = self.off_diagonal(
+                flow_map, teacher, x_s[off], p.s[off], p.t[off], step, sample.dx_t[off]
+            )
             total = total + self.weighting(ell, p.s[off], p.t[off]).sum()
             out[self.name] = ell.mean().detach()
         if d.any():

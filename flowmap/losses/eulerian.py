@@ -49,24 +49,47 @@ from flowmap.ode import solve_between
 from flowmap.paths import expand_like
 from flowmap.protocols import Velocity
 
-__all__ = ["eulerian_residual", "discrete_eulerian_target", "EulerianLoss"]
+__all__ = [
+    "eulerian_residual",
+    "discrete_eulerian_target",
+    "tangent_warmup",
+    "EulerianLoss",
+]
 
 FORMS = ("discrete", "regression", "full", "sg_advective")
 
 
 def eulerian_residual(
     flow_map: FlowMap,
-    teacher: Velocity,
+    teacher: Velocity | Tensor,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,
     warmup: float = 1.0,
+    *,
+    velocity: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Return :math:`(r, \phi)` with :math:`r = \phi - b_s - w\,(t-s)D\phi` (:math:`= -r_E` at :math:`w = 1`)."""
-    b = teacher(x_s, s).detach()
+    r"""Return :math:`(r, \phi)` with :math:`r = \phi - v - w\,(t-s)D\phi` (:math:`= -r_E` at
+    :math:`w = 1`, :math:`v = b_s`), :math:`D = \partial_s + b_s\cdot\nabla_x` the derivative along
+    the teacher.
+
+    ``teacher`` is the velocity :math:`b` or its values :math:`b_s(x_s)`; ``velocity`` is the
+    :math:`v` of the target (default :math:`b_s`). MeanFlow passes the conditional velocity
+    :math:`\dot x_s` there: :math:`r` is linear in :math:`v`, so its conditional mean is the
+    residual with the marginal :math:`b_s = E[\dot x_s \mid x_s]`.
+    """
+    b = (teacher if isinstance(teacher, Tensor) else teacher(x_s, s)).detach()
     j = flow_map.jvp(x_s, s, t, dx=b, ds=s.new_ones(s.shape))
     gap = expand_like(t - s, x_s).to(j.phi.dtype)
-    return j.phi - b - warmup * gap * j.dphi, j.phi
+    v = b if velocity is None else velocity.detach().to(j.phi.dtype)
+    return j.phi - v - warmup * gap * j.dphi, j.phi
+
+
+def tangent_warmup(step: int, steps: int) -> float:
+    r"""Tangent warm-up factor :math:`r(k) = \min(1, k/H)` (sCM; 1 when :math:`H` = ``steps`` is 0)."""
+    if steps <= 0:
+        return 1.0
+    return min(1.0, step / steps)
 
 
 @torch.no_grad()
@@ -151,14 +174,15 @@ class EulerianLoss(FlowMapLoss):
         self.teacher_share, self.teacher_steps = teacher_share, teacher_steps
         self.teacher_max_gap = teacher_max_gap
 
-    def warmup(self, step: int) -> float:
-        """Tangent warm-up factor :math:`r(k) = \\min(1, k/H)` (1 without warm-up)."""
-        if self.tangent_warmup_steps <= 0:
-            return 1.0
-        return min(1.0, step / self.tangent_warmup_steps)
-
     def off_diagonal(
-        self, flow_map: FlowMap, teacher: Velocity, x_s: Tensor, s: Tensor, t: Tensor, step: int
+        self,
+        flow_map: FlowMap,
+        teacher: Velocity,
+        x_s: Tensor,
+        s: Tensor,
+        t: Tensor,
+        step: int,
+        dx_s: Tensor,
     ) -> Tensor:
         if self.form == "discrete":
             target = discrete_eulerian_target(
@@ -177,7 +201,8 @@ class EulerianLoss(FlowMapLoss):
             with torch.no_grad():
                 advective = flow_map.jvp(x_s, s, t, dx=teacher(x_s, s)).dX  # ∇_x X · b_s
             return mean_square(d_s_X + advective)
-        r, phi = eulerian_residual(flow_map, teacher, x_s, s, t, self.warmup(step))
+        warmup = tangent_warmup(step, self.tangent_warmup_steps)
+        r, phi = eulerian_residual(flow_map, teacher, x_s, s, t, warmup)
         if self.form == "full":
             return mean_square(r)
         return regression_loss(phi, r, self.tangent_norm)

@@ -64,7 +64,14 @@ class LagrangianLoss(FlowMapLoss):
         self.form, self.tangent_norm = form, tangent_norm
 
     def off_diagonal(
-        self, flow_map: FlowMap, teacher: Velocity, x_s: Tensor, s: Tensor, t: Tensor, step: int
+        self,
+        flow_map: FlowMap,
+        teacher: Velocity,
+        x_s: Tensor,
+        s: Tensor,
+        t: Tensor,
+        step: int,
+        dx_s: Tensor,
     ) -> Tensor:
         r, phi = lagrangian_residual(flow_map, teacher, x_s, s, t)
         if self.form == "backprop":

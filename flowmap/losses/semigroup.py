@@ -98,7 +98,14 @@ class SemigroupLoss(FlowMapLoss):
         self.split, self.teacher_gap, self.teacher_steps = split, teacher_gap, teacher_steps
 
     def off_diagonal(
-        self, flow_map: FlowMap, teacher: Velocity, x_s: Tensor, s: Tensor, t: Tensor, step: int
+        self,
+        flow_map: FlowMap,
+        teacher: Velocity,
+        x_s: Tensor,
+        s: Tensor,
+        t: Tensor,
+        step: int,
+        dx_s: Tensor,
     ) -> Tensor:
         gamma = torch.full_like(s, 0.5) if self.split == "midpoint" else torch.rand_like(s)
         r, _ = semigroup_residual(

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from flowmap.flowmap import FlowMap
 from flowmap.io import file_sha256
 from flowmap.losses import FlowMapLoss, LagrangianLoss
-from flowmap.ode import sample_flow_map
+from flowmap.ode import sample_consistency, sample_flow_map
 from flowmap.paths import AffinePath
 from flowmap.protocols import Solution, Velocity, declared_schedule
 from flowmap.training.base import FlowModuleBase, fork_rng
@@ -70,6 +70,11 @@ class FlowMapModule(FlowModuleBase):
             ignore=[] if teacher is None or isinstance(teacher, str) else ["teacher"]
         )
         self.loss = loss if loss is not None else LagrangianLoss()
+        if teacher is not None and not self.loss.accepts_teacher:
+            raise ValueError(
+                f"{type(self.loss).__name__} trains from the data's conditional velocity and takes "
+                "no teacher; set teacher: null to train from scratch, or distil with EulerianLoss."
+            )
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
         self.path = AffinePath(schedule or "linear")
         # not a submodule: outside the optimiser, the EMA and the checkpoint
@@ -204,9 +209,23 @@ class FlowMapModule(FlowModuleBase):
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(self, x0: Tensor, nfe: int = 1, method: str | None = None) -> Solution:
-        """``nfe`` uniform jumps from noise ``x0`` at :math:`t=0` to data at :math:`t=1`."""
+        """``nfe`` uniform jumps from noise ``x0`` at :math:`t=0` to data at :math:`t=1`; a one-time
+        map (trained on pairs :math:`(s, 1)` only) samples as a consistency model, re-noising
+        between jumps with noise seeded 0 (:func:`~flowmap.ode.sample_consistency`)."""
         self._check_method(method)
-        return sample_flow_map(self.sampling_flow_map, x0, steps=self._check_nfe(nfe))
+        steps = self._check_nfe(nfe)
+        if self.one_time:
+            g = torch.Generator(device=x0.device).manual_seed(0)
+            return sample_consistency(
+                self.sampling_flow_map, x0, self.path, steps=steps, generator=g
+            )
+        return sample_flow_map(self.sampling_flow_map, x0, steps=steps)
+
+    @property
+    def one_time(self) -> bool:
+        r"""Whether the loss trains only the one-time map :math:`X(s, 1, \cdot)` (consistency models,
+        :class:`~flowmap.losses.OneTimePairSampler`)."""
+        return bool(getattr(getattr(self.loss, "pairs", None), "one_time", False))
 
     @property
     def trained_backward(self) -> bool:
@@ -222,6 +241,11 @@ class FlowMapModule(FlowModuleBase):
         Only a map trained on backward pairs can (``loss.pairs.backward_fraction > 0``, as in the
         toy recipes); any other refuses, since its jumps with :math:`s > t` were never trained
         (a forward-only checkerboard map missed the noise by 1.0 at 2 jumps)."""
+        if self.one_time:
+            raise ValueError(
+                "This is a one-time map (a consistency model, trained on pairs (s, 1) only): it "
+                "jumps to data and cannot run backwards; invert with the teacher's ODE instead."
+            )
         if not self.trained_backward:
             raise ValueError(
                 "This flow map was trained only forward (noise -> data, "

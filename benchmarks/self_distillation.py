@@ -1,0 +1,443 @@
+"""Every preset from scratch, side by side with the public peers: same net, data, budget and loop.
+
+Rows:
+
+* flowmap's presets (``flowmap.presets``): the self-distillation ones train from scratch; the
+  distillation ones (consistency distillation, sCD, AYF, progressive) distil a CFM teacher that
+  this script trains first with the same net and budget (``cfm_teacher`` row), starting from a
+  copy of it;
+* the peers of rectified-flow-pytorch (``pip install -e ".[peers]"``; the package never imports
+  it): ``LsdFlow``, ``MeanFlow``, ``SplitMeanFlow``, each given flowmap's net through an adapter
+  into its own time convention, trained by its own ``forward``.
+
+Every row: the 4×256 MLP of ``flowmap.nets.MLP``, ``--steps`` Adam steps at ``--lr`` with batch
+``--batch`` (2D) or ``--digits-batch``, no EMA, no schedule (the same loop for all). Quality at
+1/2/4/8 NFE: flow-map jumps (``flowmap.ode.sample_flow_map``; a one-time map re-noises between
+jumps, ``sample_consistency``) from one fixed noise set, measured by ``flowmap.metrics.Evaluator``:
+exact W2 on 2D (``--n`` samples in 5 groups, mean ± 95% t interval), FID in the digits classifier's
+features on digits (jackknife interval). A peer is also sampled by its own ``sample`` method
+(``own``): MeanFlow's and SplitMeanFlow's multistep samplers are Euler steps of the diagonal.
+
+    python benchmarks/self_distillation.py run --targets checkerboard moons --methods lsd lsdflow
+    python benchmarks/self_distillation.py report --out benchmarks/results/self-distillation
+
+``run`` writes one ``rows/<target>__<method>.json`` per row (a finished row is skipped, so an
+interrupted run resumes); ``report`` writes ``report.md``, ``results.json`` and ``quality.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.data.digits import load_digits_split
+from flowmap.data.toy2d import toy2d_sample
+from flowmap.flowmap import FlowMap
+from flowmap.losses import cfm_loss
+from flowmap.metrics.evaluation import Evaluator
+from flowmap.nets import MLP
+from flowmap.ode import sample_consistency, sample_flow_map, solve_ode
+from flowmap.paths import AffinePath
+from flowmap.presets import PRESETS
+
+NFES = (1, 2, 4, 8)
+TOYS = ("checkerboard", "8gaussians", "moons")
+PEERS = ("lsdflow", "meanflow_peer", "splitmeanflow_peer")
+SELF = tuple(n for n, p in PRESETS.items() if not p.needs_teacher)
+DISTIL = tuple(n for n, p in PRESETS.items() if p.needs_teacher)
+#: ablations of a preset: (preset, replaced init_args)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lsd_learned": ("lsd", {"weighting": {"kind": "learned"}}),  # Boffi et al.'s weighting
+}
+ALL = ("cfm_teacher",) + SELF + tuple(VARIANTS) + DISTIL + PEERS
+OUT = Path("benchmarks/results/self-distillation")
+
+
+# ----------------------------------------------------------------------------- data
+class Data:
+    """Training batches and the evaluation reference of one target."""
+
+    def __init__(self, target: str, batch: int, n_eval: int, seed: int) -> None:
+        self.target, self.batch, self.image = target, batch, target == "digits"
+        self.g = torch.Generator().manual_seed(seed + 1)
+        if self.image:
+            x, _, _, _ = load_digits_split()
+            self.train = x
+            self.shape = tuple(x.shape[1:])
+            self.evaluator = Evaluator(
+                ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), groups=10
+            )
+        else:
+            self.shape = (2,)
+            ref = toy2d_sample(target, n_eval, torch.Generator().manual_seed(10_000 + seed))
+            self.evaluator = Evaluator(ref, groups=5)
+            floor = toy2d_sample(target, n_eval, torch.Generator().manual_seed(20_000 + seed))
+            self.floor = self.evaluator.measure(floor).estimates()["w2"]
+
+    def __call__(self) -> Tensor:
+        if self.image:
+            idx = torch.randint(len(self.train), (self.batch,), generator=self.g)
+            return self.train[idx]
+        return toy2d_sample(self.target, self.batch, self.g)
+
+
+# ----------------------------------------------------------------------------- peers
+class _MeanFlowTime(nn.Module):
+    """MeanFlow's ``model(z, t, t - r)`` (noise at 1, jump t → r) from flowmap's φ (noise at 0):
+    :math:`u = -\\phi(z, 1 - t, 1 - t + (t - r))`."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, delta: Tensor) -> Tensor:
+        return -self.net(x, 1 - t, 1 - t + delta)
+
+
+class _SplitMeanFlowTime(nn.Module):
+    """SplitMeanFlow's ``model(z, t, t - r)`` (noise at 0, average velocity over [r, t]) from φ:
+    :math:`u = \\phi(z, t, t - (t - r))`, the jump back from t to r."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, delta: Tensor) -> Tensor:
+        return self.net(x, t, t - delta)
+
+
+def peer(method: str, net: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """The rectified-flow-pytorch trainer of ``method`` around ``net``."""
+    try:
+        import rectified_flow_pytorch as rfp
+    except ImportError:
+        raise SystemExit(
+            'The peers need rectified-flow-pytorch: pip install -e ".[peers]" (benchmark only).'
+        ) from None
+    if method == "lsdflow":
+        return rfp.LsdFlow(net, data_shape=shape)
+    if method == "meanflow_peer":
+        return rfp.MeanFlow(_MeanFlowTime(net), data_shape=shape)
+    return rfp.SplitMeanFlow(_SplitMeanFlowTime(net), data_shape=shape)
+
+
+# ----------------------------------------------------------------------------- training
+def make_net(shape: tuple[int, ...], seed: int) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(shape, width=256, depth=4)
+
+
+def train(
+    step_loss: Callable[[Tensor, int], Tensor], params: list[nn.Parameter], data: Data, args: Any
+) -> dict[str, Any]:
+    """The one loop of every row: Adam at ``args.lr``, ``args.steps`` steps."""
+    opt = torch.optim.Adam(params, lr=args.lr)
+    start = time.perf_counter()
+    for k in range(args.steps):
+        loss = step_loss(data(), k)
+        if not torch.isfinite(loss):
+            return {"diverged_at": k, "wall_s": time.perf_counter() - start}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {"wall_s": time.perf_counter() - start}
+
+
+def teacher_net(data: Data, args: Any, cache: Path) -> MLP:
+    """The CFM teacher of ``data`` (trained once, then read back with ``weights_only``)."""
+    net = make_net(data.shape, args.seed)
+    if cache.is_file():
+        net.load_state_dict(torch.load(cache, weights_only=True))
+        return net
+    path = AffinePath("linear")
+    result = train(
+        lambda x1, k: cfm_loss(lambda x, t: net(x, t, t), x1, path),
+        list(net.parameters()),
+        data,
+        args,
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), cache)
+    (cache.with_suffix(".json")).write_text(json.dumps(result))
+    return net
+
+
+def run_row(method: str, data: Data, args: Any, out: Path) -> dict[str, Any]:
+    """Train ``method`` on ``data`` and measure it."""
+    net = make_net(data.shape, args.seed)
+    fm = FlowMap(net)
+    own: Callable[[Tensor, int], Tensor] | None = None
+    teacher_file = out / "teachers" / f"{data.target}.pt"
+    if method == "cfm_teacher":
+        net = teacher_net(data, args, teacher_file)
+        fm = FlowMap(net)
+        result = json.loads(teacher_file.with_suffix(".json").read_text())
+
+        def sampler(x0: Tensor, nfe: int) -> Tensor:  # Euler steps of the velocity
+            return solve_ode(fm.velocity, x0, "euler", nfe=nfe).x
+
+    elif method in PEERS:
+        model = peer(method, net, data.shape)
+        result = train(lambda x1, k: model(x1), list(model.parameters()), data, args)
+
+        def own(x0: Tensor, nfe: int) -> Tensor:
+            torch.manual_seed(nfe)  # the multistep samplers draw their own noise
+            return model.sample(batch_size=len(x0), noise=x0, steps=nfe)
+
+        def sampler(x0: Tensor, nfe: int) -> Tensor:
+            return sample_flow_map(fm, x0, steps=nfe).x
+
+    else:
+        name, change = VARIANTS.get(method, (method, {}))
+        spec = PRESETS[name].loss
+        spec = {**spec, "init_args": {**spec["init_args"], **change}}
+        loss = dataclasses.replace(PRESETS[name], loss=spec).build_loss()
+        teacher = None
+        if PRESETS[name].needs_teacher:
+            t_net = teacher_net(data, args, teacher_file).requires_grad_(False)
+            teacher = FlowMap(t_net).velocity
+            net.load_state_dict(t_net.state_dict())  # warm start, as the package does
+        result = train(
+            lambda x1, k: loss(fm, x1, teacher, step=k)["loss"],
+            list(net.parameters()) + list(loss.parameters()),
+            data,
+            args,
+        )
+        one_time = loss.pairs.one_time
+        g = torch.Generator()
+
+        def sampler(x0: Tensor, nfe: int) -> Tensor:
+            if one_time:
+                return sample_consistency(fm, x0, fm.path, steps=nfe, generator=g.manual_seed(0)).x
+            return sample_flow_map(fm, x0, steps=nfe).x
+
+    row: dict[str, Any] = {"method": method, "target": data.target, **result}
+    row["s_per_step"] = row["wall_s"] / args.steps
+    row.update(measure(sampler, data, args, "quality"))
+    if own is not None:
+        row.update(measure(own, data, args, "own_sampler"))
+    return row
+
+
+@torch.no_grad()
+def measure(sampler: Callable[[Tensor, int], Tensor], data: Data, args: Any, key: str) -> dict:
+    n = 2000 if data.image else args.n
+    x0 = torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(7))
+    metric = "fid" if data.image else "w2"
+    out = {}
+    for nfe in NFES:
+        x = sampler(x0, nfe)
+        if not torch.isfinite(x).all():
+            out[str(nfe)] = None
+            continue
+        if data.image:
+            x = x.clamp(-1, 1)
+        out[str(nfe)] = data.evaluator.measure(x).estimates()[metric].as_dict()
+    return {key: out, "metric": metric}
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    rows = args.out / "rows"
+    rows.mkdir(parents=True, exist_ok=True)
+    methods = ALL if args.methods == ["all"] else args.methods
+    for target in args.targets:
+        data = None
+        for method in methods:
+            path = rows / f"{target}__{method}.json"
+            if path.is_file():
+                print(f"{target} {method}: done, skipped", flush=True)
+                continue
+            if data is None:
+                batch = args.digits_batch if target == "digits" else args.batch
+                data = Data(target, batch, args.n, args.seed)
+            row = run_row(method, data, args, args.out)
+            row.update(
+                steps=args.steps,
+                batch=data.batch,
+                lr=args.lr,
+                seed=args.seed,
+                threads=torch.get_num_threads(),
+                floor=None if data.image else data.floor.as_dict(),
+            )
+            path.write_text(json.dumps(row, indent=1))
+            q = row["quality"]
+            print(
+                f"{target} {method}: {row['wall_s']:.0f} s, "
+                + " ".join(f"{k}:{_fmt(v)}" for k, v in q.items()),
+                flush=True,
+            )
+    meta = args.out / "commands.json"  # every run that added rows, in order
+    done = json.loads(meta.read_text()) if meta.is_file() else []
+    done.append(
+        {
+            "command": "python " + shlex.join(sys.argv),
+            "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} "
+            f"torch threads, torch {torch.__version__}",
+        }
+    )
+    meta.write_text(json.dumps(done, indent=1))
+
+
+def _fmt(e: dict | None) -> str:
+    if e is None:
+        return "non-finite"
+    return f"{e['value']:.3g} ± {(e['ci_high'] - e['ci_low']) / 2:.2g}"
+
+
+def _load(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))]
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+    """``a/b`` with a conservative interval from the two intervals' ends."""
+    if not a or not b:
+        return "n/a"
+    lo, hi = a["ci_low"] / b["ci_high"], a["ci_high"] / max(b["ci_low"], 1e-12)
+    return f"{a['value'] / b['value']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def flat_from_4_to_8(q: dict) -> str:
+    """Whether the 4-NFE value lies inside the 8-NFE interval (else: better or worse at 8)."""
+    four, eight = q.get("4"), q.get("8")
+    if not four or not eight:
+        return "n/a"
+    if eight["ci_low"] <= four["value"] <= eight["ci_high"]:
+        return "yes"
+    return "no (8 better)" if four["value"] > eight["ci_high"] else "no (8 worse)"
+
+
+def kind(method: str) -> str:
+    if method in PEERS:
+        return "peer (rectified-flow-pytorch)"
+    if method == "cfm_teacher":
+        return "CFM teacher, Euler"
+    return "preset, distilled" if method in DISTIL else "preset, from scratch"
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _load(args.out)
+    meta = json.loads((args.out / "commands.json").read_text())
+    targets = [t for t in (*TOYS, "digits") if any(r["target"] == t for r in rows)]
+    order = {m: i for i, m in enumerate(ALL)}
+    lines = [
+        "# Self-distillation: every preset and the peers, same net, data, budget and loop",
+        "",
+        "- commands, in order: "
+        + "; ".join(dict.fromkeys(f"`{m['command']}`" for m in meta))
+        + "; then `python benchmarks/self_distillation.py report`",
+        f"- machine: {meta[-1]['machine']}",
+        "- every row: `flowmap.nets.MLP` 4×256, Adam (no EMA, constant rate), one seed; quality "
+        "is exact W2 (2D, 4000 samples in 5 groups, mean ± 95% t interval) or FID in the digits "
+        "classifier's features (2000 samples, jackknife over 10 groups), at 1/2/4/8 flow-map "
+        "jumps (a one-time map re-noises between jumps).",
+        "- distilled presets start from a copy of the `cfm_teacher` row's net and distil it; the "
+        "teacher's own training time is not in their wall time.",
+        "",
+    ]
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        sel = sorted((r for r in rows if r["target"] == target), key=lambda r: order[r["method"]])
+        r0 = sel[0]
+        metric = r0["metric"].upper()
+        lines += [f"## {target}", ""]
+        lines.append(
+            f"{r0['steps']} steps × batch {r0['batch']}, lr {r0['lr']}, {r0['threads']} threads."
+        )
+        if r0.get("floor"):
+            lines.append(
+                f"Floor (fresh data against the reference, same groups): W2 {_fmt(r0['floor'])}."
+            )
+        lines += [
+            "",
+            f"| method | kind | {metric} 1 NFE | 2 NFE | 4 NFE | 8 NFE | 4 NFE inside 8's "
+            "interval | wall s | ms/step |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sel:
+            q = r["quality"]
+            cells = [_fmt(q.get(str(n))) for n in NFES]
+            note = f" (diverged at step {r['diverged_at']})" if "diverged_at" in r else ""
+            lines.append(
+                f"| {r['method']}{note} | {kind(r['method'])} | " + " | ".join(cells) + f" | "
+                f"{flat_from_4_to_8(q)} | {r['wall_s']:.0f} | {1000 * r['s_per_step']:.1f} |"
+            )
+            ys = [q[str(n)]["value"] if q.get(str(n)) else math.nan for n in NFES]
+            style = "--" if r["method"] in PEERS else ("-." if r["method"] in DISTIL else "-")
+            ax.plot(NFES, ys, style, marker="o", ms=3, label=r["method"])
+        own = [r for r in sel if "own_sampler" in r]
+        if own:
+            lines += [
+                "",
+                "Peers through their own `sample` (multistep: Euler on the diagonal):",
+                "",
+            ]
+            for r in own:
+                cells = [_fmt(r["own_sampler"].get(str(n))) for n in NFES]
+                lines.append(
+                    f"- {r['method']}: " + ", ".join(f"{n}: {c}" for n, c in zip(NFES, cells))
+                )
+        by = {r["method"]: r["quality"] for r in sel}
+        lines += ["", "Goals (ratio of values, interval from the ends of the two intervals):", ""]
+        for ours, theirs in (("lsd", "lsdflow"), ("meanflow", "meanflow_peer")):
+            if ours in by and theirs in by:
+                lines.append(
+                    f"- {ours} / {theirs} at 1 NFE: {_ratio(by[ours].get('1'), by[theirs].get('1'))}"
+                    f"; at 2 NFE: {_ratio(by[ours].get('2'), by[theirs].get('2'))}"
+                )
+        lines.append("")
+        ax.set_title(target)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE (jumps)")
+        ax.set_ylabel(metric)
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(args.out / "quality.png", dpi=120)
+    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and measure rows")
+    run.add_argument("--targets", nargs="+", default=[*TOYS, "digits"], choices=[*TOYS, "digits"])
+    run.add_argument("--methods", nargs="+", default=["all"], choices=["all", *ALL])
+    run.add_argument("--steps", type=int, default=3000)
+    run.add_argument("--batch", type=int, default=256)
+    run.add_argument("--digits-batch", type=int, default=256)
+    run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--n", type=int, default=4000, help="2D evaluation samples")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--out", type=Path, default=OUT)
+    run.set_defaults(fn=cmd_run)
+    rep = sub.add_parser("report", help="write report.md, results.json and quality.png")
+    rep.add_argument("--out", type=Path, default=OUT)
+    rep.set_defaults(fn=cmd_report)
+    args = parser.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
