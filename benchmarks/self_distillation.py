@@ -174,31 +174,32 @@ def teacher_net(data: Data, args: Any, cache: Path) -> MLP:
     return net
 
 
-def run_row(method: str, data: Data, args: Any, out: Path) -> dict[str, Any]:
-    """Train ``method`` on ``data`` and measure it."""
+def row_parts(method: str, data: Data, args: Any, out: Path | None) -> dict[str, Any]:
+    """What a row trains and samples: ``step_loss(x1, k)``, ``params``, ``sampler(x0, nfe)`` and,
+    for a peer, ``own`` (its own ``sample``). ``out=None`` (timing only) skips the teacher's
+    training and distils an untrained copy of the net instead."""
     net = make_net(data.shape, args.seed)
     fm = FlowMap(net)
-    own: Callable[[Tensor, int], Tensor] | None = None
-    teacher_file = out / "teachers" / f"{data.target}.pt"
+    teacher_file = out / "teachers" / f"{data.target}.pt" if out is not None else None
+    parts: dict[str, Any] = {"own": None}
     if method == "cfm_teacher":
-        net = teacher_net(data, args, teacher_file)
-        fm = FlowMap(net)
-        result = json.loads(teacher_file.with_suffix(".json").read_text())
-
-        def sampler(x0: Tensor, nfe: int) -> Tensor:  # Euler steps of the velocity
-            return solve_ode(fm.velocity, x0, "euler", nfe=nfe).x
-
+        path = AffinePath("linear")
+        parts["step_loss"] = lambda x1, k: cfm_loss(lambda x, t: net(x, t, t), x1, path)
+        parts["params"] = list(net.parameters())
+        parts["sampler"] = lambda x0, nfe: solve_ode(fm.velocity, x0, "euler", nfe=nfe).x
     elif method in PEERS:
         model = peer(method, net, data.shape)
-        result = train(lambda x1, k: model(x1), list(model.parameters()), data, args)
 
         def own(x0: Tensor, nfe: int) -> Tensor:
             torch.manual_seed(nfe)  # the multistep samplers draw their own noise
             return model.sample(batch_size=len(x0), noise=x0, steps=nfe)
 
-        def sampler(x0: Tensor, nfe: int) -> Tensor:
-            return sample_flow_map(fm, x0, steps=nfe).x
-
+        parts.update(
+            step_loss=lambda x1, k: model(x1),
+            params=list(model.parameters()),
+            sampler=lambda x0, nfe: sample_flow_map(fm, x0, steps=nfe).x,
+            own=own,
+        )
     else:
         name, change = VARIANTS.get(method, (method, {}))
         spec = PRESETS[name].loss
@@ -206,29 +207,78 @@ def run_row(method: str, data: Data, args: Any, out: Path) -> dict[str, Any]:
         loss = dataclasses.replace(PRESETS[name], loss=spec).build_loss()
         teacher = None
         if PRESETS[name].needs_teacher:
-            t_net = teacher_net(data, args, teacher_file).requires_grad_(False)
-            teacher = FlowMap(t_net).velocity
+            if teacher_file is None:
+                t_net = make_net(data.shape, args.seed + 1)
+            else:
+                t_net = teacher_net(data, args, teacher_file)
+            teacher = FlowMap(t_net.requires_grad_(False)).velocity
             net.load_state_dict(t_net.state_dict())  # warm start, as the package does
-        result = train(
-            lambda x1, k: loss(fm, x1, teacher, step=k)["loss"],
-            list(net.parameters()) + list(loss.parameters()),
-            data,
-            args,
-        )
-        one_time = loss.pairs.one_time
-        g = torch.Generator()
+        one_time, g = loss.pairs.one_time, torch.Generator()
 
         def sampler(x0: Tensor, nfe: int) -> Tensor:
             if one_time:
                 return sample_consistency(fm, x0, fm.path, steps=nfe, generator=g.manual_seed(0)).x
             return sample_flow_map(fm, x0, steps=nfe).x
 
+        parts.update(
+            step_loss=lambda x1, k: loss(fm, x1, teacher, step=k)["loss"],
+            params=list(net.parameters()) + list(loss.parameters()),
+            sampler=sampler,
+        )
+    return parts
+
+
+def run_row(method: str, data: Data, args: Any, out: Path) -> dict[str, Any]:
+    """Train ``method`` on ``data`` and measure it."""
+    parts = row_parts(method, data, args, out)
+    if method == "cfm_teacher":  # trained once by teacher_net, shared with the distilled rows
+        net = teacher_net(data, args, out / "teachers" / f"{data.target}.pt")
+        fm = FlowMap(net)
+        parts["sampler"] = lambda x0, nfe: solve_ode(fm.velocity, x0, "euler", nfe=nfe).x
+        result = json.loads((out / "teachers" / f"{data.target}.json").read_text())
+    else:
+        result = train(parts["step_loss"], parts["params"], data, args)
     row: dict[str, Any] = {"method": method, "target": data.target, **result}
     row["s_per_step"] = row["wall_s"] / args.steps
-    row.update(measure(sampler, data, args, "quality"))
-    if own is not None:
-        row.update(measure(own, data, args, "own_sampler"))
+    row.update(measure(parts["sampler"], data, args, "quality"))
+    if parts["own"] is not None:
+        row.update(measure(parts["own"], data, args, "own_sampler"))
     return row
+
+
+def cmd_speed(args: argparse.Namespace) -> None:
+    """ms per training step of every row on ``--target`` (no training to the end, no teacher):
+    the median of ``--repeats`` timings of ``--steps`` steps each, after a warm-up."""
+    torch.set_num_threads(args.threads)
+    data = Data(args.target, args.batch, 100, args.seed)
+    out = {}
+    for method in args.methods or ALL:
+        parts = row_parts(method, data, args, None)
+        opt = torch.optim.Adam(parts["params"], lr=1e-4)
+        times = []
+        for rep in range(args.repeats + 1):
+            start = time.perf_counter()
+            for k in range(args.steps):
+                loss = parts["step_loss"](data(), 1000 + k)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if rep:  # the first round warms up
+                times.append(1000 * (time.perf_counter() - start) / args.steps)
+        out[method] = sorted(times)[len(times) // 2]
+        print(f"{method}: {out[method]:.1f} ms/step", flush=True)
+    cfm = out.get("cfm_teacher")
+    result = {
+        "command": "python " + shlex.join(sys.argv),
+        "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}",
+        "target": args.target,
+        "batch": args.batch,
+        "ms_per_step": out,
+        "per_cfm_step": {m: v / cfm for m, v in out.items()} if cfm else None,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps(result, indent=1))
 
 
 @torch.no_grad()
@@ -432,6 +482,16 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--out", type=Path, default=OUT)
     run.set_defaults(fn=cmd_run)
+    speed = sub.add_parser("speed", help="ms per training step of every row (idle machine)")
+    speed.add_argument("--target", default="checkerboard", choices=[*TOYS, "digits"])
+    speed.add_argument("--methods", nargs="+", choices=ALL)
+    speed.add_argument("--batch", type=int, default=256)
+    speed.add_argument("--steps", type=int, default=20)
+    speed.add_argument("--repeats", type=int, default=3)
+    speed.add_argument("--seed", type=int, default=0)
+    speed.add_argument("--threads", type=int, default=1)
+    speed.add_argument("--out", type=Path, default=OUT)
+    speed.set_defaults(fn=cmd_speed)
     rep = sub.add_parser("report", help="write report.md, results.json and quality.png")
     rep.add_argument("--out", type=Path, default=OUT)
     rep.set_defaults(fn=cmd_report)

@@ -16,6 +16,10 @@ The public API:
 * :class:`LagrangianLoss` — :math:`r_L = \partial_t X(s,t,x_s) - b_t(\mathrm{sg}\,X(s,t,x_s))`.
 * :class:`EulerianLoss` — :math:`r_E = \partial_s X(s,t,x_s) + \nabla_x X(s,t,x_s)\, b_s(x_s)`.
 * :class:`SemigroupLoss` — :math:`X(s,t,x) = X(u,t,X(s,u,x))`, :math:`u = \gamma s + (1-\gamma) t`.
+* :class:`MeanFlowLoss` — :math:`\phi \leftarrow \mathrm{sg}[\dot x_s + (t-s)D\phi]`, the Eulerian
+  identity on the conditional velocity (MeanFlow; no teacher).
+* :func:`build_loss` — a known method by name (``"lsd"``, ``"meanflow"``, ``"shortcut"``, ``"scd"``,
+  …): :mod:`flowmap.presets`, one configuration of the classes above per method.
 * :class:`VelocityModule` — the CFM teacher, :math:`E\|v(x_t,t) - \dot x_t\|^2`, a Lightning module.
 * :class:`FlowMapModule` — distils (or self-distils) a flow map with an injected loss.
 * :func:`solve_ode` — Euler / midpoint / Heun / RK4 for :math:`\dot x = b_t(x)` at an exact NFE.
@@ -23,13 +27,15 @@ The public API:
 * :func:`load_module` — a flowmap checkpoint, read with ``weights_only=True`` and checked.
 
 Layers, each importing only those before it: the math core (``io``, ``paths``, ``protocols``,
-``flowmap``, ``ode``, ``oracles``), ``nets``, ``losses``, ``data``, ``metrics``, ``training``, ``apps``.
+``flowmap``, ``ode``, ``oracles``), ``nets``, ``losses``, ``presets``, ``data``, ``metrics``,
+``training``, ``apps``.
 """
 
 from flowmap.flowmap import FlowMap
-from flowmap.losses import EulerianLoss, FlowMapLoss, LagrangianLoss, SemigroupLoss
+from flowmap.losses import EulerianLoss, FlowMapLoss, LagrangianLoss, MeanFlowLoss, SemigroupLoss
 from flowmap.ode import sample_flow_map, solve_ode
 from flowmap.paths import AffinePath
+from flowmap.presets import build_loss
 from flowmap.protocols import Sampler, Velocity
 from flowmap.training import FlowMapModule, VelocityModule, load_module
 
@@ -44,6 +50,8 @@ __all__ = [
     "LagrangianLoss",
     "EulerianLoss",
     "SemigroupLoss",
+    "MeanFlowLoss",
+    "build_loss",
     "VelocityModule",
     "FlowMapModule",
     "solve_ode",

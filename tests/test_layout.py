@@ -1,7 +1,7 @@
 """The package's layers: every flowmap module imports only its own layer and the layers below it.
 
 Order (bottom first): the math core (io, paths, protocols, flowmap, ode, oracles, in that order),
-nets, losses, data, metrics, training, apps. A new arrow pointing back up fails here.
+nets, losses, presets, data, metrics, training, apps. A new arrow pointing back up fails here.
 """
 
 import ast
@@ -19,6 +19,7 @@ LAYERS = [
     "flowmap.oracles",
     "flowmap.nets",
     "flowmap.losses",
+    "flowmap.presets",
     "flowmap.data",
     "flowmap.metrics",
     "flowmap.training",
