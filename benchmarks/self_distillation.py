@@ -174,6 +174,23 @@ def teacher_net(data: Data, args: Any, cache: Path) -> MLP:
     return net
 
 
+#: the budget the presets' step counts (warm-ups, curricula) are written for
+PRESET_BUDGET = 3000
+
+
+def scaled_to_budget(spec: Any, steps: int) -> Any:
+    """A preset's loss config with its step counts (``*_steps`` but ``teacher_steps``) scaled from
+    :data:`PRESET_BUDGET` to ``steps``, so a shorter run keeps the same schedule shape."""
+    if isinstance(spec, dict):
+        return {
+            k: round(v * steps / PRESET_BUDGET)
+            if k.endswith("_steps") and k != "teacher_steps" and isinstance(v, int)
+            else scaled_to_budget(v, steps)
+            for k, v in spec.items()
+        }
+    return spec
+
+
 def row_parts(method: str, data: Data, args: Any, out: Path | None) -> dict[str, Any]:
     """What a row trains and samples: ``step_loss(x1, k)``, ``params``, ``sampler(x0, nfe)`` and,
     for a peer, ``own`` (its own ``sample``). ``out=None`` (timing only) skips the teacher's
@@ -202,7 +219,7 @@ def row_parts(method: str, data: Data, args: Any, out: Path | None) -> dict[str,
         )
     else:
         name, change = VARIANTS.get(method, (method, {}))
-        spec = PRESETS[name].loss
+        spec = scaled_to_budget(PRESETS[name].loss, args.steps)
         spec = {**spec, "init_args": {**spec["init_args"], **change}}
         loss = dataclasses.replace(PRESETS[name], loss=spec).build_loss()
         teacher = None
@@ -378,6 +395,39 @@ def kind(method: str) -> str:
     return "preset, distilled" if method in DISTIL else "preset, from scratch"
 
 
+def readme_table(out: Path) -> list[str]:
+    """The README's preset table: each preset's place and its measured cost per step."""
+    speed_file = out / "speed.json"
+    speed = json.loads(speed_file.read_text()) if speed_file.is_file() else None
+    lines = [
+        "## The README's preset table",
+        "",
+        "| method | residual | teacher | stop-gradient | pairs | weighting | preset | cost per "
+        "step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in PRESETS.values():
+        cost = "not measured"
+        if speed and p.name in speed["ms_per_step"]:
+            ms = speed["ms_per_step"][p.name]
+            cost = f"{speed['per_cfm_step'][p.name]:.1f}× CFM ({ms:.0f} ms)"
+        lines.append(
+            f"| {p.title} | {p.residual} | {p.teacher} | {p.stop_gradient} | {p.pairs} | "
+            f"{p.weighting} | [`{p.name}.yaml`](recipes/presets/{p.name}.yaml) | {cost} |"
+        )
+    if speed:
+        peers = ", ".join(
+            f"{m} {speed['per_cfm_step'][m]:.1f}×" for m in PEERS if m in speed["ms_per_step"]
+        )
+        lines += [
+            "",
+            f"Cost: one training step at batch {speed['batch']} on {speed['target']} with the "
+            f"4×256 MLP as a multiple of a CFM step (median of timed rounds, {speed['machine']}; "
+            f"`{speed['command']}`). Peers: {peers}.",
+        ]
+    return lines + [""]
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     import matplotlib
 
@@ -459,6 +509,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("NFE (jumps)")
         ax.set_ylabel(metric)
+    lines += readme_table(args.out)
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(args.out / "quality.png", dpi=120)

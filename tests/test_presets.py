@@ -247,3 +247,40 @@ def test_a_short_run_of_each_kind_learns_the_gaussian_flow_map(gaussian, name):
     after = _one_jump_error(fm, gaussian, x0, loss.pairs.one_time)
     assert before > 1.5, before
     assert after < SHORT_RUN_BOUND[name], (name, before, after)
+
+
+def test_the_self_distillation_benchmark_runs_and_reports(tmp_path):
+    """A few steps of two rows through the benchmark's own run and report (no peers: an extra)."""
+    spec = importlib.util.spec_from_file_location(
+        "self_distillation", ROOT / "benchmarks" / "self_distillation.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    common = ["--targets", "checkerboard", "--steps", "3", "--n", "100", "--out", str(tmp_path)]
+    bench.main(["run", "--methods", "lsd", "consistency_distillation", *common])
+    rows = sorted(p.name for p in (tmp_path / "rows").glob("*.json"))
+    assert rows == ["checkerboard__consistency_distillation.json", "checkerboard__lsd.json"]
+    assert (tmp_path / "teachers" / "checkerboard.pt").is_file()  # the distilled row's teacher
+    bench.main(["report", "--out", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    assert "| lsd | preset, from scratch |" in report and (tmp_path / "quality.png").is_file()
+
+
+def test_a_preset_yaml_fits_through_the_cli_and_its_checkpoint_samples(tmp_path):
+    """sCT end to end: MeanFlowLoss on one-time pairs with learned weighting, fitted by
+    ``flowmap fit`` from its YAML; the checkpoint reloads as a one-time map that re-noises."""
+    from flowmap.training import load_module
+    from tests.helpers import fit_cli
+
+    ckpt = fit_cli(
+        str(PRESET_DIR / "sct.yaml"),
+        tmp_path,
+        "--trainer.max_steps=3",
+        "--trainer.callbacks=[]",
+        "--trainer.val_check_interval=3",
+        "--data.init_args.batch_size=64",
+    )
+    module = load_module(FlowMapModule, ckpt)
+    assert isinstance(module.loss, MeanFlowLoss) and module.one_time
+    x = module.generate(torch.randn(32, 2), nfe=2)
+    assert x.nfe == 2 and torch.isfinite(x.x).all()

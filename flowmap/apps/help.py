@@ -69,7 +69,8 @@ def component_groups() -> list[_Group]:
     ]
 
 
-_LATEX = {
+_LATEX = {  # longer commands first: \leftarrow before \le
+    r"\leftarrow": "←",
     r"\phi": "φ",
     r"\eta": "η",
     r"\delta": "δ",
