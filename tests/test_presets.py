@@ -55,19 +55,13 @@ def test_preset_yamls_are_written_from_the_python_presets():
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_each_preset_builds_from_its_yaml_as_the_cli_would(name):
+def test_each_preset_builds_from_its_yaml(name):
     cfg = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())
     model = cfg["model"]["init_args"]
     assert model["loss"] == PRESETS[name].loss
     assert (model["teacher"] is not None) == PRESETS[name].needs_teacher
-    loss = build_loss(name)
-    assert isinstance(loss, FlowMapLoss)
-    # the CLI's own parser accepts the whole file (teacher path unchecked until setup)
-    from flowmap.apps.cli import cli_main
-
-    with pytest.raises(SystemExit) as done:
-        cli_main(["fit", "--config", str(PRESET_DIR / f"{name}.yaml"), "--print_config"])
-    assert done.value.code in (0, None)
+    assert isinstance(build_loss(name), FlowMapLoss)
+    # the CLI parses every file under recipes/ (tests/test_recipes.py::test_recipe_config_parses)
 
 
 def test_an_unknown_preset_names_the_known_ones():

@@ -177,13 +177,12 @@ class TimePairSampler:
 
     def off_diagonal_pairs(
         self,
-        n: int,
+        n_off: int,
         cap: float,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        r"""``n`` forward pairs :math:`s < t` with :math:`t - s \le` ``cap``."""
-        n_off = n
+        r"""``n_off`` forward pairs :math:`s < t` with :math:`t - s \le` ``cap``."""
         kw = dict(loc=self.loc, scale=self.scale, device=device, generator=generator)
         if self.distribution == "dyadic":
             levels = [k for k in range(self.levels + 1) if 2.0**-k <= cap + 1e-9] or [self.levels]
