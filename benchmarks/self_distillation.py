@@ -60,6 +60,7 @@ DISTIL = tuple(n for n, p in PRESETS.items() if p.needs_teacher)
 #: ablations of a preset: (preset, replaced init_args)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lsd_learned": ("lsd", {"weighting": {"kind": "learned"}}),  # Boffi et al.'s weighting
+    "meanflow_p1": ("meanflow", {"weighting": {"kind": "adaptive", "p": 1.0, "eps": 1e-3}}),
 }
 ALL = ("cfm_teacher",) + SELF + tuple(VARIANTS) + DISTIL + PEERS
 OUT = Path("benchmarks/results/self-distillation")
