@@ -225,10 +225,9 @@ def sample_consistency(
     if steps < 1:
         raise ValueError(f"A consistency sampler takes at least 1 step, got {steps}.")
     one = as_time(1.0, x)
-    for k in range(steps):
-        x1 = flow_map(x, as_time(k / steps, x), one)
-        if k == steps - 1:
-            return Solution(x1, steps)
+    x1 = flow_map(x, as_time(0.0, x), one)
+    for k in range(1, steps):
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = path.sample(z, x1, as_time((k + 1) / steps, x)).x_t
-    raise AssertionError("unreachable")
+        x = path.sample(z, x1, as_time(k / steps, x)).x_t
+        x1 = flow_map(x, as_time(k / steps, x), one)
+    return Solution(x1, steps)

@@ -82,14 +82,19 @@ def render(p: Preset) -> str:
     head += ["# Place in the taxonomy:"] + _comment(p.place)
     if p.differences:
         head += ["# Where flowmap's preset differs from the paper:"] + _comment(p.differences)
-    head.append("# Written by scripts/write_presets.py from flowmap/presets.py; edit that, not this.")
+    head.append(
+        "# Written by scripts/write_presets.py from flowmap/presets.py; edit that, not this."
+    )
     if p.needs_teacher:
         head += [
             "# Distils the toy teacher (flowmap fit --config recipes/toy2d/teacher.yaml first):",
             f"#   flowmap fit --config recipes/presets/{p.name}.yaml --model.teacher={TEACHER}",
         ]
     else:
-        head += ["# Trains from scratch:", f"#   flowmap fit --config recipes/presets/{p.name}.yaml"]
+        head += [
+            "# Trains from scratch:",
+            f"#   flowmap fit --config recipes/presets/{p.name}.yaml",
+        ]
     body = yaml.safe_dump(config(p), sort_keys=False, allow_unicode=True, width=100)
     return "\n".join(head) + "\n" + body
 

@@ -31,7 +31,7 @@ class EulerChordLoss(FlowMapLoss):
 
     name = "euler_chord"
 
-    def off_diagonal(self, flow_map, teacher, x_s, s, t, step, dx_s):
+    def off_diagonal(self, flow_map, teacher, x_s, s, t, step):  # no dx_s: it may be left out
         return mean_square(flow_map.phi(x_s, s, t) - teacher(x_s, s).detach())
 
 

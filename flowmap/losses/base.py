@@ -9,6 +9,7 @@ training loop, with or without Lightning; ``teacher=None`` self-distils.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -123,6 +124,8 @@ class FlowMapLoss(nn.Module, ABC):
         super().__init_subclass__(**kwargs)
         if "name" not in cls.__dict__:
             cls.name = cls.__name__.removesuffix("Loss").lower()
+        # a subclass written as off_diagonal(flow_map, teacher, x_s, s, t, step) still works
+        cls._takes_dx_s = "dx_s" in inspect.signature(cls.off_diagonal).parameters
 
     def __init__(
         self, pairs: TimePairSampler | None = None, weighting: LossWeighting | None = None
@@ -134,6 +137,26 @@ class FlowMapLoss(nn.Module, ABC):
     #: whether the loss can distil a given teacher (MeanFlow's target is the data's own
     #: conditional velocity, so it cannot)
     accepts_teacher: ClassVar[bool] = True
+
+    @property
+    def self_taught(self) -> bool:
+        """Whether, without a teacher, the loss takes its teacher from the model's own diagonal
+        (all but MeanFlow's conditional form), which then needs diagonal rows to learn."""
+        return True
+
+    def check_teacher(self, has_teacher: bool) -> None:
+        """Refuse a teacher this loss cannot take, or self-distillation with no diagonal rows."""
+        if has_teacher and not self.accepts_teacher:
+            raise ValueError(
+                f"{type(self).__name__} trains from the data's conditional velocity and takes no "
+                "teacher; drop the teacher to train from scratch, or distil with EulerianLoss."
+            )
+        if not has_teacher and self.self_taught and self.pairs.eta == 0:
+            raise ValueError(
+                f"Self-distillation with {type(self).__name__} takes its teacher from the "
+                "model's own diagonal, which pairs.eta = 0 never trains; set pairs.eta > 0 "
+                "(Boffi et al. use 0.75) or give a teacher."
+            )
 
     @abstractmethod
     def off_diagonal(
@@ -147,7 +170,8 @@ class FlowMapLoss(nn.Module, ABC):
         dx_s: Tensor,
     ) -> Tensor:
         r"""Per-sample loss ``(n,)`` on off-diagonal pairs :math:`s \neq t`; ``dx_s`` is the
-        conditional velocity :math:`\dot x_s` of the interpolant samples ``x_s``."""
+        conditional velocity :math:`\dot x_s` of the interpolant samples ``x_s`` (a subclass
+        that does not need it may leave it out of its signature)."""
 
     def forward(
         self,
@@ -176,11 +200,7 @@ class FlowMapLoss(nn.Module, ABC):
         x_s = sample.x_t
         d, off = p.diagonal, ~p.diagonal
         shared: _SharedTeacherCall | None = None
-        if teacher is not None and not self.accepts_teacher:
-            raise ValueError(
-                f"{type(self).__name__} trains from the data's conditional velocity and takes no "
-                "teacher; drop the teacher to train from scratch, or distil with EulerianLoss."
-            )
+        self.check_teacher(teacher is not None)
         if teacher is None:
 
             @torch.no_grad()
@@ -194,9 +214,8 @@ class FlowMapLoss(nn.Module, ABC):
         out: dict[str, Tensor] = {}
         total = x_s.new_zeros(())
         if off.any():  # first: its teacher call also serves the diagonal
-            ell = self.off_diagonal(
-                flow_map, teacher, x_s[off], p.s[off], p.t[off], step, sample.dx_t[off]
-            )
+            extra = {"dx_s": sample.dx_t[off]} if self._takes_dx_s else {}
+            ell = self.off_diagonal(flow_map, teacher, x_s[off], p.s[off], p.t[off], step, **extra)
             total = total + self.weighting(ell, p.s[off], p.t[off]).sum()
             out[self.name] = ell.mean().detach()
         if d.any():

@@ -61,7 +61,7 @@ FORMS = ("discrete", "regression", "full", "sg_advective")
 
 def eulerian_residual(
     flow_map: FlowMap,
-    teacher: Velocity | Tensor,
+    direction: Velocity | Tensor,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,
@@ -69,16 +69,17 @@ def eulerian_residual(
     *,
     velocity: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Return :math:`(r, \phi)` with :math:`r = \phi - v - w\,(t-s)D\phi` (:math:`= -r_E` at
-    :math:`w = 1`, :math:`v = b_s`), :math:`D = \partial_s + b_s\cdot\nabla_x` the derivative along
-    the teacher.
+    r"""Return :math:`(r, \phi)` with :math:`r = \phi - v - w\,(t-s)D\phi`,
+    :math:`D = \partial_s + b\cdot\nabla_x` the derivative along the direction :math:`b`
+    (:math:`r = -r_E` when :math:`b = v = b_s` and :math:`w = 1`).
 
-    ``teacher`` is the velocity :math:`b` or its values :math:`b_s(x_s)`; ``velocity`` is the
-    :math:`v` of the target (default :math:`b_s`). MeanFlow passes the conditional velocity
-    :math:`\dot x_s` there: :math:`r` is linear in :math:`v`, so its conditional mean is the
-    residual with the marginal :math:`b_s = E[\dot x_s \mid x_s]`.
+    ``direction`` is the teacher velocity :math:`b` or its values :math:`b_s(x_s)`; ``velocity``
+    is the :math:`v` of the target (default :math:`b`). MeanFlow passes the conditional velocity
+    :math:`\dot x_s` as both (improved MeanFlow: as :math:`v` only): :math:`r` is affine in
+    :math:`\dot x_s`, so its conditional mean is the residual with
+    :math:`b_s = E[\dot x_s \mid x_s]`.
     """
-    b = (teacher if isinstance(teacher, Tensor) else teacher(x_s, s)).detach()
+    b = (direction if isinstance(direction, Tensor) else direction(x_s, s)).detach()
     j = flow_map.jvp(x_s, s, t, dx=b, ds=s.new_ones(s.shape))
     gap = expand_like(t - s, x_s).to(j.phi.dtype)
     v = b if velocity is None else velocity.detach().to(j.phi.dtype)

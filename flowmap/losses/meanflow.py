@@ -74,6 +74,11 @@ class MeanFlowLoss(FlowMapLoss):
         self.tangent, self.tangent_norm = tangent, tangent_norm
         self.tangent_warmup_steps = tangent_warmup_steps
 
+    @property
+    def self_taught(self) -> bool:
+        """Only the model-tangent form (iMF) leans on the diagonal."""
+        return self.tangent == "model"
+
     def off_diagonal(
         self,
         flow_map: FlowMap,

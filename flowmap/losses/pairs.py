@@ -146,6 +146,11 @@ class TimePairSampler:
                 f"levels (the finest dyadic gap is 2**-levels) must lie in [0, 20], not {levels}."
             )
         self.levels = levels
+        if distribution == "dyadic" and min(self.gap_start, max_gap) < 2.0**-levels:
+            raise ValueError(
+                f"The dyadic grid's finest gap is 2**-{levels} = {2.0**-levels:g}, above the "
+                f"gap cap {min(self.gap_start, max_gap):g}; raise gap_start/max_gap or levels."
+            )
 
     def gap_cap(self, step: int) -> float:
         """The curriculum's cap :math:`g(k)` on :math:`|t - s|` at training step ``k``."""
@@ -185,7 +190,7 @@ class TimePairSampler:
         r"""``n_off`` forward pairs :math:`s < t` with :math:`t - s \le` ``cap``."""
         kw = dict(loc=self.loc, scale=self.scale, device=device, generator=generator)
         if self.distribution == "dyadic":
-            levels = [k for k in range(self.levels + 1) if 2.0**-k <= cap + 1e-9] or [self.levels]
+            levels = [k for k in range(self.levels + 1) if 2.0**-k <= cap + 1e-9]
             k = torch.tensor(levels, device=device)[
                 torch.randint(len(levels), (n_off,), device=device, generator=generator)
             ]

@@ -2,6 +2,7 @@ r"""Flow-map distillation (and self-distillation) of :math:`X(s,t,x) = x + (t-s)
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,11 +71,8 @@ class FlowMapModule(FlowModuleBase):
             ignore=[] if teacher is None or isinstance(teacher, str) else ["teacher"]
         )
         self.loss = loss if loss is not None else LagrangianLoss()
-        if teacher is not None and not self.loss.accepts_teacher:
-            raise ValueError(
-                f"{type(self.loss).__name__} trains from the data's conditional velocity and takes "
-                "no teacher; set teacher: null to train from scratch, or distil with EulerianLoss."
-            )
+        if teacher is not None:  # a loss without a teacher is checked at its first call
+            self.loss.check_teacher(True)
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
         self.path = AffinePath(schedule or "linear")
         # not a submodule: outside the optimiser, the EMA and the checkpoint
@@ -211,11 +209,13 @@ class FlowMapModule(FlowModuleBase):
     def generate(self, x0: Tensor, nfe: int = 1, method: str | None = None) -> Solution:
         """``nfe`` uniform jumps from noise ``x0`` at :math:`t=0` to data at :math:`t=1`; a one-time
         map (trained on pairs :math:`(s, 1)` only) samples as a consistency model, re-noising
-        between jumps with noise seeded 0 (:func:`~flowmap.ode.sample_consistency`)."""
+        between jumps (:func:`~flowmap.ode.sample_consistency`) with noise seeded by the content
+        of ``x0``: reproducible, different for every batch, and never ``x0``'s own draw."""
         self._check_method(method)
         steps = self._check_nfe(nfe)
         if self.one_time:
-            g = torch.Generator(device=x0.device).manual_seed(0)
+            seed = int.from_bytes(hashlib.sha256(x0.cpu().numpy().tobytes()).digest()[:8], "big")
+            g = torch.Generator(device=x0.device).manual_seed(seed)
             return sample_consistency(
                 self.sampling_flow_map, x0, self.path, steps=steps, generator=g
             )
