@@ -61,6 +61,14 @@ DISTIL = tuple(n for n, p in PRESETS.items() if p.needs_teacher)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lsd_learned": ("lsd", {"weighting": {"kind": "learned"}}),  # Boffi et al.'s weighting
     "meanflow_p1": ("meanflow", {"weighting": {"kind": "adaptive", "p": 1.0, "eps": 1e-3}}),
+    # the peer's choices in flowmap's loss: p = 0.5, half the batch on the diagonal
+    "meanflow_peer_settings": (
+        "meanflow",
+        {
+            "weighting": {"kind": "adaptive", "p": 0.5, "eps": 1e-3},
+            "pairs": {"distribution": "logit_normal", "loc": 0.4, "scale": 1.0, "eta": 0.5},
+        },
+    ),
 }
 ALL = ("cfm_teacher",) + SELF + tuple(VARIANTS) + DISTIL + PEERS
 OUT = Path("benchmarks/results/self-distillation")
@@ -451,7 +459,12 @@ def cmd_report(args: argparse.Namespace) -> None:
         "classifier's features (2000 samples, jackknife over 10 groups), at 1/2/4/8 flow-map "
         "jumps (a one-time map re-noises between jumps).",
         "- distilled presets start from a copy of the `cfm_teacher` row's net and distil it; the "
-        "teacher's own training time is not in their wall time.",
+        "teacher's own training time is not in their wall time. A preset's warm-up and "
+        f"curriculum step counts, written for {PRESET_BUDGET} steps, are scaled to the budget.",
+        "- wall s and ms/step are as trained; other work shared the machine's second core for "
+        "part of the run, so compare costs in the preset table below (`speed`, idle machine).",
+        "- floor: fresh data against the reference groups; W2 on 800-point groups cannot resolve "
+        "a sample set closer to the data than that.",
         "",
     ]
     fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
