@@ -407,7 +407,9 @@ def kind(method: str) -> str:
 def readme_table(out: Path) -> list[str]:
     """The README's preset table: each preset's place and its measured cost per step."""
     speed_file = out / "speed.json"
-    speed = json.loads(speed_file.read_text()) if speed_file.is_file() else None
+    if not speed_file.is_file():
+        return []
+    speed = json.loads(speed_file.read_text())
     lines = [
         "## The README's preset table",
         "",
@@ -417,23 +419,22 @@ def readme_table(out: Path) -> list[str]:
     ]
     for p in PRESETS.values():
         cost = "not measured"
-        if speed and p.name in speed["ms_per_step"]:
+        if p.name in speed["ms_per_step"]:
             ms = speed["ms_per_step"][p.name]
             cost = f"{speed['per_cfm_step'][p.name]:.1f}× CFM ({ms:.0f} ms)"
         lines.append(
             f"| {p.title} | {p.residual} | {p.teacher} | {p.stop_gradient} | {p.pairs} | "
             f"{p.weighting} | [`{p.name}.yaml`](recipes/presets/{p.name}.yaml) | {cost} |"
         )
-    if speed:
-        peers = ", ".join(
-            f"{m} {speed['per_cfm_step'][m]:.1f}×" for m in PEERS if m in speed["ms_per_step"]
-        )
-        lines += [
-            "",
-            f"Cost: one training step at batch {speed['batch']} on {speed['target']} with the "
-            f"4×256 MLP as a multiple of a CFM step (median of timed rounds, {speed['machine']}; "
-            f"`{speed['command']}`). Peers: {peers}.",
-        ]
+    peers = ", ".join(
+        f"{m} {speed['per_cfm_step'][m]:.1f}×" for m in PEERS if m in speed["ms_per_step"]
+    )
+    lines += [
+        "",
+        f"Cost: one training step at batch {speed['batch']} on {speed['target']} with the "
+        f"4×256 MLP as a multiple of a CFM step (median of timed rounds, {speed['machine']}; "
+        f"`{speed['command']}`). Peers: {peers}.",
+    ]
     return lines + [""]
 
 
