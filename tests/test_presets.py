@@ -313,3 +313,24 @@ def test_a_preset_yaml_fits_through_the_cli_and_its_checkpoint_samples(tmp_path)
     assert isinstance(module.loss, MeanFlowLoss) and module.one_time
     x = module.generate(torch.randn(32, 2), nfe=2)
     assert x.nfe == 2 and torch.isfinite(x.x).all()
+
+
+def test_a_teacherless_fit_of_a_distillation_preset_is_refused_before_training(tmp_path, capsys):
+    """sCD's one-time pairs have no diagonal rows, so self-distilling them is one sentence."""
+    from flowmap.apps.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "fit",
+                "--config",
+                str(PRESET_DIR / "scd.yaml"),
+                "--model.teacher=null",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.max_steps=2",
+            ]
+        )
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "flowmap: error:" in err and "pairs.eta = 0 never trains" in err
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -71,7 +71,7 @@ class FlowMapModule(FlowModuleBase):
             ignore=[] if teacher is None or isinstance(teacher, str) else ["teacher"]
         )
         self.loss = loss if loss is not None else LagrangianLoss()
-        if teacher is not None:  # a loss without a teacher is checked at its first call
+        if teacher is not None:  # without one it is checked in setup (a loaded map needs none)
             self.loss.check_teacher(True)
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
         self.path = AffinePath(schedule or "linear")
@@ -129,6 +129,8 @@ class FlowMapModule(FlowModuleBase):
                     )
             object.__setattr__(self, "_teacher", teacher)
             self._adopt_teacher_path()
+        if stage == "fit":  # before the first step: e.g. self-distillation with no diagonal
+            self.loss.check_teacher(self._teacher is not None)
         if self.hparams.warm_start and stage == "fit" and self._teacher is not None:
             velocity_net = getattr(self._teacher, "sampling_net", None)
             if velocity_net is None:
