@@ -497,7 +497,8 @@ def cmd_report(args: argparse.Namespace) -> None:
             )
             ys = [q[str(n)]["value"] if q.get(str(n)) else math.nan for n in NFES]
             style = "--" if r["method"] in PEERS else ("-." if r["method"] in DISTIL else "-")
-            ax.plot(NFES, ys, style, marker="o", ms=3, label=r["method"])
+            color = plt.get_cmap("tab20")(order[r["method"]] % 20)  # one colour per method
+            ax.plot(NFES, ys, style, marker="o", ms=3, color=color, label=r["method"])
         own = [r for r in sel if "own_sampler" in r]
         if own:
             lines += [
@@ -525,7 +526,14 @@ def cmd_report(args: argparse.Namespace) -> None:
         ax.set_xlabel("NFE (jumps)")
         ax.set_ylabel(metric)
     lines += readme_table(args.out)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}  # every method
+    axes[0][-1].legend(
+        [handles[m] for m in ALL if m in handles],
+        [m for m in ALL if m in handles],
+        fontsize=6,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+    )
     fig.tight_layout()
     fig.savefig(args.out / "quality.png", dpi=120)
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
