@@ -164,19 +164,19 @@ def train(
     return {"wall_s": time.perf_counter() - start}
 
 
+def cfm_step(net: nn.Module) -> Callable[[Tensor, int], Tensor]:
+    """A CFM training step of ``net`` as a velocity ``net(x, t, t)`` on the linear path."""
+    path = AffinePath("linear")
+    return lambda x1, k: cfm_loss(lambda x, t: net(x, t, t), x1, path)
+
+
 def teacher_net(data: Data, args: Any, cache: Path) -> MLP:
     """The CFM teacher of ``data`` (trained once, then read back with ``weights_only``)."""
     net = make_net(data.shape, args.seed)
     if cache.is_file():
         net.load_state_dict(torch.load(cache, weights_only=True))
         return net
-    path = AffinePath("linear")
-    result = train(
-        lambda x1, k: cfm_loss(lambda x, t: net(x, t, t), x1, path),
-        list(net.parameters()),
-        data,
-        args,
-    )
+    result = train(cfm_step(net), list(net.parameters()), data, args)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), cache)
     (cache.with_suffix(".json")).write_text(json.dumps(result))
@@ -209,8 +209,10 @@ def row_parts(method: str, data: Data, args: Any, out: Path | None) -> dict[str,
     teacher_file = out / "teachers" / f"{data.target}.pt" if out is not None else None
     parts: dict[str, Any] = {"own": None}
     if method == "cfm_teacher":
-        path = AffinePath("linear")
-        parts["step_loss"] = lambda x1, k: cfm_loss(lambda x, t: net(x, t, t), x1, path)
+        if teacher_file is not None:  # trained once, shared with the distilled rows
+            net = teacher_net(data, args, teacher_file)
+            fm = FlowMap(net)
+        parts["step_loss"] = cfm_step(net)
         parts["params"] = list(net.parameters())
         parts["sampler"] = lambda x0, nfe: solve_ode(fm.velocity, x0, "euler", nfe=nfe).x
     elif method in PEERS:
@@ -257,10 +259,7 @@ def row_parts(method: str, data: Data, args: Any, out: Path | None) -> dict[str,
 def run_row(method: str, data: Data, args: Any, out: Path) -> dict[str, Any]:
     """Train ``method`` on ``data`` and measure it."""
     parts = row_parts(method, data, args, out)
-    if method == "cfm_teacher":  # trained once by teacher_net, shared with the distilled rows
-        net = teacher_net(data, args, out / "teachers" / f"{data.target}.pt")
-        fm = FlowMap(net)
-        parts["sampler"] = lambda x0, nfe: solve_ode(fm.velocity, x0, "euler", nfe=nfe).x
+    if method == "cfm_teacher":  # row_parts trained it (teacher_net); its training record
         result = json.loads((out / "teachers" / f"{data.target}.json").read_text())
     else:
         result = train(parts["step_loss"], parts["params"], data, args)
