@@ -27,7 +27,7 @@ The public API:
 * :func:`load_module` — a flowmap checkpoint, read with ``weights_only=True`` and checked.
 
 Layers, each importing only those before it: the math core (``io``, ``paths``, ``protocols``,
-``flowmap``, ``ode``, ``oracles``), ``nets``, ``losses``, ``presets``, ``data``, ``metrics``,
+``conditioning``, ``flowmap``, ``ode``, ``oracles``), ``nets``, ``losses``, ``presets``, ``data``, ``metrics``,
 ``training``, ``apps``.
 """
 

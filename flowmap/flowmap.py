@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flowmap.conditioning import NULL_CLASS
 from flowmap.paths import AffinePath, Schedule, as_path, as_time, expand_like, time_dtype
 
 __all__ = ["FlowMap", "FlowMapJVP"]
@@ -53,18 +54,45 @@ class FlowMap(nn.Module):
             (dropping a label silently would sample the wrong class).
         path: the probability path (schedule) whose ODE the map follows. A distilled map takes the
             teacher's; the losses draw interpolant samples :math:`x_s` from it.
+        scale: the guidance scale :math:`w` a map whose net takes no scale input follows (1: the
+            conditional flow). Calls with that ``w`` drop it before the net; any other ``w`` is
+            an error. A net with a scale input (``guidance_input``) takes every ``w``.
 
-    ``s > t`` is allowed: it runs the map backwards in time (data → noise).
+    ``s > t`` is allowed: it runs the map backwards in time (data → noise). The conditioning
+    keywords (labels ``y``, scales ``w``) are :math:`X(s, t, x \mid c, w)`'s parameters, never
+    differentiated by :meth:`jvp`.
     """
 
-    def __init__(self, net: nn.Module, path: str | Schedule | AffinePath = "linear") -> None:
+    def __init__(
+        self, net: nn.Module, path: str | Schedule | AffinePath = "linear", scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.net = net
         self.path = as_path(path)
+        self.scale = float(scale)
         self._keywords = _accepted_keywords(net)
+        declared = getattr(getattr(net, "condition", None), "guidance_input", None)
+        self.takes_scale = (
+            bool(declared)
+            if declared is not None
+            else self._keywords is None or "w" in self._keywords
+        )
 
     def _cond(self, cond: dict[str, Any]) -> dict[str, Any]:
         cond = {k: v for k, v in cond.items() if v is not None}
+        w = cond.get("w")
+        if w is not None and not self.takes_scale:
+            y = cond.get("y")
+            fixed = w == self.scale
+            if y is not None:
+                fixed = fixed | (y == NULL_CLASS)
+            if not bool(fixed.all()):
+                raise ValueError(
+                    f"This flow map follows the guidance scale {self.scale:g} only (its net "
+                    "takes no scale input); sample at that scale, or train a net with "
+                    "guidance_input: true to choose the scale when sampling."
+                )
+            del cond["w"]
         if self._keywords is not None:
             foreign = sorted(set(cond) - self._keywords)
             if foreign:
@@ -139,12 +167,18 @@ class FlowMap(nn.Module):
         :math:`X(s, t, x) = x + (t - s)\,v(x, s)`: one Euler step of the teacher.
         """
         try:
-            self.net.load_state_dict(velocity_net.state_dict())
+            missing, unexpected = self.net.load_state_dict(velocity_net.state_dict(), strict=False)
         except RuntimeError:
+            missing, unexpected = ["(shapes)"], []
+        # a student with a guidance-scale input may lack it in the teacher: that branch starts at
+        # zero (ConditionEmbedding), so the student begins as the teacher at every scale
+        missing = [k for k in missing if not k.startswith("condition.scale.")]
+        if missing or unexpected:
             raise ValueError(
-                "Warm start needs the student net to have the teacher's architecture, but they "
-                "differ; copy the teacher's `net` config or set warm_start: false."
-            ) from None
+                "Warm start needs the student net to have the teacher's architecture (it may add "
+                "guidance_input), but they differ; copy the teacher's `net` config or set "
+                "warm_start: false."
+            )
         teacher_buffers = dict(velocity_net.named_buffers())
         for name, buf in self.net.named_buffers():  # e.g. the time features' frequencies
             other = teacher_buffers.get(name)

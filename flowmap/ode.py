@@ -14,7 +14,7 @@ Every function returns a :class:`Solution` with the samples and the NFE actually
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -41,14 +41,16 @@ FIXED_STEP_METHODS = tuple(STAGES)
 
 
 class _Counted:
-    """Wraps a velocity ``b(x, t)``, counting calls (one call = one NFE for the whole batch)."""
+    """Wraps a velocity ``b(x, t, **cond)``, counting calls (one call = one NFE for the whole
+    batch; a guided call's second branch is counted by its caller)."""
 
-    def __init__(self, velocity: Velocity) -> None:
+    def __init__(self, velocity: Velocity, cond: Mapping[str, Tensor] | None = None) -> None:
         self.velocity, self.nfe = velocity, 0
+        self.cond = {k: v for k, v in (cond or {}).items() if v is not None}
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
-        return self.velocity(x, as_time(t, x))
+        return self.velocity(x, as_time(t, x), **self.cond)
 
 
 def time_grid(
@@ -119,10 +121,13 @@ def solve_ode(
     grid: Sequence[float] | Tensor | None = None,
     t0: float = 0.0,
     t1: float = 1.0,
+    cond: Mapping[str, Tensor] | None = None,
 ) -> Solution:
     r"""Integrate :math:`\dot x = b_t(x)` from ``x`` at ``t0`` (or ``grid[0]``) with a fixed-step method.
 
     Give exactly one of ``nfe`` (total evaluations), ``steps`` (uniform steps) or ``grid``.
+    ``cond`` (e.g. ``{"y": labels}``) is passed to every call of the velocity, as Meta's
+    flow_matching passes its ``model_extras``.
     """
     if sum(a is not None for a in (nfe, steps, grid)) != 1:
         raise ValueError("Give exactly one of nfe=, steps= or grid= to solve_ode.")
@@ -131,7 +136,7 @@ def solve_ode(
     if method not in STAGES:
         raise ValueError(f"Unknown solver {method!r}; choose one of {list(STAGES)}.")
     ts = time_grid(steps, grid, t0, t1)
-    f = _Counted(velocity)
+    f = _Counted(velocity, cond)
     for a, b in zip(ts[:-1].tolist(), ts[1:].tolist()):
         t = as_time(a, x)
         x = _step(method, f, x, t, torch.tensor(b - a, dtype=t.dtype, device=x.device))
@@ -146,6 +151,7 @@ def solve_between(
     *,
     steps: int = 1,
     method: str = "heun",
+    cond: Mapping[str, Tensor] | None = None,
 ) -> Solution:
     r"""Integrate from per-sample start times ``s`` ``(B,)`` to end times ``t`` ``(B,)`` in ``steps`` uniform steps.
 
@@ -154,7 +160,7 @@ def solve_between(
     if int(steps) < 1:
         raise ValueError(f"The number of steps must be at least 1, got {steps}.")
     s, t = as_time(s, x), as_time(t, x)
-    f = _Counted(velocity)
+    f = _Counted(velocity, cond)
     for k in range(int(steps)):
         x = _step(method, f, x, s + (t - s) * (k / steps), (t - s) / steps)
     return Solution(x, f.nfe)
@@ -169,9 +175,10 @@ def solve_adaptive(
     atol: float = 1e-5,
     t0: float = 0.0,
     t1: float = 1.0,
+    cond: Mapping[str, Tensor] | None = None,
 ) -> Solution:
     """Adaptive reference solve from ``t0`` to ``t1`` with torchdiffeq; NFE is what the solver used."""
-    f = _Counted(velocity)
+    f = _Counted(velocity, cond)
 
     def rhs(t: Tensor, y: Tensor) -> Tensor:
         return f(y, t)
@@ -189,18 +196,21 @@ def sample_flow_map(
     grid: Sequence[float] | Tensor | None = None,
     t0: float = 0.0,
     t1: float = 1.0,
+    cond: Mapping[str, Tensor] | None = None,
 ) -> Solution:
     r"""Compose jumps :math:`x \leftarrow X(t_k, t_{k+1}, x)` over a grid (one NFE per jump).
 
     ``flow_map(x, s, t)`` is any map with the signature of :meth:`flowmap.FlowMap.forward`. Pass
-    ``t0=1, t1=0`` (or a decreasing grid) to invert: data → noise.
+    ``t0=1, t1=0`` (or a decreasing grid) to invert: data → noise. ``cond`` (e.g. labels and
+    guidance scales) is passed to every jump.
     """
     if (steps is None) == (grid is None):
         raise ValueError("Give exactly one of steps= or grid= to sample_flow_map.")
     ts = time_grid(steps, grid, t0, t1)
+    kw = {k: v for k, v in (cond or {}).items() if v is not None}
     n = 0
     for a, b in zip(ts[:-1].tolist(), ts[1:].tolist()):
-        x = flow_map(x, as_time(a, x), as_time(b, x))
+        x = flow_map(x, as_time(a, x), as_time(b, x), **kw)
         n += 1
     return Solution(x, n)
 
@@ -212,6 +222,7 @@ def sample_consistency(
     *,
     steps: int,
     generator: torch.Generator | None = None,
+    cond: Mapping[str, Tensor] | None = None,
 ) -> Solution:
     r"""Multistep sampling of a one-time map :math:`f(x, s) = X(s, 1, x)` (consistency models):
     on the grid :math:`t_k = k/N`, :math:`\hat x = X(t_k, 1, x)`, then
@@ -224,10 +235,11 @@ def sample_consistency(
     """
     if steps < 1:
         raise ValueError(f"A consistency sampler takes at least 1 step, got {steps}.")
+    kw = {k: v for k, v in (cond or {}).items() if v is not None}
     one = as_time(1.0, x)
-    x1 = flow_map(x, as_time(0.0, x), one)
+    x1 = flow_map(x, as_time(0.0, x), one, **kw)
     for k in range(1, steps):
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = path.sample(z, x1, as_time(k / steps, x)).x_t
-        x1 = flow_map(x, as_time(k / steps, x), one)
+        x1 = flow_map(x, as_time(k / steps, x), one, **kw)
     return Solution(x1, steps)

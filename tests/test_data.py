@@ -7,8 +7,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from flowmap.data import (
@@ -23,7 +25,7 @@ from flowmap.data import (
     to_uint8,
     toy2d_sample,
 )
-from flowmap.data.base import from_uint8
+from flowmap.data.base import dataset_identity, from_uint8
 
 try:
     from fakes import make_fake_cifar10, make_fake_mnist, make_image_folder
@@ -174,6 +176,73 @@ def test_finite_reference_samples_never_repeat() -> None:
         DigitsDataModule(batch_size=2000).train_dataloader()
 
 
+def _label_of(x: Tensor, images: Tensor, labels: Tensor) -> Tensor:
+    """The label of each row of ``x`` found in ``images`` (every row must be there exactly once)."""
+    match = (x.flatten(1)[:, None] == images.flatten(1)[None]).all(-1)
+    assert (match.sum(1) == 1).all()
+    return labels[match.float().argmax(1)]
+
+
+def test_digits_labels_batches_are_the_same_images_with_their_labels() -> None:
+    x_tr, y_tr, x_te, y_te = load_digits_split()
+    plain = DigitsDataModule(batch_size=64, n_val=100)
+    dm = DigitsDataModule(batch_size=64, n_val=100, labels=True)
+    assert dm.hparams.labels is True and plain.hparams.labels is False
+    assert plain.num_classes is None and plain.class_names is None
+    assert dm.num_classes == 10 and dm.class_names == tuple("0123456789")
+
+    x, y = _first(dm.train_dataloader())
+    assert x.shape == (64, 1, 8, 8) and x.dtype == torch.float32
+    assert y.shape == (64,) and y.dtype == torch.int64 and 0 <= y.min() and y.max() <= 9
+    assert torch.equal(x, _first(plain.train_dataloader()))  # same shuffle as without labels
+    assert torch.equal(y, _label_of(x, x_tr, y_tr))
+
+    val = list(dm.val_dataloader())
+    assert [len(b[0]) for b in val] == [64, 36]
+    xv, yv = torch.cat([b[0] for b in val]), torch.cat([b[1] for b in val])
+    assert yv.dtype == torch.int64
+    assert torch.equal(xv, torch.cat(list(plain.val_dataloader())))  # same validation images
+    assert torch.equal(yv, _label_of(xv, x_te, y_te))
+    assert len(yv.unique()) == 10
+
+
+def test_labelled_reference_is_class_balanced_seeded_and_distinct() -> None:
+    x_tr, y_tr, x_te, y_te = load_digits_split()
+    dm = DigitsDataModule()  # works with labels off: it is for metrics
+    x, y = dm.labelled_reference(25)
+    assert x.shape == (25, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.bincount(y).tolist() == [3, 3, 3, 3, 3, 2, 2, 2, 2, 2]
+    assert torch.equal(y, y.sort().values)  # in class order
+    assert torch.equal(y, _label_of(x, x_te, y_te))  # distinct test images, with their labels
+    again, other = dm.labelled_reference(25), dm.labelled_reference(25, seed=1)
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)
+    assert torch.equal(other[1], y) and not torch.equal(other[0], x)
+    xt, yt = dm.labelled_reference(7, split="train")
+    assert yt.tolist() == list(range(7)) and torch.equal(yt, _label_of(xt, x_tr, y_tr))
+
+    # Test split: class 9 is the smallest (30), so 30 each plus one for classes 0-8 is the most.
+    assert torch.bincount(dm.labelled_reference(309)[1]).tolist() == [31] * 9 + [30]
+    with pytest.raises(
+        ValueError, match=r"class 9 \('9'\) has only 30 and needs 31; ask for at most 309"
+    ):
+        dm.labelled_reference(310)
+    # Train split: class 2 is the smallest (126), so only classes 0 and 1 can have one more.
+    assert len(dm.labelled_reference(1262, split="train")[1]) == 1262
+    with pytest.raises(ValueError, match=r"class 2 \('2'\) has only 126 and needs 127; .* 1262"):
+        dm.labelled_reference(1263, split="train")
+    with pytest.raises(ValueError, match="ask for at least 1"):
+        dm.labelled_reference(0)
+
+
+def test_dataset_identity_includes_labels_only_when_on() -> None:
+    plain, labelled = DigitsDataModule(), DigitsDataModule(labels=True)
+    assert "labels" not in dataset_identity(plain.hparams)  # as in checkpoints saved before it
+    assert dataset_identity(labelled.hparams)["labels"] is True
+    assert dataset_identity(labelled.hparams) != dataset_identity(plain.hparams)
+    assert Toy2DDataModule().num_classes is None and Toy2DDataModule().class_names is None
+    assert make_datamodule("digits", labels=True).num_classes == 10
+
+
 # --------------------------------------------------------------------------- torchvision
 
 
@@ -232,6 +301,30 @@ def test_torchvision_missing_root_fails_early_offline(tmp_path: Path) -> None:
     TorchvisionDataModule("mnist", str(missing), download=True)
 
 
+def test_torchvision_labels_are_the_files_targets(tmp_path: Path) -> None:
+    make_fake_cifar10(tmp_path / "c", n_train=40, n_test=12)
+    cifar = TorchvisionDataModule(
+        "cifar10", str(tmp_path / "c"), batch_size=8, check_integrity=False, labels=True
+    )
+    with open(tmp_path / "c" / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        raw = pickle.load(f)
+    assert cifar.split_labels("test").tolist() == raw["labels"]
+    assert torch.equal(cifar.split_data("test").flatten(1), torch.from_numpy(raw["data"]))
+    assert cifar.num_classes == 10
+    assert cifar.class_names == tuple(cifar._dataset(train=False).classes)  # torchvision's names
+    assert cifar.class_names[:2] == ("airplane", "automobile")
+    x, y = _first(cifar.train_dataloader())
+    assert x.shape == (8, 3, 32, 32) and y.shape == (8,) and y.dtype == torch.int64
+
+    make_fake_mnist(tmp_path / "m", n_train=32, n_test=8)
+    mnist = TorchvisionDataModule("mnist", str(tmp_path / "m"), batch_size=16, labels=True)
+    raw_labels = (tmp_path / "m" / "MNIST" / "raw" / "train-labels-idx1-ubyte").read_bytes()[8:]
+    assert mnist.split_labels("train").tolist() == list(raw_labels)
+    assert mnist.num_classes == 10 and mnist.class_names == tuple("0123456789")
+    x, y = _first(mnist.val_dataloader())
+    assert x.shape == (8, 1, 28, 28) and y.dtype == torch.int64
+
+
 def test_torchvision_unknown_name() -> None:
     with pytest.raises(ValueError, match="Unknown torchvision dataset 'svhn'; choose one of"):
         TorchvisionDataModule("svhn", "/tmp")
@@ -258,6 +351,51 @@ def test_image_folder_missing_or_empty_root(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(FileNotFoundError, match=r"Found 0 \.png/\.jpg/\.jpeg images under"):
         ImageFolderDataModule(str(tmp_path))
+
+
+def _class_folder(root: Path, counts: dict[str, int]) -> Path:
+    """Write ``counts[c]`` constant-grey 6×6 PNGs under ``root/c`` (every other one a level
+    deeper); image ``j`` of the ``k``-th class in sorted order has grey ``100 · k + j``."""
+    for k, c in enumerate(sorted(counts)):
+        for j in range(counts[c]):
+            folder = root / c / ("deep" if j % 2 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((6, 6), 100 * k + j, np.uint8)).save(folder / f"{j}.png")
+    return root
+
+
+def test_image_folder_labels_by_sub_folder(tmp_path: Path) -> None:
+    _class_folder(tmp_path, {"zebra": 5, "ant": 7, "moth": 6})
+    dm = ImageFolderDataModule(
+        str(tmp_path), image_size=4, channels=1, batch_size=4, test_fraction=0.3, labels=True
+    )
+    assert dm.class_names == ("ant", "moth", "zebra") and dm.num_classes == 3
+    for split in ("train", "test"):
+        want = [
+            dm.class_names.index(Path(f).relative_to(tmp_path).parts[0]) for f in dm.files(split)
+        ]
+        y = dm.split_labels(split)
+        assert y.dtype == torch.int64 and y.tolist() == want
+        assert torch.equal(dm.split_data(split)[:, 0, 0, 0].long() // 100, y)  # grey says class
+    for x, y in [_first(dm.train_dataloader()), *dm.val_dataloader()]:
+        assert y.dtype == torch.int64 and torch.equal(to_uint8(x)[:, 0, 0, 0].long() // 100, y)
+    x, y = dm.labelled_reference(6, split="train")
+    assert y.tolist() == [0, 0, 1, 1, 2, 2] and torch.equal(
+        to_uint8(x)[:, 0, 0, 0].long() // 100, y
+    )
+
+
+def test_image_folder_labels_need_class_sub_folders(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "flat", n=6)  # half the images lie directly in the root
+    with pytest.raises(ValueError, match=r"3 of its images lie directly in it .*labels=False\.$"):
+        ImageFolderDataModule(str(tmp_path / "flat"), labels=True)
+    plain = ImageFolderDataModule(str(tmp_path / "flat"), batch_size=2)
+    assert plain.num_classes is None and isinstance(_first(plain.train_dataloader()), Tensor)
+    with pytest.raises(ValueError, match="lie directly in it"):
+        plain.labelled_reference(1, "train")
+    _class_folder(tmp_path / "one", {"cats": 4})
+    with pytest.raises(ValueError, match=r"all its images are in one, 'cats'; put each class"):
+        ImageFolderDataModule(str(tmp_path / "one"), labels=True)
 
 
 # --------------------------------------------------------------------------- factory, pickling
@@ -288,6 +426,30 @@ def test_datamodules_pickle_without_their_cached_data(tmp_path: Path) -> None:
         assert getattr(clone, "_cache", {}) == {}
         assert torch.equal(clone.reference_samples(8, "test", seed=2), ref)
         assert clone.hparams == dm.hparams
+
+
+def test_labelled_datamodules_pickle_without_their_labels_and_reload_them(
+    tmp_path: Path,
+) -> None:
+    make_fake_cifar10(tmp_path / "c")
+    modules = [
+        DigitsDataModule(batch_size=32, labels=True),
+        TorchvisionDataModule("cifar10", str(tmp_path / "c"), check_integrity=False, labels=True),
+        ImageFolderDataModule(
+            str(_class_folder(tmp_path / "f", {"a": 8, "b": 8})), batch_size=4, labels=True
+        ),
+    ]
+    for dm in modules:
+        dm.setup("fit")
+        ref = dm.labelled_reference(2, "train", seed=3)
+        val = [y for _, y in dm.val_dataloader()]
+        clone = pickle.loads(pickle.dumps(dm))  # as ddp_spawn sends it to each process
+        assert clone._cache == {} and clone._label_cache == {}
+        assert clone.num_classes == dm.num_classes and clone.class_names == dm.class_names
+        again = clone.labelled_reference(2, "train", seed=3)
+        assert torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1])
+        assert all(torch.equal(a, b) for a, b in zip([y for _, y in clone.val_dataloader()], val))
+        assert torch.equal(clone.split_labels("train"), dm.split_labels("train"))
 
 
 # --------------------------------------------------------------------------- Lightning wiring

@@ -14,6 +14,7 @@ LAYERS = [
     "flowmap.io",
     "flowmap.paths",
     "flowmap.protocols",
+    "flowmap.conditioning",
     "flowmap.flowmap",
     "flowmap.ode",
     "flowmap.oracles",

@@ -52,7 +52,7 @@ def component_groups() -> list[_Group]:
     import flowmap.training
 
     def takes_x_s_t(cls: type) -> bool:
-        return list(inspect.signature(cls.forward).parameters)[1:] == ["x", "s", "t"]
+        return list(inspect.signature(cls.forward).parameters)[1:4] == ["x", "s", "t"]
 
     nets = [c for c in _concrete(flowmap.nets, torch.nn.Module) if takes_x_s_t(c)]
     return [

@@ -1,5 +1,10 @@
 """DataModules yielding plain float32 batches ``x1`` of shape ``(B, *data_shape)`` (t = 1 is data).
 
+The finite datasets (digits, MNIST, CIFAR-10, image folders) take ``labels=True`` to yield
+``[x1, y]`` batches instead, ``y`` int64 ``(B,)`` class labels in ``0..num_classes-1``, for
+class-conditional models; their ``labelled_reference`` gives class-balanced labelled samples for
+metrics either way.
+
 ``make_datamodule(name, **kwargs)`` picks the DataModule for a dataset name: any toy 2D name
 (:data:`TOY2D_NAMES`), ``"digits"``, ``"mnist"``, ``"cifar10"`` or ``"folder"``.
 """

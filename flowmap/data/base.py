@@ -1,8 +1,11 @@
 """Common base of every DataModule in ``flowmap.data`` and the pixel-range helpers.
 
 Conventions: a sample ``x1`` is data at time ``t = 1``; a batch is a plain float32
-tensor ``(B, *data_shape)`` in *model space*. Images live in ``[-1, 1]``; :func:`to_uint8` and
-:func:`from_uint8` are the only two places that know the map between model space and pixels.
+tensor ``(B, *data_shape)`` in *model space*, or, for a finite dataset built with
+``labels=True``, a pair ``[x1, y]`` with ``y`` int64 ``(B,)`` class indices in
+``0..num_classes-1`` (data never yields -1, which models reserve for "no class"). Images live
+in ``[-1, 1]``; :func:`to_uint8` and :func:`from_uint8` are the only two places that know the map
+between model space and pixels.
 """
 
 from __future__ import annotations
@@ -37,9 +40,17 @@ LOADER_ARGS = frozenset(
 
 def dataset_identity(hparams: dict[str, Any] | None) -> dict[str, Any]:
     """What names a dataset in a DataModule's saved hyperparameters (its class and the arguments
-    that choose the distribution, e.g. ``name``, ``root``): two checkpoints with equal identities
-    were trained on the same data."""
-    return {k: v for k, v in (hparams or {}).items() if k not in LOADER_ARGS}
+    that choose the distribution, e.g. ``name``, ``root``, ``labels``): two checkpoints with equal
+    identities were trained on the same data.
+
+    ``labels=False`` is left out: it is the default, and a checkpoint saved before the argument
+    existed (no ``labels`` key) was trained on the same unlabelled data.
+    """
+    return {
+        k: v
+        for k, v in (hparams or {}).items()
+        if k not in LOADER_ARGS and not (k == "labels" and v is False)
+    }
 
 
 def describe_dataset(identity: dict[str, Any]) -> str:
@@ -85,23 +96,36 @@ def check_split(split: str) -> None:
         raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(REFERENCE_SPLITS)}.")
 
 
+def _to_model_space(x: Tensor) -> Tensor:
+    """Storage (uint8 pixels or float) to float32 model space."""
+    return from_uint8(x) if x.dtype == torch.uint8 else x.to(torch.float32)
+
+
 class TensorSamples(Dataset):
-    """Map-style dataset over a tensor ``(N, *data_shape)`` whose items are plain tensors.
+    """Map-style dataset over a tensor ``(N, *data_shape)``, optionally with labels ``(N,)``.
 
     uint8 storage (images kept at a quarter of the memory) is converted to model space with
-    :func:`from_uint8` item by item; float storage is returned as float32 unchanged. Items are
-    single tensors, not ``(x, label)`` tuples, so the default collate stacks them into a batch.
+    :func:`from_uint8` item by item; float storage is returned as float32 unchanged. Without
+    ``labels`` items are single tensors, so the default collate stacks them into a batch
+    ``(B, *data_shape)``; with ``labels`` items are ``(x, y)`` with ``y`` a 0-d int64 tensor,
+    which the default collate turns into ``[x (B, *data_shape), y (B,)]``.
     """
 
-    def __init__(self, data: Tensor) -> None:
+    def __init__(self, data: Tensor, labels: Tensor | None = None) -> None:
+        if labels is not None and labels.shape != (len(data),):
+            raise ValueError(
+                f"Labels of shape {tuple(labels.shape)} do not match {len(data)} samples; "
+                f"there must be one label per sample."
+            )
         self.data = data
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> Tensor:
-        x = self.data[index]
-        return from_uint8(x) if x.dtype == torch.uint8 else x.to(torch.float32)
+    def __getitem__(self, index: int) -> Tensor | tuple[Tensor, Tensor]:
+        x = _to_model_space(self.data[index])
+        return x if self.labels is None else (x, self.labels[index])
 
 
 class FlowDataModule(L.LightningDataModule, ABC):
@@ -112,14 +136,19 @@ class FlowDataModule(L.LightningDataModule, ABC):
     reference samples of the ``"test"`` split (``seed=0``), cut into batches of at most
     ``batch_size``, in the same plain-tensor format as training batches.
 
+    Unlabelled here (:attr:`num_classes` and :attr:`class_names` are ``None``); finite datasets
+    built with ``labels=True`` (:class:`FiniteFlowDataModule`) yield ``[x1, y]`` batches instead.
+
     Attributes:
         is_image: whether samples are images ``(C, H, W)`` in ``[-1, 1]``.
+        labels: whether batches are ``[x1, y]`` pairs with class labels ``y``.
         batch_size: training (and validation) batch size.
         n_val: number of validation reference samples.
         num_workers: DataLoader worker processes.
     """
 
     is_image: bool = False
+    labels: bool = False
 
     def __init__(self, batch_size: int, n_val: int, num_workers: int) -> None:
         super().__init__()
@@ -135,6 +164,18 @@ class FlowDataModule(L.LightningDataModule, ABC):
     @abstractmethod
     def data_shape(self) -> tuple[int, ...]:
         """Shape of one sample, e.g. ``(2,)`` for toy 2D or ``(3, 32, 32)`` for CIFAR-10."""
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes ``K`` of the labels ``y ∈ 0..K-1`` batches carry; ``None`` when
+        batches are unlabelled."""
+        return None
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """Name of each class, indexed by label (``num_classes`` of them); ``None`` when batches
+        are unlabelled."""
+        return None
 
     @abstractmethod
     def train_dataloader(self) -> Any:
@@ -163,28 +204,59 @@ class FiniteFlowDataModule(FlowDataModule):
     """Base for finite datasets (digits, torchvision sets, image folders).
 
     Subclasses implement :meth:`_load_split` returning the whole split as a tensor
-    ``(N, *data_shape)`` (uint8 pixels or float32 in model space). Splits are loaded lazily, on
-    first use, and cached; the cache is dropped when pickling (``ddp_spawn`` sends the
-    DataModule to each process, which reloads from disk instead of receiving a copy).
+    ``(N, *data_shape)`` (uint8 pixels or float32 in model space), and, for class labels,
+    :meth:`_load_labels` (int64 ``(N,)``, aligned with :meth:`_load_split`) and
+    :meth:`_load_class_names`. Splits and labels are loaded lazily, on first use, and cached; the
+    caches are dropped when pickling (``ddp_spawn`` sends the DataModule to each process, which
+    reloads from disk instead of receiving a copy).
 
     Training batches come from the ``"train"`` split, shuffled by a generator seeded with
     ``seed``, with ``drop_last=True`` so every batch has exactly ``batch_size`` samples. Under
     DDP, Lightning swaps in a ``DistributedSampler`` (seeded by ``seed_everything``) instead.
     The validation set is ``min(n_val, len(test split))`` test samples.
+
+    With ``labels=True`` every batch (train and validation) is ``[x, y]``: ``x`` as without
+    labels (the same samples in the same order), ``y`` their int64 class labels ``(B,)`` in
+    ``0..num_classes-1``.
     """
 
     is_image: bool = True
     #: Human-readable dataset name used in error messages.
     dataset_name: str = "dataset"
 
-    def __init__(self, batch_size: int, n_val: int, num_workers: int, seed: int) -> None:
+    def __init__(
+        self, batch_size: int, n_val: int, num_workers: int, seed: int, labels: bool = False
+    ) -> None:
         super().__init__(batch_size=batch_size, n_val=n_val, num_workers=num_workers)
         self.seed = seed
+        self.labels = labels
         self._cache: dict[str, Tensor] = {}
+        self._label_cache: dict[str, Tensor] = {}
 
     @abstractmethod
     def _load_split(self, split: str) -> Tensor:
         """Load the whole ``split`` as a tensor ``(N, *data_shape)`` (uint8 or float32)."""
+
+    def _load_labels(self, split: str) -> Tensor:
+        """Load the class labels of ``split``: int64 ``(N,)``, in the order of :meth:`_load_split`.
+
+        Overridden by datasets that have labels; the base has none.
+        """
+        raise NotImplementedError(f"{self.dataset_name} has no class labels.")
+
+    def _load_class_names(self) -> tuple[str, ...]:
+        """Name of every class, indexed by label (overridden with :meth:`_load_labels`)."""
+        raise NotImplementedError(f"{self.dataset_name} has no class labels.")
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes when built with ``labels=True``, else ``None``."""
+        return len(self._load_class_names()) if self.labels else None
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """Class names (indexed by label) when built with ``labels=True``, else ``None``."""
+        return self._load_class_names() if self.labels else None
 
     def split_data(self, split: str) -> Tensor:
         """The cached storage tensor of ``split`` (uint8 pixels or float32), loading it once."""
@@ -193,15 +265,49 @@ class FiniteFlowDataModule(FlowDataModule):
             self._cache[split] = self._load_split(split)
         return self._cache[split]
 
+    def split_labels(self, split: str) -> Tensor:
+        """The cached class labels of ``split``: int64 ``(N,)`` aligned with :meth:`split_data`.
+
+        Available whether or not ``labels`` is on (for metrics); raises ``NotImplementedError``
+        for a dataset without labels.
+        """
+        check_split(split)
+        if split not in self._label_cache:
+            self._label_cache[split] = self._load_labels(split)
+        # Checked on every call: a subclass may fill the cache itself (e.g. torchvision).
+        y = self._label_cache[split] = torch.as_tensor(self._label_cache[split], dtype=torch.long)
+        k = len(self._load_class_names())
+        if y.ndim != 1 or (len(y) and not 0 <= int(y.min()) <= int(y.max()) < k):
+            got = f"values {int(y.min())}..{int(y.max())}" if y.ndim == 1 else f"shape {y.shape}"
+            raise ValueError(
+                f"The {split} labels of {self.dataset_name} must be a 1-D tensor of class "
+                f"indices in 0..{k - 1}, got {got}."
+            )
+        return y
+
     def num_samples(self, split: str) -> int:
         """Number of samples in ``split``."""
         return len(self.split_data(split))
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the splits this stage needs (train and test for ``fit``; test otherwise)."""
-        if stage in (None, "fit"):
-            self.split_data("train")
-        self.split_data("test")
+        """Load the splits this stage needs (train and test for ``fit``; test otherwise), and
+        their labels with ``labels=True``."""
+        splits = ("train", "test") if stage in (None, "fit") else ("test",)
+        for split in splits:
+            self.split_data(split)
+            if self.labels:
+                self.split_labels(split)
+
+    def _subset_index(self, n: int, split: str, seed: int) -> Tensor:
+        """Indices of ``n`` distinct samples of ``split``: a random subset seeded with ``seed``."""
+        size = self.num_samples(split)
+        if not 0 < n <= size:
+            raise ValueError(
+                f"Asked for {n} reference samples from the {split} split of "
+                f"{self.dataset_name}, but it only has {size}; ask for between 1 and "
+                f"{size} (samples are never repeated)."
+            )
+        return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
 
     def reference_samples(self, n: int, split: str = "test", seed: int = 0) -> Tensor:
         """Return ``n`` distinct samples of ``split`` (a seeded random subset), float32.
@@ -209,31 +315,76 @@ class FiniteFlowDataModule(FlowDataModule):
         Raises ``ValueError`` when ``n`` exceeds the size of the split: sampling with
         replacement would duplicate images and bias metrics such as FID.
         """
-        data = self.split_data(split)
-        if not 0 < n <= len(data):
-            raise ValueError(
-                f"Asked for {n} reference samples from the {split} split of "
-                f"{self.dataset_name}, but it only has {len(data)}; ask for between 1 and "
-                f"{len(data)} (samples are never repeated)."
-            )
-        index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-        x = data[index]
-        return from_uint8(x) if x.dtype == torch.uint8 else x.to(torch.float32)
+        return _to_model_space(self.split_data(split)[self._subset_index(n, split, seed)])
+
+    def labelled_reference(
+        self, n: int, split: str = "test", seed: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Return ``(x, y)``: ``n`` distinct, class-balanced samples of ``split`` and their labels.
+
+        ``x`` is ``(n, *data_shape)`` float32 in model space, ``y`` int64 ``(n,)``. Each class
+        ``c`` of the ``K`` gets ``n // K`` samples, plus one for the ``n % K`` lowest classes;
+        each class's samples are a random subset seeded with ``seed`` (the same
+        ``(n, split, seed)`` always gives the same result). The result is in class order (all of
+        class 0, then class 1, …). Works whether or not ``labels`` is on; the dataset must have
+        labels.
+
+        Raises:
+            ValueError: if ``n < 1``, or if a class has fewer samples than it needs (samples
+                are never repeated); the message names the largest ``n`` that works.
+        """
+        if n < 1:
+            raise ValueError(f"Asked for {n} reference samples; ask for at least 1.")
+        data, y = self.split_data(split), self.split_labels(split)
+        names = self._load_class_names()
+        counts = torch.bincount(y, minlength=len(names)).tolist()
+        # n = q·K + r (r < K) works iff the r lowest classes have ≥ q + 1 samples and the others
+        # ≥ q, so the largest is q = min(counts) with r = the first class having only q.
+        q = min(counts)
+        largest = q * len(names) + counts.index(q)
+        g = torch.Generator().manual_seed(seed)
+        index = []
+        for c, have in enumerate(counts):
+            need = n // len(names) + (c < n % len(names))
+            if need > have:
+                fix = f"ask for at most {largest}" if largest else "no n works on this split"
+                raise ValueError(
+                    f"Asked for {n} class-balanced reference samples from the {split} split of "
+                    f"{self.dataset_name}, but class {c} ({names[c]!r}) has only {have} and "
+                    f"needs {need}; {fix} (samples are never repeated)."
+                )
+            members = (y == c).nonzero().squeeze(1)
+            index.append(members[torch.randperm(have, generator=g)[:need]])
+        index = torch.cat(index)
+        return _to_model_space(data[index]), y[index]
 
     def val_samples(self) -> Tensor:
         """The fixed validation set: ``min(n_val, len(test))`` test samples, ``seed=0``."""
         return self.reference_samples(min(self.n_val, self.num_samples("test")), "test", 0)
 
+    def val_dataloader(self) -> DataLoader:
+        """Fixed batches of :meth:`val_samples`, never shuffled: plain tensors
+        ``(b, *data_shape)``, or ``[x, y]`` with ``labels=True`` (the same images, with their
+        labels)."""
+        if not self.labels:
+            return super().val_dataloader()
+        index = self._subset_index(min(self.n_val, self.num_samples("test")), "test", 0)
+        x = _to_model_space(self.split_data("test")[index])
+        y = self.split_labels("test")[index]
+        return DataLoader(TensorSamples(x, y), batch_size=min(self.batch_size, len(x)))
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches ``(batch_size, *data_shape)`` of the train split (drop_last)."""
+        """Shuffled batches of the train split (drop_last): ``(batch_size, *data_shape)``, or
+        ``[x, y]`` with ``labels=True`` (the same shuffle, with labels ``(batch_size,)``)."""
         data = self.split_data("train")
         if self.batch_size > len(data):
             raise ValueError(
                 f"batch_size={self.batch_size} is larger than the {len(data)} training samples "
                 f"of {self.dataset_name}; with drop_last no batch would be produced."
             )
+        labels = self.split_labels("train") if self.labels else None
         return DataLoader(
-            TensorSamples(data),
+            TensorSamples(data, labels),
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=True,
@@ -245,4 +396,5 @@ class FiniteFlowDataModule(FlowDataModule):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = {}
+        state["_label_cache"] = {}
         return state

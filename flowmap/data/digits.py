@@ -33,22 +33,33 @@ class DigitsDataModule(FiniteFlowDataModule):
 
     The split is always :func:`load_digits_split` with its defaults (1438 train / 359 test
     images), whatever ``seed`` is: every run, and the digits feature classifier, see the same
-    test set. ``seed`` only drives the shuffling of training batches. Labels are dropped.
+    test set. ``seed`` only drives the shuffling of training batches.
+
+    A batch is ``(B, 1, 8, 8)`` float32, or with ``labels=True`` ``[x, y]`` with ``y`` the digit
+    shown, int64 ``(B,)`` in ``0..9`` (:attr:`class_names` ``"0"`` … ``"9"``).
 
     Args:
         batch_size: training batch size (``drop_last=True``; 5 batches per epoch at 256).
         seed: seed of the training shuffle.
         n_val: size of the fixed validation set (test images; capped at 359).
         num_workers: DataLoader workers.
+        labels: yield ``[x, y]`` batches with class labels, for class-conditional models.
     """
 
     is_image = True
     dataset_name = "digits"
 
     def __init__(
-        self, batch_size: int = 256, seed: int = 0, n_val: int = 256, num_workers: int = 0
+        self,
+        batch_size: int = 256,
+        seed: int = 0,
+        n_val: int = 256,
+        num_workers: int = 0,
+        labels: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, n_val=n_val, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size, n_val=n_val, num_workers=num_workers, seed=seed, labels=labels
+        )
         self.save_hyperparameters()
         self.name = "digits"
 
@@ -60,3 +71,10 @@ class DigitsDataModule(FiniteFlowDataModule):
     def _load_split(self, split: str) -> Tensor:
         x_train, _, x_test, _ = load_digits_split()
         return x_train if split == "train" else x_test
+
+    def _load_labels(self, split: str) -> Tensor:
+        _, y_train, _, y_test = load_digits_split()
+        return y_train if split == "train" else y_test
+
+    def _load_class_names(self) -> tuple[str, ...]:
+        return tuple(str(d) for d in range(10))

@@ -47,6 +47,13 @@ class ImageFolderDataModule(FiniteFlowDataModule):
     seeded ``test_fraction`` of the files (at least one) is held out as the ``"test"`` split;
     the rest is ``"train"``.
 
+    A batch is ``(B, *data_shape)`` float32, or with ``labels=True`` ``[x, y]`` with ``y`` int64
+    ``(B,)``: the class of an image is the first-level sub-folder of ``root`` it lies in (at any
+    depth below it), classes numbered in sorted name order as torchvision's ``ImageFolder`` does
+    (:attr:`class_names` are the folder names). Labels need every image in a sub-folder and at
+    least two of them; the constructor raises ``ValueError`` otherwise. The split is not
+    stratified: a small class may be missing from the test split.
+
     Args:
         root: folder searched recursively.
         image_size: side of the square output.
@@ -57,6 +64,8 @@ class ImageFolderDataModule(FiniteFlowDataModule):
         seed: seed of the training shuffle.
         test_fraction: fraction of files held out as the test split (fixed by ``split_seed``).
         split_seed: seed of the train/test split.
+        labels: yield ``[x, y]`` batches with the sub-folder class labels, for class-conditional
+            models.
     """
 
     is_image = True
@@ -72,12 +81,15 @@ class ImageFolderDataModule(FiniteFlowDataModule):
         seed: int = 0,
         test_fraction: float = 0.1,
         split_seed: int = 0,
+        labels: bool = False,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}.")
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
-        super().__init__(batch_size=batch_size, n_val=n_val, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size, n_val=n_val, num_workers=num_workers, seed=seed, labels=labels
+        )
         self.save_hyperparameters()
         self.root = os.path.expanduser(root)
         self.image_size = image_size
@@ -101,6 +113,9 @@ class ImageFolderDataModule(FiniteFlowDataModule):
             "test": [str(files[i]) for i in perm[:n_test].sort().values],
             "train": [str(files[i]) for i in perm[n_test:].sort().values],
         }
+        self._classes: tuple[str, ...] | None = None
+        if labels:
+            self._load_class_names()  # a folder without classes fails here, not in a loader
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -114,3 +129,38 @@ class ImageFolderDataModule(FiniteFlowDataModule):
     def _load_split(self, split: str) -> Tensor:
         images = [load_image(p, self.image_size, self.channels) for p in self._files[split]]
         return torch.stack(images)
+
+    def _class_of(self, path: str) -> str | None:
+        """The first-level sub-folder of ``root`` holding ``path``; ``None`` if directly in root."""
+        parts = Path(path).relative_to(self.root).parts
+        return parts[0] if len(parts) > 1 else None
+
+    def _load_class_names(self) -> tuple[str, ...]:
+        """Sorted names of the first-level sub-folders holding images (computed once).
+
+        Raises:
+            ValueError: if an image lies directly in ``root``, or all images are in one class.
+        """
+        if self._classes is None:
+            paths = self._files["train"] + self._files["test"]
+            loose = [p for p in paths if self._class_of(p) is None]
+            if loose:
+                raise ValueError(
+                    f"Class labels of the image folder {self.root} are its first-level "
+                    f"sub-folders, but {len(loose)} of its images lie directly in it (e.g. "
+                    f"{Path(loose[0]).name}); move each image into a sub-folder named after its "
+                    f"class, or pass labels=False."
+                )
+            classes = tuple(sorted({self._class_of(p) for p in paths}))
+            if len(classes) < 2:
+                raise ValueError(
+                    f"Class labels of the image folder {self.root} are its first-level "
+                    f"sub-folders, but all its images are in one, {classes[0]!r}; put each class "
+                    f"in its own sub-folder of {self.root} (at least two), or pass labels=False."
+                )
+            self._classes = classes
+        return self._classes
+
+    def _load_labels(self, split: str) -> Tensor:
+        index = {c: i for i, c in enumerate(self._load_class_names())}
+        return torch.tensor([index[self._class_of(p)] for p in self._files[split]])

@@ -18,6 +18,24 @@ __all__ = ["TORCHVISION_NAMES", "TorchvisionDataModule"]
 #: Valid ``name`` values of :class:`TorchvisionDataModule`.
 TORCHVISION_NAMES: tuple[str, ...] = ("mnist", "cifar10")
 
+#: Class names by label: CIFAR-10's as torchvision reads them from ``batches.meta``; MNIST's
+#: digits.
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+    "mnist": tuple(str(d) for d in range(10)),
+}
+
 
 class _UncheckedCIFAR10(CIFAR10):
     """CIFAR-10 that checks files exist instead of checking their md5 sums.
@@ -60,9 +78,11 @@ def _missing_files(name: str, root: str | Path) -> list[str]:
 class TorchvisionDataModule(FiniteFlowDataModule):
     """MNIST ``(1, 28, 28)`` (or ``(1, 32, 32)`` with ``pad_to_32``) or CIFAR-10 ``(3, 32, 32)``.
 
-    Pixels ``p`` map to ``p / 127.5 − 1 ∈ [-1, 1]``; labels are dropped. The official splits are
-    used (60k/10k MNIST, 50k/10k CIFAR-10); each split is held in memory as uint8 and converted
-    batch by batch.
+    Pixels ``p`` map to ``p / 127.5 − 1 ∈ [-1, 1]``. The official splits are used (60k/10k
+    MNIST, 50k/10k CIFAR-10); each split is held in memory as uint8 and converted batch by batch.
+    A batch is ``(B, *data_shape)`` float32, or with ``labels=True`` ``[x, y]`` with ``y`` the
+    torchvision targets, int64 ``(B,)`` in ``0..9`` (:attr:`class_names`: CIFAR-10's
+    ``"airplane"`` … ``"truck"``, MNIST's ``"0"`` … ``"9"``).
 
     Without ``download``, the constructor checks that the files torchvision reads are under
     ``root`` (``root/cifar-10-batches-py/`` or ``root/MNIST/raw/``, unzipped idx files) and
@@ -83,6 +103,7 @@ class TorchvisionDataModule(FiniteFlowDataModule):
             copy that is not byte-identical to the official files (a re-pickled copy, or the
             fake of ``tests/fakes.py``): only the presence of the files is then checked.
             MNIST has no md5 check on load, so this does not affect it.
+        labels: yield ``[x, y]`` batches with class labels, for class-conditional models.
     """
 
     is_image = True
@@ -98,13 +119,16 @@ class TorchvisionDataModule(FiniteFlowDataModule):
         pad_to_32: bool = False,
         seed: int = 0,
         check_integrity: bool = True,
+        labels: bool = False,
     ) -> None:
         if name not in TORCHVISION_NAMES:
             raise ValueError(
                 f"Unknown torchvision dataset {name!r}; choose one of "
                 f"{', '.join(TORCHVISION_NAMES)}."
             )
-        super().__init__(batch_size=batch_size, n_val=n_val, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size, n_val=n_val, num_workers=num_workers, seed=seed, labels=labels
+        )
         self.save_hyperparameters()
         self.name = name
         self.root = os.path.expanduser(root)
@@ -152,11 +176,25 @@ class TorchvisionDataModule(FiniteFlowDataModule):
             self._dataset(train=True, download=True)
             self._dataset(train=False, download=True)
 
-    def _load_split(self, split: str) -> Tensor:
+    def _read(self, split: str) -> tuple[Tensor, Tensor]:
+        """Images (uint8 ``(N, *data_shape)``) and int64 targets ``(N,)`` of ``split``."""
         if not self.download:
             self._check_files()
         ds = self._dataset(train=split == "train")
+        y = torch.as_tensor(ds.targets, dtype=torch.long)
         if self.name == "cifar10":
-            return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), y
         x = ds.data.to(torch.uint8)[:, None]
-        return F.pad(x, (2, 2, 2, 2), value=0) if self.pad_to_32 else x
+        return (F.pad(x, (2, 2, 2, 2), value=0) if self.pad_to_32 else x), y
+
+    def _load_split(self, split: str) -> Tensor:
+        x, y = self._read(split)
+        # torchvision reads the targets with the images: keep them rather than read twice.
+        self._label_cache.setdefault(split, y)
+        return x
+
+    def _load_labels(self, split: str) -> Tensor:
+        return self._read(split)[1]
+
+    def _load_class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES[self.name]

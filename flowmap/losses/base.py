@@ -16,13 +16,21 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from flowmap.conditioning import NULL_CLASS, Condition, rows
 from flowmap.flowmap import FlowMap
 from flowmap.losses.pairs import TimePairs, TimePairSampler
 from flowmap.losses.weighting import LossWeighting
 from flowmap.paths import expand_like
 from flowmap.protocols import Velocity, declared_schedule
 
-__all__ = ["FlowMapLoss", "mean_square", "regression_loss", "diagonal_residual", "chord_slope"]
+__all__ = [
+    "FlowMapLoss",
+    "mean_square",
+    "regression_loss",
+    "diagonal_residual",
+    "chord_slope",
+    "guided_conditional_velocity",
+]
 
 
 def mean_square(r: Tensor) -> Tensor:
@@ -44,21 +52,52 @@ def regression_loss(phi: Tensor, residual: Tensor, tangent_norm: float | None = 
     return mean_square(phi - (phi - g).detach())
 
 
-def diagonal_residual(flow_map: FlowMap, x_t: Tensor, t: Tensor, target: Tensor) -> Tensor:
+def diagonal_residual(
+    flow_map: FlowMap, x_t: Tensor, t: Tensor, target: Tensor, cond: Condition | None = None
+) -> Tensor:
     r"""Tangent condition :math:`\phi(x_t, t, t) - \mathrm{target}`, the target being :math:`b_t(x_t)` in
     distillation or :math:`\dot x_t` from scratch (plain CFM on the diagonal)."""
-    return flow_map.velocity(x_t, t) - target
+    return flow_map.velocity(x_t, t, **(cond or {})) - target
 
 
 @torch.no_grad()
-def chord_slope(x_s: Tensor, end: Tensor, s: Tensor, t: Tensor, velocity: Velocity) -> Tensor:
+def guided_conditional_velocity(
+    flow_map: FlowMap, dx_t: Tensor, x_t: Tensor, t: Tensor, cond: Condition | None
+) -> Tensor:
+    r"""Self-distillation's guided target (MeanFlow's CFG, with :math:`\kappa = 0`):
+    :math:`\tilde v = w\,\dot x_t + (1 - w)\,\mathrm{sg}\,\phi(x_t, t, t \mid \varnothing)`.
+
+    Given :math:`x_t` and :math:`c`, :math:`E[\dot x_t] = b_t(x_t \mid c)`, so
+    :math:`E[\tilde v] = b^w_t(x_t \mid c)` once the diagonal has learned :math:`b(\cdot\mid\varnothing)`
+    on the label-dropped rows (whose scale is 1, so their target is :math:`\dot x_t`). Returns
+    ``dx_t`` itself when every scale is 1 (no extra evaluation)."""
+    w = (cond or {}).get("w")
+    if w is None or bool((w == 1).all()):
+        return dx_t
+    if cond.get("y") is None:
+        raise ValueError("Guidance scales w need class labels y (guidance mixes the two).")
+    null = {"y": torch.full_like(cond["y"], NULL_CLASS), "w": torch.ones_like(w)}
+    u = flow_map.velocity(x_t, t, **null)
+    scale = expand_like(w, dx_t).to(dx_t.dtype)
+    return scale * dx_t + (1 - scale) * u
+
+
+@torch.no_grad()
+def chord_slope(
+    x_s: Tensor,
+    end: Tensor,
+    s: Tensor,
+    t: Tensor,
+    velocity: Velocity,
+    cond: Condition | None = None,
+) -> Tensor:
     r"""Slope :math:`(\mathrm{end} - x_s)/(t - s)` of a jump :math:`x_s \to \mathrm{end}`, the :math:`\phi`
     a target jump implies; a zero-length jump takes its limit, the velocity :math:`b_s(x_s)`."""
     gap = expand_like(t - s, x_s).to(x_s.dtype)
     zero = t == s
     slope = (end - x_s) / torch.where(gap == 0, torch.ones_like(gap), gap)
     if zero.any():
-        slope[zero] = velocity(x_s[zero], s[zero])
+        slope[zero] = velocity(x_s[zero], s[zero], **rows(cond, zero))
     return slope
 
 
@@ -74,19 +113,27 @@ def _check_same_path(flow_map: FlowMap, teacher: Velocity) -> None:
 class _SharedTeacherCall:
     r"""A teacher whose first call also evaluates the diagonal target :math:`b_t(x_t)`, so that a
     loss step makes one batched teacher call where it would make two (the diagonal rows and the
-    off-diagonal query of the residual, e.g. :math:`b_t(\mathrm{sg}\,X)` or :math:`b_s(x_s)`)."""
+    off-diagonal query of the residual, e.g. :math:`b_t(\mathrm{sg}\,X)` or :math:`b_s(x_s)`).
+    The conditioning of the diagonal rows, ``cond_diag``, is batched with the call's own."""
 
-    def __init__(self, teacher: Velocity, x_diag: Tensor, t_diag: Tensor) -> None:
+    def __init__(
+        self, teacher: Velocity, x_diag: Tensor, t_diag: Tensor, cond_diag: Condition
+    ) -> None:
         self.teacher, self.x_diag, self.t_diag = teacher, x_diag, t_diag
+        self.cond_diag = dict(cond_diag)
         self._diag: Tensor | None = None
         self.path = getattr(teacher, "path", None)
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if self._diag is not None or self.x_diag.shape[0] == 0:
-            return self.teacher(x, t)
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        if self._diag is not None or self.x_diag.shape[0] == 0 or set(cond) != set(self.cond_diag):
+            return self.teacher(x, t, **cond)
         n = x.shape[0]
-        both = self.teacher(torch.cat([x, self.x_diag.to(x.dtype)]), torch.cat([t, self.t_diag]))
+        both = self.teacher(
+            torch.cat([x, self.x_diag.to(x.dtype)]),
+            torch.cat([t, self.t_diag]),
+            **{k: torch.cat([v, self.cond_diag[k]]) for k, v in cond.items()},
+        )
         self._diag = both[n:]
         return both[:n]
 
@@ -94,7 +141,7 @@ class _SharedTeacherCall:
     def diagonal_target(self) -> Tensor:
         """:math:`b_t(x_t)` on the diagonal rows (from the shared call if there was one)."""
         if self._diag is None:
-            self._diag = self.teacher(self.x_diag, self.t_diag)
+            self._diag = self.teacher(self.x_diag, self.t_diag, **self.cond_diag)
         return self._diag
 
 
@@ -125,7 +172,8 @@ class FlowMapLoss(nn.Module, ABC):
         if "name" not in cls.__dict__:
             cls.name = cls.__name__.removesuffix("Loss").lower()
         # a subclass written as off_diagonal(flow_map, teacher, x_s, s, t, step) still works
-        cls._takes_dx_s = "dx_s" in inspect.signature(cls.off_diagonal).parameters
+        params = inspect.signature(cls.off_diagonal).parameters
+        cls._takes_dx_s, cls._takes_cond = "dx_s" in params, "cond" in params
 
     def __init__(
         self, pairs: TimePairSampler | None = None, weighting: LossWeighting | None = None
@@ -168,10 +216,13 @@ class FlowMapLoss(nn.Module, ABC):
         t: Tensor,
         step: int,
         dx_s: Tensor,
+        cond: Condition,
     ) -> Tensor:
         r"""Per-sample loss ``(n,)`` on off-diagonal pairs :math:`s \neq t`; ``dx_s`` is the
-        conditional velocity :math:`\dot x_s` of the interpolant samples ``x_s`` (a subclass
-        that does not need it may leave it out of its signature)."""
+        conditional velocity :math:`\dot x_s` of the interpolant samples ``x_s`` (guided, in
+        self-distillation with scales: :func:`guided_conditional_velocity`), ``cond`` the rows'
+        conditioning (labels ``y``, scales ``w``), passed to every call of the map and the teacher
+        and never differentiated. A subclass that needs neither may leave them out."""
 
     def forward(
         self,
@@ -182,6 +233,8 @@ class FlowMapLoss(nn.Module, ABC):
         step: int = 0,
         x0: Tensor | None = None,
         pairs: TimePairs | None = None,
+        y: Tensor | None = None,
+        w: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Return ``{"loss", "diagonal", <name>}`` (the last two unweighted means, for logging).
 
@@ -192,7 +245,17 @@ class FlowMapLoss(nn.Module, ABC):
             step: the training step (drives warm-ups and curricula).
             x0: the noise (default: fresh standard normal).
             pairs: the time pairs (default: drawn from ``self.pairs``).
+            y: class labels ``(B,)`` (-1: the null class), for a class-conditional map.
+            w: guidance scales ``(B,)``: the map learns the flow of the guided velocity
+                :math:`b^w` (the teacher is called with ``y`` and ``w``; self-distillation takes
+                :func:`guided_conditional_velocity` as its target).
         """
+        cond = {k: v for k, v in (("y", y), ("w", w)) if v is not None}
+        if cond and not self._takes_cond:
+            raise ValueError(
+                f"{type(self).__name__}.off_diagonal takes no conditioning (cond), so it cannot "
+                "train a class-conditional map; add a cond argument and pass it to every call."
+            )
         x0 = torch.randn_like(x1) if x0 is None else x0
         p = pairs if pairs is not None else self.pairs(x1.shape[0], step=step, device=x1.device)
         p = p.to(x1)
@@ -201,27 +264,33 @@ class FlowMapLoss(nn.Module, ABC):
         d, off = p.diagonal, ~p.diagonal
         shared: _SharedTeacherCall | None = None
         self.check_teacher(teacher is not None)
+        dx_s = sample.dx_t
         if teacher is None:
 
             @torch.no_grad()
-            def teacher(x: Tensor, t: Tensor) -> Tensor:
-                return flow_map.velocity(x, t)
+            def teacher(x: Tensor, t: Tensor, **c: Tensor) -> Tensor:
+                return flow_map.velocity(x, t, **c)
 
-            diag_target = sample.dx_t[d]  # plain CFM on the diagonal (s = t there)
+            dx_s = guided_conditional_velocity(flow_map, dx_s, x_s, p.s, cond)
+            diag_target = dx_s[d]  # plain (guided) CFM on the diagonal (s = t there)
         else:
             _check_same_path(flow_map, teacher)
-            teacher = shared = _SharedTeacherCall(teacher, x_s[d], p.t[d])
+            teacher = shared = _SharedTeacherCall(teacher, x_s[d], p.t[d], rows(cond, d))
         out: dict[str, Tensor] = {}
         total = x_s.new_zeros(())
         if off.any():  # first: its teacher call also serves the diagonal
-            extra = {"dx_s": sample.dx_t[off]} if self._takes_dx_s else {}
+            extra = {"dx_s": dx_s[off]} if self._takes_dx_s else {}
+            if self._takes_cond:
+                extra["cond"] = rows(cond, off)
             ell = self.off_diagonal(flow_map, teacher, x_s[off], p.s[off], p.t[off], step, **extra)
             total = total + self.weighting(ell, p.s[off], p.t[off]).sum()
             out[self.name] = ell.mean().detach()
         if d.any():
             if shared is not None:
                 diag_target = shared.diagonal_target()
-            diag = mean_square(diagonal_residual(flow_map, x_s[d], p.t[d], diag_target))
+            diag = mean_square(
+                diagonal_residual(flow_map, x_s[d], p.t[d], diag_target, rows(cond, d))
+            )
             total = total + self.weighting(diag, p.s[d], p.t[d]).sum()
             out["diagonal"] = diag.mean().detach()
         out["loss"] = total / x1.shape[0]

@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from flowmap.conditioning import Condition
 from flowmap.flowmap import FlowMap
 from flowmap.losses.base import FlowMapLoss, chord_slope, mean_square, regression_loss
 from flowmap.losses.pairs import TimePairSampler
@@ -68,6 +69,7 @@ def eulerian_residual(
     warmup: float = 1.0,
     *,
     velocity: Tensor | None = None,
+    cond: Condition | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Return :math:`(r, \phi)` with :math:`r = \phi - v - w\,(t-s)D\phi`,
     :math:`D = \partial_s + b\cdot\nabla_x` the derivative along the direction :math:`b`
@@ -77,10 +79,12 @@ def eulerian_residual(
     is the :math:`v` of the target (default :math:`b`). MeanFlow passes the conditional velocity
     :math:`\dot x_s` as both (improved MeanFlow: as :math:`v` only): :math:`r` is affine in
     :math:`\dot x_s`, so its conditional mean is the residual with
-    :math:`b_s = E[\dot x_s \mid x_s]`.
+    :math:`b_s = E[\dot x_s \mid x_s]`. The JVP differentiates in :math:`(x, s)` only, never in
+    the conditioning ``cond``.
     """
-    b = (direction if isinstance(direction, Tensor) else direction(x_s, s)).detach()
-    j = flow_map.jvp(x_s, s, t, dx=b, ds=s.new_ones(s.shape))
+    cond = cond or {}
+    b = (direction if isinstance(direction, Tensor) else direction(x_s, s, **cond)).detach()
+    j = flow_map.jvp(x_s, s, t, dx=b, ds=s.new_ones(s.shape), **cond)
     gap = expand_like(t - s, x_s).to(j.phi.dtype)
     v = b if velocity is None else velocity.detach().to(j.phi.dtype)
     return j.phi - v - warmup * gap * j.dphi, j.phi
@@ -104,6 +108,7 @@ def discrete_eulerian_target(
     share: float = 0.5,
     steps: int = 1,
     max_gap: float | None = None,
+    cond: Condition | None = None,
 ) -> Tensor:
     r"""Target of the discrete Eulerian form: the teacher moves the start time to
     :math:`u = s + \delta\,(t-s)` (:math:`\delta` = ``share``), the map does the rest,
@@ -119,8 +124,9 @@ def discrete_eulerian_target(
     if max_gap is not None:
         move = move.clamp(-max_gap, max_gap)
     u = s + move
-    x_u = solve_between(teacher, x_s, s, u, steps=steps, method="heun").x
-    return chord_slope(x_s, flow_map(x_u, u, t), s, t, teacher)
+    cond = cond or {}
+    x_u = solve_between(teacher, x_s, s, u, steps=steps, method="heun", cond=cond).x
+    return chord_slope(x_s, flow_map(x_u, u, t, **cond), s, t, teacher, cond)
 
 
 class EulerianLoss(FlowMapLoss):
@@ -184,7 +190,9 @@ class EulerianLoss(FlowMapLoss):
         t: Tensor,
         step: int,
         dx_s: Tensor,
+        cond: Condition | None = None,
     ) -> Tensor:
+        cond = cond or {}
         if self.form == "discrete":
             target = discrete_eulerian_target(
                 flow_map,
@@ -195,15 +203,17 @@ class EulerianLoss(FlowMapLoss):
                 share=self.teacher_share,
                 steps=self.teacher_steps,
                 max_gap=self.teacher_max_gap,
+                cond=cond,
             )
-            return mean_square(flow_map.phi(x_s, s, t) - target)
+            return mean_square(flow_map.phi(x_s, s, t, **cond) - target)
         if self.form == "sg_advective":
-            d_s_X = flow_map.jvp(x_s, s, t, ds=s.new_ones(s.shape)).dX  # -φ + (t - s) ∂_s φ
+            d_s_X = flow_map.jvp(x_s, s, t, ds=s.new_ones(s.shape), **cond).dX  # -φ + (t-s) ∂_s φ
             with torch.no_grad():
-                advective = flow_map.jvp(x_s, s, t, dx=teacher(x_s, s)).dX  # ∇_x X · b_s
+                b = teacher(x_s, s, **cond)
+                advective = flow_map.jvp(x_s, s, t, dx=b, **cond).dX  # ∇_x X · b_s
             return mean_square(d_s_X + advective)
         warmup = tangent_warmup(step, self.tangent_warmup_steps)
-        r, phi = eulerian_residual(flow_map, teacher, x_s, s, t, warmup)
+        r, phi = eulerian_residual(flow_map, teacher, x_s, s, t, warmup, cond=cond)
         if self.form == "full":
             return mean_square(r)
         return regression_loss(phi, r, self.tangent_norm)

@@ -16,6 +16,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from flowmap.conditioning import Condition
 from flowmap.flowmap import FlowMap
 from flowmap.losses.base import FlowMapLoss, mean_square, regression_loss
 from flowmap.losses.pairs import TimePairSampler
@@ -26,11 +27,18 @@ __all__ = ["lagrangian_residual", "LagrangianLoss"]
 
 
 def lagrangian_residual(
-    flow_map: FlowMap, teacher: Velocity, x_s: Tensor, s: Tensor, t: Tensor
+    flow_map: FlowMap,
+    teacher: Velocity,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    cond: Condition | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Return :math:`(r_L, \phi)`; the teacher sees :math:`\mathrm{sg}(X)` and carries no gradient."""
-    j = flow_map.jvp(x_s, s, t, dt=t.new_ones(t.shape))
-    return j.dX - teacher(j.X.detach(), t).detach(), j.phi
+    r"""Return :math:`(r_L, \phi)`; the teacher sees :math:`\mathrm{sg}(X)` and carries no gradient.
+    The JVP differentiates in :math:`t` only, never in the conditioning ``cond``."""
+    cond = cond or {}
+    j = flow_map.jvp(x_s, s, t, dt=t.new_ones(t.shape), **cond)
+    return j.dX - teacher(j.X.detach(), t, **cond).detach(), j.phi
 
 
 class LagrangianLoss(FlowMapLoss):
@@ -72,8 +80,10 @@ class LagrangianLoss(FlowMapLoss):
         t: Tensor,
         step: int,
         dx_s: Tensor,
+        cond: Condition | None = None,
     ) -> Tensor:
-        r, phi = lagrangian_residual(flow_map, teacher, x_s, s, t)
+        cond = cond or {}
+        r, phi = lagrangian_residual(flow_map, teacher, x_s, s, t, cond)
         if self.form == "backprop":
             return mean_square(r)
         return regression_loss(phi, r, self.tangent_norm)

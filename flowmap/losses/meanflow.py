@@ -29,6 +29,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from flowmap.conditioning import Condition
 from flowmap.flowmap import FlowMap
 from flowmap.losses.base import FlowMapLoss, regression_loss
 from flowmap.losses.eulerian import eulerian_residual, tangent_warmup
@@ -88,12 +89,14 @@ class MeanFlowLoss(FlowMapLoss):
         t: Tensor,
         step: int,
         dx_s: Tensor,
+        cond: Condition | None = None,
     ) -> Tensor:
+        cond = cond or {}
         if self.tangent == "conditional":
             direction = dx_s
         else:
             with torch.no_grad():
-                direction = flow_map.velocity(x_s, s)
+                direction = flow_map.velocity(x_s, s, **cond)
         warmup = tangent_warmup(step, self.tangent_warmup_steps)
-        r, phi = eulerian_residual(flow_map, direction, x_s, s, t, warmup, velocity=dx_s)
+        r, phi = eulerian_residual(flow_map, direction, x_s, s, t, warmup, velocity=dx_s, cond=cond)
         return regression_loss(phi, r, self.tangent_norm)

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from flowmap.conditioning import Condition, rows
 from flowmap.flowmap import FlowMap
 from flowmap.losses.base import FlowMapLoss, chord_slope, mean_square
 from flowmap.losses.pairs import TimePairSampler
@@ -42,19 +43,21 @@ def semigroup_target(
     gamma: Tensor,
     teacher_gap: float = 0.0,
     teacher_steps: int = 2,
+    cond: Condition | None = None,
 ) -> Tensor:
     r"""The stop-gradient target for :math:`\phi(x_s, s, t)`: the student's composed jump, or the
     teacher's solve for rows with :math:`|t - s| \le` ``teacher_gap``."""
+    cond = cond or {}
     u = gamma * s + (1 - gamma) * t
     g = expand_like(gamma, x_s).to(x_s.dtype)
-    phi_su = flow_map.phi(x_s, s, u)
+    phi_su = flow_map.phi(x_s, s, u, **cond)
     x_u = x_s + expand_like(u - s, x_s).to(x_s.dtype) * phi_su
-    target = (1 - g) * phi_su + g * flow_map.phi(x_u, u, t)
+    target = (1 - g) * phi_su + g * flow_map.phi(x_u, u, t, **cond)
     short = (t - s).abs() <= teacher_gap
     if short.any():
-        xs, ss, ts = x_s[short], s[short], t[short]
-        end = solve_between(teacher, xs, ss, ts, steps=teacher_steps, method="heun").x
-        target[short] = chord_slope(xs, end, ss, ts, teacher)
+        xs, ss, ts, cs = x_s[short], s[short], t[short], rows(cond, short)
+        end = solve_between(teacher, xs, ss, ts, steps=teacher_steps, method="heun", cond=cs).x
+        target[short] = chord_slope(xs, end, ss, ts, teacher, cs)
     return target
 
 
@@ -62,7 +65,7 @@ def semigroup_residual(
     flow_map: FlowMap, teacher: Velocity, x_s: Tensor, s: Tensor, t: Tensor, **kw
 ) -> tuple[Tensor, Tensor]:
     r"""Return :math:`(\phi - \mathrm{sg}[\mathrm{target}], \phi)`; see :func:`semigroup_target`."""
-    phi = flow_map.phi(x_s, s, t)
+    phi = flow_map.phi(x_s, s, t, **(kw.get("cond") or {}))
     return phi - semigroup_target(flow_map, teacher, x_s, s, t, **kw), phi
 
 
@@ -106,7 +109,9 @@ class SemigroupLoss(FlowMapLoss):
         t: Tensor,
         step: int,
         dx_s: Tensor,
+        cond: Condition | None = None,
     ) -> Tensor:
+        cond = cond or {}
         gamma = torch.full_like(s, 0.5) if self.split == "midpoint" else torch.rand_like(s)
         r, _ = semigroup_residual(
             flow_map,
@@ -117,5 +122,6 @@ class SemigroupLoss(FlowMapLoss):
             gamma=gamma,
             teacher_gap=self.teacher_gap,
             teacher_steps=self.teacher_steps,
+            cond=cond,
         )
         return mean_square(r)

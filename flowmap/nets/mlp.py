@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from flowmap.nets.embedding import TwoTimeEmbedding
+from flowmap.nets.embedding import ConditionEmbedding, TwoTimeEmbedding
 
 __all__ = ["MLP"]
 
@@ -43,6 +43,10 @@ class MLP(nn.Module):
             mixture teacher, 10 instead of 100 took the Eulerian regression form from 28.6% to
             6.1% of the data radius at one jump and the Lagrangian from 10.0% to 8.0%; a CFM
             teacher was unchanged within its interval (``benchmarks/results/exact-teacher``).
+        num_classes: class-conditional with this many classes (``None``: unconditional); the net
+            then takes labels ``y`` (-1: the null class of label dropout).
+        guidance_input: the guidance scale ``w`` is an input (a flow map serving a range of
+            scales); without it a guided map's scale is fixed at training.
     """
 
     def __init__(
@@ -52,6 +56,8 @@ class MLP(nn.Module):
         depth: int = 4,
         time_dim: int = 64,
         time_scale: float = 10.0,
+        num_classes: int | None = None,
+        guidance_input: bool = False,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
@@ -61,17 +67,20 @@ class MLP(nn.Module):
         self.data_shape = tuple(int(d) for d in data_shape)
         dim = math.prod(self.data_shape)
         self.time = TwoTimeEmbedding(time_dim, hidden=width, scale=time_scale)
+        self.condition = ConditionEmbedding(width, num_classes, guidance_input)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(_Block(width, width) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
 
-    def forward(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, s: Tensor, t: Tensor, y: Tensor | None = None, w: Tensor | None = None
+    ) -> Tensor:
         if tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(
                 f"MLP was built for samples of shape {list(self.data_shape)} but got "
                 f"{list(x.shape[1:])}; set data_shape to match the data."
             )
-        c = self.time(s, t).to(x.dtype)
+        c = (self.time(s, t) + self.condition("MLP", y, w)).to(x.dtype)
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, c)

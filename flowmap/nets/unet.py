@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from flowmap.nets.embedding import TwoTimeEmbedding
+from flowmap.nets.embedding import ConditionEmbedding, TwoTimeEmbedding
 
 __all__ = ["UNet"]
 
@@ -70,6 +70,11 @@ class UNet(nn.Module):
         num_res_blocks: residual blocks per level.
         attention_resolutions: resolutions (sides) at which self-attention is applied.
         dropout: dropout inside residual blocks.
+        time_dim: sinusoidal feature size of each time.
+        num_classes: class-conditional with this many classes (``None``: unconditional); the net
+            then takes labels ``y`` (-1: the null class of label dropout).
+        guidance_input: the guidance scale ``w`` is an input (a flow map serving a range of
+            scales); without it a guided map's scale is fixed at training.
     """
 
     def __init__(
@@ -82,6 +87,8 @@ class UNet(nn.Module):
         attention_resolutions: Sequence[int] = (),
         dropout: float = 0.0,
         time_dim: int = 64,
+        num_classes: int | None = None,
+        guidance_input: bool = False,
     ) -> None:
         super().__init__()
         factor = 2 ** (len(channel_mult) - 1)
@@ -93,6 +100,7 @@ class UNet(nn.Module):
         self.image_size, self.in_channels = image_size, in_channels
         self.time = TwoTimeEmbedding(time_dim, hidden=4 * channels)
         cond = self.time.out_dim
+        self.condition = ConditionEmbedding(cond, num_classes, guidance_input)
         self.inp = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.down = nn.ModuleList()
         skips, ch, res = [channels], channels, image_size
@@ -141,13 +149,15 @@ class UNet(nn.Module):
             h = layer(h, c) if isinstance(layer, _ResBlock | _Attention) else layer(h)
         return h
 
-    def forward(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, s: Tensor, t: Tensor, y: Tensor | None = None, w: Tensor | None = None
+    ) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.image_size:
             raise ValueError(
                 f"UNet was built for images (B, {self.in_channels}, {self.image_size}, "
                 f"{self.image_size}) but got {tuple(x.shape)}; set image_size/in_channels to match."
             )
-        c = self.time(s, t).to(x.dtype)
+        c = (self.time(s, t) + self.condition("UNet", y, w)).to(x.dtype)
         h = self.inp(x)
         hs = [h]
         for layers in self.down:

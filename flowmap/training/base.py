@@ -16,6 +16,7 @@ from jsonargparse import ArgumentParser
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from flowmap.conditioning import NULL_CLASS, as_labels
 from flowmap.data.base import dataset_identity
 from flowmap.training.checkpoints import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 
@@ -260,12 +261,41 @@ class FlowModuleBase(L.LightningModule):
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 
+    # ----------------------------------------------------------------- classes
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes of a class-conditional net (``None``: unconditional)."""
+        return getattr(getattr(self.net, "condition", None), "num_classes", None)
+
+    def split_batch(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """A batch ``x`` or ``(x, y)`` → ``(x, y)``, with the labels checked against the net."""
+        if isinstance(batch, Tensor):
+            x, y = batch, None
+        else:
+            x, y = batch[0], batch[1]
+        if self.num_classes is None:
+            return x, None  # a labelled dataset is refused in setup; here labels are ignored
+        if y is None:
+            raise ValueError(
+                f"This {type(self).__name__} is class-conditional ({self.num_classes} classes) "
+                "but its batches carry no labels; use data with labels: true."
+            )
+        return x, as_labels(y, x.shape[0], self.num_classes, x.device)
+
+    def drop_labels(self, y: Tensor | None, p: float) -> Tensor | None:
+        """Label dropout: each label becomes the null class with probability ``p``."""
+        if y is None or p <= 0:
+            return y
+        return torch.where(torch.rand(y.shape, device=y.device) < p, NULL_CLASS, y)
+
     # ----------------------------------------------------------------- data shape
     def setup(self, stage: str) -> None:
         try:
             dm = getattr(self.trainer, "datamodule", None)
         except RuntimeError:  # not attached to a Trainer
             dm = None
+        if dm is not None and stage == "fit":
+            self._check_data_classes(getattr(dm, "num_classes", None))
         shape = getattr(dm, "data_shape", None)
         if shape is not None:
             shape = tuple(int(d) for d in shape)
@@ -276,6 +306,26 @@ class FlowModuleBase(L.LightningModule):
                 )
             self.data_shape = shape
             self.hparams["data_shape"] = list(shape)
+
+    def _check_data_classes(self, data_classes: int | None) -> None:
+        """A conditional net needs labelled data with its number of classes, and an
+        unconditional one unlabelled data: one sentence each, before the first step."""
+        mine = self.num_classes
+        if mine is None and data_classes is not None:
+            raise ValueError(
+                f"The data yields labels ({data_classes} classes) but the net is unconditional; "
+                "set the net's num_classes to train a class-conditional model, or labels: false."
+            )
+        if mine is not None and data_classes is None:
+            raise ValueError(
+                f"The net is class-conditional ({mine} classes) but the data yields no labels; "
+                "set the data's labels: true."
+            )
+        if mine is not None and mine != data_classes:
+            raise ValueError(
+                f"The net was built for {mine} classes but the data has {data_classes}; set the "
+                f"net's num_classes: {data_classes}."
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["flowmap_module"] = self.module_kind

@@ -10,6 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowmap.conditioning import (
+    SCALE_LAWS,
+    as_labels,
+    as_scales,
+    canonical_scale,
+    check_scale_law,
+    guidance_cost,
+    sample_scales,
+)
 from flowmap.flowmap import FlowMap
 from flowmap.io import file_sha256
 from flowmap.losses import FlowMapLoss, LagrangianLoss
@@ -46,6 +55,20 @@ class FlowMapModule(FlowModuleBase):
             2.3×, ``benchmarks/results/exact-teacher``) or ``"constant"``.
         ema_decay: EMA of the net (null: none); the EMA samples and validates.
         data_shape: the shape of one sample (filled in from the data).
+        lr_schedule: after the warm-up, ``"cosine"`` or ``"constant"``.
+        label_dropout: class-conditional nets: the probability of training a row as the null
+            class (the unconditional map, and the :math:`\phi(\cdot \mid \varnothing)` that
+            self-distillation's guided target needs).
+        guidance: the guidance scale :math:`w` the map learns: one number (``guidance_law:
+            fixed``), or ``[low, high]`` for a range a net with ``guidance_input: true`` serves.
+            The map follows :math:`b^w = b(\varnothing) + w\,(b(c) - b(\varnothing))`.
+        guidance_law: the training law of :math:`w`: ``"fixed"``, ``"uniform"`` or
+            ``"log_uniform"`` on ``[low, high]`` (improved MeanFlow and TVM: log-uniform on
+            [1, 8]).
+
+    A class-conditional map :math:`X(s, t, x \mid c, w)` trains on ``(x, y)`` batches; the
+    losses pass the labels and scales to the map and the teacher and never differentiate in
+    them. ``generate(x0, nfe, y=labels, guidance=w)`` samples it, one network evaluation a jump.
     """
 
     module_kind = "FlowMapModule"
@@ -64,6 +87,9 @@ class FlowMapModule(FlowModuleBase):
         ema_decay: float | None = 0.999,
         data_shape: Sequence[int] | None = None,
         lr_schedule: str = "cosine",
+        label_dropout: float = 0.1,
+        guidance: float | Sequence[float] = 1.0,
+        guidance_law: str = "fixed",
     ) -> None:
         super().__init__()
         # a Python teacher is not a hyperparameter: checkpoints hold plain data only
@@ -74,11 +100,94 @@ class FlowMapModule(FlowModuleBase):
         if teacher is not None:  # without one it is checked in setup (a loaded map needs none)
             self.loss.check_teacher(True)
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
+        self.guidance_range = self._check_guidance(label_dropout, guidance, guidance_law)
         self.path = AffinePath(schedule or "linear")
         # not a submodule: outside the optimiser, the EMA and the checkpoint
         object.__setattr__(self, "_teacher", None if isinstance(teacher, str) else teacher)
         if self._teacher is not None:
             self._adopt_teacher_path()
+
+    # ----------------------------------------------------------------- conditioning
+    def _check_guidance(
+        self, label_dropout: float, guidance: float | Sequence[float], law: str
+    ) -> tuple[float, float]:
+        """``(low, high)`` of the training scales, after one-sentence checks of the settings."""
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
+        values = [float(guidance)] if isinstance(guidance, int | float) else list(guidance)
+        if law not in SCALE_LAWS:
+            raise ValueError(f"Unknown guidance_law {law!r}; choose one of {list(SCALE_LAWS)}.")
+        if (law == "fixed") != (len(values) == 1) or not 1 <= len(values) <= 2:
+            raise ValueError(
+                f"guidance_law {law!r} takes {'one scale' if law == 'fixed' else '[low, high]'}, "
+                f"got guidance={values}."
+            )
+        low, high = values[0], values[-1]
+        check_scale_law(law, low, high)
+        if self.num_classes is None and (low, high) != (1.0, 1.0):
+            raise ValueError(
+                "Guidance needs a class-conditional net (num_classes) and labelled data; drop "
+                "the guidance settings for an unconditional map."
+            )
+        if high > low and not FlowMap(self.net).takes_scale:
+            raise ValueError(
+                f"A range of guidance scales [{low}, {high}] needs a net that takes the scale; "
+                "set the net's guidance_input: true, or fix one scale (guidance_law: fixed)."
+            )
+        return low, high
+
+    @property
+    def guided(self) -> bool:
+        """Whether the map follows a guided velocity (some training scale is not 1)."""
+        return self.num_classes is not None and self.guidance_range != (1.0, 1.0)
+
+    def _training_condition(self, x1: Tensor, y: Tensor | None) -> dict[str, Tensor]:
+        """Labels with dropout, and scales from the guidance law (1 on null rows)."""
+        if y is None:
+            return {}
+        hp = self.hparams
+        y = self.drop_labels(y, hp.get("label_dropout", 0.0))
+        if not self.guided:
+            return {"y": y}
+        low, high = self.guidance_range
+        w = sample_scales(len(y), hp.get("guidance_law", "fixed"), low, high, device=y.device)
+        return {"y": y, "w": canonical_scale(y, w)}
+
+    def _sampling_condition(
+        self, x0: Tensor, y: Tensor | int | None, guidance: Tensor | float | None
+    ) -> dict[str, Tensor]:
+        """Checked labels and scales for :meth:`generate`, one sentence for each bad input."""
+        if self.num_classes is None:
+            if guidance is not None and y is None:
+                raise ValueError(
+                    "A guidance scale was given to an unconditional flow map; drop it, or "
+                    "train a class-conditional one."
+                )
+            as_labels(y, x0.shape[0], None)  # labels for an unconditional map: an error
+            return {}
+        if y is None:
+            raise ValueError(
+                f"This flow map is class-conditional ({self.num_classes} classes) and needs "
+                "labels y (-1 for no class); pass y=..."
+            )
+        y = as_labels(y, x0.shape[0], self.num_classes, x0.device)
+        low, high = self.guidance_range
+        if guidance is None:
+            guidance = low if low == high or not low <= 1.0 <= high else 1.0
+        w = canonical_scale(y, as_scales(guidance, x0.shape[0], x0.device))
+        if self.hparams.get("label_dropout", 0.0) == 0 and guidance_cost(w) > 1:
+            raise ValueError(
+                "This flow map was trained without label dropout (label_dropout 0), so it has no "
+                "unconditional branch to guide with; sample at its trained scale."
+            )
+        outside = (y >= 0) & ((w < low - 1e-6) | (w > high + 1e-6))
+        if bool(outside.any()):
+            raise ValueError(
+                f"This flow map was trained at guidance scales [{low:g}, {high:g}], not "
+                f"{float(w[outside][0]):g}; sample inside that range (y=-1 gives the "
+                "unconditional map)."
+            )
+        return {"y": y, "w": w} if self.guided else {"y": y}
 
     # ----------------------------------------------------------------- teacher
     @property
@@ -131,6 +240,7 @@ class FlowMapModule(FlowModuleBase):
             self._adopt_teacher_path()
         if stage == "fit":  # before the first step: e.g. self-distillation with no diagonal
             self.loss.check_teacher(self._teacher is not None)
+            self._check_teacher_classes()
         if self.hparams.warm_start and stage == "fit" and self._teacher is not None:
             velocity_net = getattr(self._teacher, "sampling_net", None)
             if velocity_net is None:
@@ -139,6 +249,34 @@ class FlowMapModule(FlowModuleBase):
                     f"{type(self._teacher).__name__} has none; set warm_start: false."
                 )
             self.student.warm_start(velocity_net)  # the EMA copies the net at its first update
+
+    def _check_teacher_classes(self) -> None:
+        """The teacher's classes match the student's, and a guided map's teacher (or, when
+        self-distilling, the map itself) was trained with label dropout."""
+        mine, teacher = self.num_classes, self._teacher
+        dropout = self.hparams.get("label_dropout", 0.0)
+        if teacher is None:
+            if self.guided and dropout == 0:
+                raise ValueError(
+                    "Self-distilling a guided map needs label_dropout > 0: its guided target "
+                    "takes the unconditional velocity from the map's own null-class diagonal."
+                )
+            return
+        theirs = getattr(teacher, "num_classes", None)
+        if theirs != mine:
+            raise ValueError(
+                f"The teacher has {theirs or 'no'} classes but the student net "
+                f"{mine or 'none'}; build the student with the teacher's num_classes."
+            )
+        teacher_dropout = getattr(getattr(teacher, "hparams", {}), "get", lambda *_: None)(
+            "label_dropout", None
+        )
+        if self.guided and teacher_dropout == 0:
+            raise ValueError(
+                "The teacher was trained without label dropout (label_dropout 0), so it has no "
+                "unconditional velocity to guide with; distil at guidance 1, or retrain the "
+                "teacher with label_dropout > 0."
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -179,49 +317,67 @@ class FlowMapModule(FlowModuleBase):
     @property
     def student(self) -> FlowMap:
         """The flow map being trained (raw weights)."""
-        return FlowMap(self.net, self.path)
+        return FlowMap(self.net, self.path, scale=self.guidance_range[0])
 
     @property
     def sampling_flow_map(self) -> FlowMap:
         """The EMA flow map (raw weights if EMA is off)."""
-        return FlowMap(self.sampling_net, self.path)
+        return FlowMap(self.sampling_net, self.path, scale=self.guidance_range[0])
 
-    def _terms(self, flow_map: FlowMap, batch: Tensor, **kw: Any) -> dict[str, Tensor]:
+    def _terms(self, flow_map: FlowMap, batch: Any, **kw: Any) -> dict[str, Tensor]:
         if isinstance(self.hparams.get("teacher"), str) and self._teacher is None:
             raise RuntimeError("The teacher is loaded in setup(); run through a Trainer.")
-        teacher = self._teacher_on(batch.device)
-        return self.loss(flow_map, batch, teacher, step=self.global_step, **kw)
+        x1, y = self.split_batch(batch)
+        cond = self._training_condition(x1, y)
+        teacher = self._teacher_on(x1.device)
+        terms = self.loss(flow_map, x1, teacher, step=self.global_step, **cond, **kw)
+        if "w" in cond:  # the scales drawn by the guidance law, for the log
+            terms["guidance"] = cond["w"][cond["y"] >= 0].mean().detach()
+        return terms
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         terms = self._terms(self.student, batch)
         self.check_finite(terms)
         self.log_terms("train", terms)
         return terms["loss"]
 
     @fork_rng
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        g = torch.Generator(device=batch.device).manual_seed(batch_idx)
-        x0 = torch.randn(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x1 = batch if isinstance(batch, Tensor) else batch[0]
+        g = torch.Generator(device=x1.device).manual_seed(batch_idx)
+        x0 = torch.randn(x1.shape, generator=g, device=x1.device, dtype=x1.dtype)
         with torch.enable_grad():  # the JVP losses need autograd bookkeeping off the no_grad path
             terms = self._terms(self.sampling_flow_map, batch, x0=x0)
         self.log_terms("val", {k: v.detach() for k, v in terms.items()})
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
-    def generate(self, x0: Tensor, nfe: int = 1, method: str | None = None) -> Solution:
+    def generate(
+        self,
+        x0: Tensor,
+        nfe: int = 1,
+        method: str | None = None,
+        y: Tensor | int | None = None,
+        guidance: Tensor | float | None = None,
+    ) -> Solution:
         """``nfe`` uniform jumps from noise ``x0`` at :math:`t=0` to data at :math:`t=1`; a one-time
         map (trained on pairs :math:`(s, 1)` only) samples as a consistency model, re-noising
         between jumps (:func:`~flowmap.ode.sample_consistency`) with noise seeded by the content
-        of ``x0``: reproducible, different for every batch, and never ``x0``'s own draw."""
+        of ``x0``: reproducible, different for every batch, and never ``x0``'s own draw.
+
+        A class-conditional map needs labels ``y`` (int or ``(B,)``; -1: no class) and jumps along
+        the guided flow at scale ``guidance`` (default: its trained scale, or 1 inside a trained
+        range), one network evaluation per jump at any scale."""
         self._check_method(method)
         steps = self._check_nfe(nfe)
+        cond = self._sampling_condition(x0, y, guidance)
         if self.one_time:
             seed = int.from_bytes(hashlib.sha256(x0.cpu().numpy().tobytes()).digest()[:8], "big")
             g = torch.Generator(device=x0.device).manual_seed(seed)
             return sample_consistency(
-                self.sampling_flow_map, x0, self.path, steps=steps, generator=g
+                self.sampling_flow_map, x0, self.path, steps=steps, generator=g, cond=cond
             )
-        return sample_flow_map(self.sampling_flow_map, x0, steps=steps)
+        return sample_flow_map(self.sampling_flow_map, x0, steps=steps, cond=cond)
 
     @property
     def one_time(self) -> bool:
@@ -237,7 +393,13 @@ class FlowMapModule(FlowModuleBase):
         return float(getattr(pairs, "backward_fraction", 0.0)) > 0.0
 
     @torch.no_grad()
-    def invert(self, x1: Tensor, nfe: int = 1) -> Solution:
+    def invert(
+        self,
+        x1: Tensor,
+        nfe: int = 1,
+        y: Tensor | int | None = None,
+        guidance: Tensor | float | None = None,
+    ) -> Solution:
         """``nfe`` uniform jumps backwards, from data at :math:`t=1` to noise at :math:`t=0`.
 
         Only a map trained on backward pairs can (``loss.pairs.backward_fraction > 0``, as in the
@@ -255,6 +417,7 @@ class FlowMapModule(FlowModuleBase):
                 "it with --model.loss.init_args.pairs.backward_fraction=0.5 to invert, or solve "
                 "the teacher's ODE backwards."
             )
+        cond = self._sampling_condition(x1, y, guidance)
         return sample_flow_map(
-            self.sampling_flow_map, x1, steps=self._check_nfe(nfe), t0=1.0, t1=0.0
+            self.sampling_flow_map, x1, steps=self._check_nfe(nfe), t0=1.0, t1=0.0, cond=cond
         )

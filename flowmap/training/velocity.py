@@ -7,6 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from flowmap.conditioning import (
+    as_labels,
+    as_scales,
+    canonical_scale,
+    guidance_cost,
+    guided_velocity,
+)
 from flowmap.losses.cfm import cfm_loss
 from flowmap.losses.pairs import TIME_DISTRIBUTIONS, TimeDistribution
 from flowmap.ode import FIXED_STEP_METHODS, solve_adaptive, solve_ode
@@ -28,6 +35,12 @@ class VelocityModule(FlowModuleBase):
     the Trainer (``gradient_clip_val``); EMA of the net with ``ema_decay`` (null disables it).
     ``VelocityModule.load_from_checkpoint(path)`` rebuilds it with no arguments.
 
+    Class-conditional when its net is (``net.num_classes``): batches are ``(x, y)``, each label is
+    replaced by the null class with probability ``label_dropout`` (so one net gives
+    :math:`b(x, t \mid c)` and :math:`b(x, t \mid \varnothing)`), and ``module(x, t, y=c, w=w)`` is
+    the guided velocity :math:`b^w = b(\varnothing) + w\,(b(c) - b(\varnothing))`, one batched call
+    (:func:`~flowmap.conditioning.guided_velocity`).
+
     Args:
         net: the network, called as ``net(x, t, t)`` (the flow-map nets, on their diagonal).
         schedule: the path :math:`x_t = \alpha_t x_1 + \sigma_t x_0`: ``"linear"`` or ``"cosine"``.
@@ -40,6 +53,8 @@ class VelocityModule(FlowModuleBase):
         ema_decay: EMA of the net (null: none); the EMA samples, validates and teaches.
         data_shape: the shape of one sample (filled in from the data).
         lr_schedule: after the warm-up, ``"constant"`` or ``"cosine"`` decay to 0 at max_steps.
+        label_dropout: probability of training a label as the null class (class-conditional
+            nets; 0 gives a teacher that cannot be guided). Default 0.1, as in CFG's paper.
     """
 
     module_kind = "VelocityModule"
@@ -58,8 +73,11 @@ class VelocityModule(FlowModuleBase):
         ema_decay: float | None = 0.999,
         data_shape: Sequence[int] | None = None,
         lr_schedule: str = "constant",
+        label_dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
         if time_distribution not in TIME_DISTRIBUTIONS:
             raise ValueError(
                 f"Unknown time_distribution {time_distribution!r}; "
@@ -69,27 +87,77 @@ class VelocityModule(FlowModuleBase):
         self.path = AffinePath(schedule)
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        r"""The teacher's :math:`b_t(x)` from the EMA net (the raw net when EMA is off)."""
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        y: Tensor | int | None = None,
+        w: Tensor | float | None = None,
+    ) -> Tensor:
+        r"""The teacher's :math:`b_t(x)` from the EMA net (the raw net when EMA is off); for a
+        class-conditional net, :math:`b^w_t(x \mid y)` (``w=None``: the conditional, :math:`w = 1`)."""
         t = as_time(t, x)
-        return self.sampling_net(x, t, t)
+        if self.num_classes is None and y is None and w is None:
+            return self.sampling_net(x, t, t)
+        y, w = self.condition(x, y, w)
 
-    def velocity(self, x: Tensor, t: Tensor | float) -> Tensor:
-        r"""The teacher's :math:`b_t(x)` (same as calling the module)."""
-        return self(x, t)
+        def branch(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+            return self.sampling_net(x, t, t, y=y)
 
-    def _train_velocity(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.net(x, t, t)
+        return guided_velocity(branch, x, t, y, canonical_scale(y, w))
+
+    def condition(
+        self, x: Tensor, y: Tensor | int | None, w: Tensor | float | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Checked labels and scales ``(B,)`` for a batch ``x`` (one-sentence errors: labels for an
+        unconditional model or none for a conditional one, out of range or not integers, a
+        scale that is negative or not finite, or one a teacher without label dropout cannot
+        follow)."""
+        y = as_labels(y, x.shape[0], self.num_classes, x.device)
+        if w is not None and y is None:
+            raise ValueError(
+                "A guidance scale was given to a model trained without classes; drop it, or "
+                "train a class-conditional model."
+            )
+        if y is None:
+            raise ValueError(
+                f"This {type(self).__name__} is class-conditional ({self.num_classes} classes) "
+                "and needs labels y (-1 for no class); pass y=..."
+            )
+        w = as_scales(w, x.shape[0], x.device)
+        if w is not None and self.hparams.get("label_dropout", 0.0) == 0 and guidance_cost(w) > 1:
+            raise ValueError(
+                "This teacher was trained without label dropout (label_dropout 0), so it has no "
+                "unconditional velocity to guide with; sample at w=1, or retrain it with "
+                "label_dropout > 0."
+            )
+        return y, w
+
+    def velocity(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        y: Tensor | int | None = None,
+        w: Tensor | float | None = None,
+    ) -> Tensor:
+        r"""The teacher's :math:`b^w_t(x \mid y)` (same as calling the module)."""
+        return self(x, t, y=y, w=w)
+
+    def _train_velocity(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        return self.net(x, t, t, **cond)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         hp = self.hparams
+        x1, y = self.split_batch(batch)
+        y = self.drop_labels(y, hp.get("label_dropout", 0.0))
         loss = cfm_loss(
             self._train_velocity,
-            batch,
+            x1,
             self.path,
             time_distribution=hp.time_distribution,
             loc=hp.time_loc,
             scale=hp.time_scale,
+            cond={} if y is None else {"y": y},
         )
         self.check_finite({"cfm": loss})
         self.log_terms("train", {"loss": loss})
@@ -97,10 +165,12 @@ class VelocityModule(FlowModuleBase):
 
     @fork_rng
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        batch, y = self.split_batch(batch)
         g = torch.Generator(device=batch.device).manual_seed(batch_idx)
         x0 = torch.randn(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)
         t = torch.rand(batch.shape[0], generator=g, device=batch.device)
-        self.log_terms("val", {"loss": cfm_loss(self, batch, self.path, x0=x0, t=t)})
+        cond = {} if y is None else {"y": y}
+        self.log_terms("val", {"loss": cfm_loss(self, batch, self.path, x0=x0, t=t, cond=cond)})
 
     @torch.no_grad()
     def generate(
@@ -110,10 +180,31 @@ class VelocityModule(FlowModuleBase):
         method: str | None = None,
         rtol: float = 1e-5,
         atol: float = 1e-5,
+        y: Tensor | int | None = None,
+        guidance: Tensor | float | None = None,
     ) -> Solution:
         """Samples from noise ``x0``: a fixed-step ``method`` (default Euler) at ``nfe``, or
-        ``"dopri5"`` (adaptive to ``rtol``/``atol``, ``nfe`` ignored; the NFE used is returned)."""
+        ``"dopri5"`` (adaptive to ``rtol``/``atol``, ``nfe`` ignored; the NFE used is returned).
+
+        A class-conditional teacher needs labels ``y`` (an int or ``(B,)``; -1: no class) and
+        follows the guided velocity at scale ``guidance`` (default 1: the conditional). The NFE
+        counts network evaluations: a guided step evaluates both branches (one doubled batch),
+        so it counts 2, and ``nfe`` must then be even."""
         method = self._check_method(method)
+        cond: dict[str, Tensor] = {}
+        cost = 1
+        if self.num_classes is not None or y is not None or guidance is not None:
+            y, w = self.condition(x0, y, guidance)
+            cond = {"y": y} if w is None else {"y": y, "w": w}
+            cost = guidance_cost(canonical_scale(y, w))
         if method in FIXED_STEP_METHODS:
-            return solve_ode(self, x0, method, nfe=self._check_nfe(nfe))
-        return solve_adaptive(self, x0, method=method, rtol=rtol, atol=atol)
+            nfe = self._check_nfe(nfe)
+            if nfe % cost:
+                raise ValueError(
+                    f"A guided step costs {cost} NFE (both branches), so it cannot take exactly "
+                    f"{nfe} NFE; ask for an even NFE."
+                )
+            sol = solve_ode(self, x0, method, nfe=nfe // cost, cond=cond)
+        else:
+            sol = solve_adaptive(self, x0, method=method, rtol=rtol, atol=atol, cond=cond)
+        return Solution(sol.x, sol.nfe * cost)
