@@ -11,7 +11,14 @@ r"""Analytic teachers for tests and benchmarks: closed-form velocities and flow 
   :math:`\propto \pi_k N(x; \alpha_t\mu_k, v^k_t)`. A teacher with no training error; its flow map
   comes from a tight adaptive solve.
 
-Both are :class:`~flowmap.protocols.Velocity` teachers: ``target(x, t)`` is :math:`b_t(x)`.
+* :class:`ClassConditionalMixture` — each class :math:`c` its own Gaussian mixture, with class
+  prior :math:`p_c`. The conditional velocity :math:`b(x, t \mid c)` is the exact velocity of class
+  :math:`c`'s mixture, the unconditional :math:`b(x, t \mid \varnothing)` that of the union of
+  every class's components (weights :math:`p_c\pi^c_k`), and the guided
+  :math:`b^w = b(\varnothing) + w\,(b(c) - b(\varnothing))` is exact too.
+
+All are :class:`~flowmap.protocols.Velocity` teachers: ``target(x, t)`` is :math:`b_t(x)`
+(``target(x, t, y=labels, w=scales)`` for the class-conditional one).
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ import math
 import torch
 from torch import Tensor
 
+from flowmap.conditioning import NULL_CLASS, as_labels, as_scales, guided_velocity
 from flowmap.ode import solve_adaptive
 from flowmap.paths import AffinePath, Schedule, as_time, expand_like
 
-__all__ = ["GaussianTarget", "GaussianMixtureTarget"]
+__all__ = ["GaussianTarget", "GaussianMixtureTarget", "ClassConditionalMixture"]
 
 
 class GaussianTarget:
@@ -111,4 +119,108 @@ class GaussianMixtureTarget:
     ) -> Tensor:
         """Reference :math:`X(s,t,x)` from a tight float64 dopri5 solve (scalar ``s``, ``t``)."""
         sol = solve_adaptive(self.velocity, x.double(), rtol=rtol, atol=atol, t0=s, t1=t)
+        return sol.x.to(x.dtype)
+
+
+class ClassConditionalMixture:
+    r"""A class-conditional teacher with no training error: class :math:`c` is the diagonal
+    Gaussian mixture ``classes[c]``, drawn with prior ``priors[c]``.
+
+    ``target(x, t, y=labels, w=scales)`` is :math:`b^w_t(x \mid y)` (``w=None``: :math:`w = 1`;
+    label -1: the unconditional velocity of the whole mixture). ``label_dropout`` is 1 in spirit:
+    the unconditional velocity is exact, so every scale is allowed.
+    """
+
+    def __init__(
+        self,
+        classes: list[GaussianMixtureTarget],
+        priors: Tensor | None = None,
+        schedule: str | Schedule = "linear",
+    ) -> None:
+        if len(classes) < 2:
+            raise ValueError(
+                f"A class-conditional mixture needs at least 2 classes, got {len(classes)}."
+            )
+        self.classes = list(classes)
+        k = len(classes)
+        p = torch.ones(k, dtype=torch.float64) if priors is None else torch.as_tensor(priors)
+        self.priors = p.double() / p.double().sum()
+        self.num_classes = k
+        self.path = AffinePath(schedule)
+        self.data_shape = classes[0].data_shape
+        weights = torch.cat([pc * m.weights.double() for pc, m in zip(self.priors, classes)])
+        self.unconditional = GaussianMixtureTarget(
+            weights,
+            torch.cat([m.means for m in classes]),
+            torch.cat([m.stds for m in classes]),
+            schedule,
+        )
+        for m in (*classes, self.unconditional):
+            m.path = self.path
+
+    @classmethod
+    def rings(cls, num_classes: int = 2, per_class: int = 4, radius: float = 2.0, std: float = 0.2):
+        """``num_classes`` interleaved rings: class :math:`c` holds every ``num_classes``-th
+        component of a ring of ``num_classes · per_class`` equal Gaussians in 2D."""
+        ring = GaussianMixtureTarget.ring(num_classes * per_class, radius, std, dtype=torch.float64)
+        return cls(
+            [
+                GaussianMixtureTarget(
+                    ring.weights[c::num_classes],
+                    ring.means[c::num_classes],
+                    ring.stds[c::num_classes],
+                )
+                for c in range(num_classes)
+            ]
+        )
+
+    def class_velocity(self, x: Tensor, t: Tensor | float, y: Tensor) -> Tensor:
+        r""":math:`b_t(x \mid y)` row by row (label -1: :math:`b_t(x \mid \varnothing)`)."""
+        t = as_time(t, x)
+        out = torch.empty_like(x)
+        for c in y.unique().tolist():
+            rows = y == c
+            model = self.unconditional if c == NULL_CLASS else self.classes[c]
+            out[rows] = model.velocity(x[rows], t[rows])
+        return out
+
+    def velocity(
+        self, x: Tensor, t: Tensor | float, y: Tensor | None = None, w: Tensor | None = None
+    ) -> Tensor:
+        r""":math:`b^w_t(x \mid y)`; with no labels, the unconditional velocity."""
+        if y is None:
+            return self.unconditional.velocity(x, t)
+        y = as_labels(y, x.shape[0], self.num_classes, x.device)
+        w = as_scales(w, x.shape[0], x.device)
+
+        def branch(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+            return self.class_velocity(x, t, y)
+
+        return guided_velocity(branch, x, as_time(t, x), y, w)
+
+    __call__ = velocity  # a Velocity: b(x, t, y=..., w=...)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` labelled data samples ``(x1, y)``."""
+        y = torch.multinomial(self.priors, n, replacement=True, generator=generator)
+        x = torch.empty(n, *self.data_shape, dtype=self.unconditional.means.dtype)
+        for c in range(self.num_classes):
+            rows = y == c
+            if rows.any():
+                x[rows] = self.classes[c].sample(int(rows.sum()), generator)
+        return x, y
+
+    def flow_map(
+        self,
+        x: Tensor,
+        s: float,
+        t: float,
+        y: Tensor,
+        w: Tensor | float | None = None,
+        rtol: float = 1e-9,
+        atol: float = 1e-9,
+    ) -> Tensor:
+        r"""Reference :math:`X(s,t,x \mid y, w)` of the guided ODE from a tight float64 dopri5 solve."""
+        cond = {"y": y, "w": as_scales(w, x.shape[0], x.device)}
+        sol = solve_adaptive(self.velocity, x.double(), rtol=rtol, atol=atol, t0=s, t1=t, cond=cond)
         return sol.x.to(x.dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "grid_picture",
     "method_style",
     "quality_vs_steps_plot",
+    "class_grid_picture",
     "samples_picture",
     "tile_images",
 ]
@@ -134,6 +135,34 @@ def samples_picture(x: Tensor, path: str | Path, title: str = "") -> Path:
     """One set of samples as a PNG: a scatter plot (vectors) or a tile of up to 64 images."""
     fig, ax = plt.subplots(figsize=(4, 4))
     _draw(ax, x, _limits([x]))
+    if title:
+        ax.set_title(title, fontsize=8)
+    return _save(fig, path, dpi=120)
+
+
+def class_grid_picture(
+    x: Tensor, y: Tensor, path: str | Path, title: str = "", names: Sequence[str] | None = None
+) -> Path:
+    """Class-conditional samples with one row per class: images side by side (up to 16 per row),
+    or, for vectors, one scatter colour per class. ``names`` label the rows."""
+    classes = sorted({int(c) for c in y.tolist()})
+    if x.dim() == 4:
+        per = min(16, min(int((y == c).sum()) for c in classes))
+        rows = torch.cat([x[y == c][:per] for c in classes])
+        fig, ax = plt.subplots(figsize=(0.5 * per + 1.0, 0.5 * len(classes) + 0.6))
+        tile = tile_images(rows, columns=per)
+        ax.imshow(tile, cmap="gray" if tile.ndim == 2 else None, vmin=0, vmax=1)
+        h = x.shape[-2] + 1
+        ax.set_yticks([h * (i + 0.5) for i in range(len(classes))])
+        ax.set_yticklabels([names[c] if names else str(c) for c in classes], fontsize=7)
+        ax.set_xticks([])
+    else:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        for c in classes:
+            pts = x[y == c].detach().cpu().float()
+            label = names[c] if names else str(c)
+            ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, label=label)
+        ax.legend(fontsize=6, markerscale=4)
     if title:
         ax.set_title(title, fontsize=8)
     return _save(fig, path, dpi=120)

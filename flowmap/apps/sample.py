@@ -7,12 +7,18 @@ up to 64 images, or a scatter plot of 2D samples) beside it with the same stem: 
 samples.npz`` writes ``samples.npz`` and ``samples.png``; ``--out samples.png`` (or ``.jpg``,
 ``.pdf``, ``.svg``) writes that picture and ``samples.npz``. It prints both paths and the NFE used.
 A flow map can also run backwards: ``--invert --data-npz x.npz`` maps data to noise.
+
+A class-conditional model samples ``--class C`` (every sample of class C) or, without it, an equal
+share of every class, drawn as a grid with one row per class; ``--guidance W`` sets the
+classifier-free guidance scale (a guided teacher step costs 2 NFE, a flow-map jump 1). The labels
+are saved as ``labels`` in the ``.npz``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,6 +76,21 @@ def _parser() -> CommandParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument(
+        "--class",
+        dest="label",
+        type=int,
+        default=None,
+        help="class-conditional models: the class of every sample (-1: no class, the "
+        "unconditional model); default: an equal share of every class, one grid row each",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="class-conditional models: the guidance scale w (0 unconditional, 1 conditional, >1 "
+        "guided; default: a teacher's 1, a flow map's trained scale)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         required=True,
@@ -115,22 +136,47 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 f"--invert needs a flow-map checkpoint, but {args.ckpt!r} is a {kind}."
             )
         x1 = _read_data(args.data_npz, tuple(module.data_shape))
-        sol = module.invert(x1, args.nfe)
+        labels = _labels(module, args.label, len(x1))
+        sol = module.invert(x1, args.nfe, y=labels, guidance=args.guidance)
         arrays = {"noise": sol.x.numpy(), "samples": x1.numpy()}
     else:
         g = torch.Generator().manual_seed(args.seed)
         x0 = torch.randn(args.n, *module.data_shape, generator=g)
-        sol = module.generate(x0, args.nfe, args.method)
+        labels = _labels(module, args.label, args.n)
+        kw = {} if labels is None and args.guidance is None else {"y": labels}
+        if args.guidance is not None:
+            kw["guidance"] = args.guidance
+        sol = module.generate(x0, args.nfe, args.method, **kw)
         arrays = {"samples": sol.x.numpy(), "noise": x0.numpy()}
-    from flowmap.apps.pictures import samples_picture  # matplotlib only when drawing
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    from flowmap.apps.pictures import class_grid_picture, samples_picture  # matplotlib here
 
     npz.parent.mkdir(parents=True, exist_ok=True)
     with open(npz, "wb") as f:  # a file object: numpy adds no second suffix
         np.savez(f, **arrays)
     what = "noise from the data" if args.invert else "samples"
-    samples_picture(sol.x, picture, f"{Path(args.ckpt).name}: NFE {sol.nfe}")
+    title = f"{Path(args.ckpt).name}: NFE {sol.nfe}"
+    if args.guidance is not None:
+        title += f", guidance {args.guidance:g}"
+    if labels is not None and not args.invert and args.label is None:
+        class_grid_picture(sol.x, labels, picture, title)
+    else:
+        samples_picture(sol.x, picture, title)
     print(f"{npz}: {len(sol.x)} {what}, NFE {sol.nfe}; picture {picture}")
     return npz
+
+
+def _labels(module: Any, label: int | None, n: int) -> torch.Tensor | None:
+    """The labels of ``n`` samples: ``label`` for all, or (a conditional model, no ``--class``)
+    classes ``0..K-1`` in equal shares, one block per class; ``None`` for an unconditional model
+    without ``--class`` (with it, the model's own one-sentence error)."""
+    k = module.num_classes
+    if label is not None:
+        return torch.full((n,), label, dtype=torch.long)
+    if k is None:
+        return None
+    return torch.arange(n) * k // n
 
 
 def _read_data(path: Path, shape: tuple[int, ...]) -> torch.Tensor:

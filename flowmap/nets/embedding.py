@@ -133,5 +133,5 @@ class ConditionEmbedding(nn.Module):
                     f"This {owner} takes no guidance scale (guidance_input false); its guidance "
                     "is fixed at training, so drop w or build the net with guidance_input: true."
                 )
-            c = c + self.scale(w.to(torch.float32))
+            c = c + self.scale(w.to(self.scale[1].weight.dtype))
         return c

@@ -182,9 +182,10 @@ class FlowMapModule(FlowModuleBase):
             )
         outside = (y >= 0) & ((w < low - 1e-6) | (w > high + 1e-6))
         if bool(outside.any()):
+            trained = f"scale {low:g} only" if low == high else f"scales [{low:g}, {high:g}]"
             raise ValueError(
-                f"This flow map was trained at guidance scales [{low:g}, {high:g}], not "
-                f"{float(w[outside][0]):g}; sample inside that range (y=-1 gives the "
+                f"This flow map was trained at the guidance {trained}, not "
+                f"{float(w[outside][0]):g}; sample inside what it learned (y=-1 gives the "
                 "unconditional map)."
             )
         return {"y": y, "w": w} if self.guided else {"y": y}
