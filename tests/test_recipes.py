@@ -131,11 +131,13 @@ def _fit_and_check_one_step(args: list[str]) -> None:
     assert not torch.equal(before, _flat_params(cli.model))
 
 
-def test_cifar10_configs_run_with_fast_dev_run_on_a_stand_in(tmp_path):
+@pytest.mark.parametrize("recipe", ["cifar10", "cifar10_guided"])
+def test_cifar10_configs_run_with_fast_dev_run_on_a_stand_in(tmp_path, recipe):
+    """The GPU configs, unconditional and class-conditional with guidance, on a CPU stand-in."""
     root = make_fake_cifar10(tmp_path / "cifar", n_train=16, n_test=8)
     data = [f"--data.root={root}"]
     teacher = tmp_path / "teacher"
-    config = ["--config", str(RECIPES / "cifar10/teacher.yaml"), *CIFAR_CPU, *data]
+    config = ["--config", str(RECIPES / f"{recipe}/teacher.yaml"), *CIFAR_CPU, *data]
     _fit_and_check_one_step(
         [*config, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path / 'dev'}"]
     )
@@ -154,7 +156,7 @@ def test_cifar10_configs_run_with_fast_dev_run_on_a_stand_in(tmp_path):
         _fit_and_check_one_step(
             [
                 "--config",
-                str(RECIPES / f"cifar10/{loss}.yaml"),
+                str(RECIPES / f"{recipe}/{loss}.yaml"),
                 *CIFAR_CPU,
                 *data,
                 "--trainer.fast_dev_run=true",
@@ -231,3 +233,46 @@ def test_digits_pipeline_runs_end_to_end_with_fid_in_digits_features(tmp_path):
     assert all(r["value"] > 0 for r in res["rows"])
     euler = {r["nfe"]: r["value"] for r in res["rows"] if r["method"] == "teacher/euler"}
     assert set(euler) == {1, 2}
+
+
+def test_guided_digits_pipeline_runs_end_to_end_and_samples_a_class(tmp_path, capsys):
+    """Teacher → guided flow maps → guidance report, tiny; then `flowmap sample --class 3
+    --guidance 2` on the distilled map, with honest NFE and the class in the saved labels."""
+    import importlib.util
+
+    import numpy as np
+
+    from flowmap.apps.cli import main as flowmap_main
+
+    path = RECIPES / "digits_guided/pipeline.py"
+    spec = importlib.util.spec_from_file_location("guided_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    res = module.main(["--out", str(tmp_path), "--tiny"])
+    assert res["kind"] == "guidance" and res["guidance"] == [1.0, 2.0, 4.0]
+    assert "class_accuracy" in res["rows"][0]["metrics"]
+    for r in res["rows"]:
+        assert r["value"] > 0 and 0 <= r["metrics"]["class_accuracy"]["value"] <= 1
+        if r["method"] == "teacher/euler" and r["guidance"] != 1:
+            assert r["nfe"] % 2 == 0  # a guided step evaluates both branches
+    maps = {(r["method"], r["nfe"]) for r in res["rows"] if r["guidance"] == 4.0}
+    assert ("flowmap/lagrangian", 1) in maps and ("teacher/euler", 1) not in maps
+    assert (tmp_path / "quality_vs_guidance.png").stat().st_size > 0
+    assert (tmp_path / "classes_w2_flowmap-lagrangian.png").stat().st_size > 0
+    assert {g["method"] for g in res["goals"]} >= {"flowmap/lagrangian"}
+    ckpt = json.loads((tmp_path / "lagrangian" / "done.json").read_text())["checkpoint"]
+    out = tmp_path / "three.npz"
+    argv = ["sample", "--ckpt", ckpt, "--nfe", "1", "--n", "8", "--class", "3"]
+    assert flowmap_main([*argv, "--guidance", "2", "--out", str(out)]) in (0, None)
+    with np.load(out) as z:
+        assert (z["labels"] == 3).all() and z["samples"].shape == (8, 1, 8, 8)
+    assert "NFE 1" in capsys.readouterr().out
+    grid = tmp_path / "all.png"
+    assert flowmap_main(["sample", "--ckpt", ckpt, "--n", "20", "--out", str(grid)]) in (0, None)
+    with np.load(grid.with_suffix(".npz")) as z:
+        assert np.bincount(z["labels"]).tolist() == [2] * 10  # one grid row per class
+    # a guidance scale outside what the map learned is one sentence
+    with pytest.raises(SystemExit) as exit_info:
+        flowmap_main([*argv, "--guidance", "9", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "trained at the guidance scales [1, 4], not 9" in capsys.readouterr().err

@@ -35,6 +35,7 @@ __all__ = [
     "method_style",
     "quality_vs_steps_plot",
     "class_grid_picture",
+    "quality_vs_guidance_plot",
     "samples_picture",
     "tile_images",
 ]
@@ -404,3 +405,54 @@ def quality_vs_steps_plot(results: Mapping[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def quality_vs_guidance_plot(results: Mapping[str, Any], path: Path) -> Path:
+    """FID (and class accuracy, when measured) against the guidance scale: one line per method
+    at 1, 2 and 4 network evaluations and the teacher's adaptive solve, 95% error bars."""
+    rows = [r for r in results["rows"] if r["nfe"] in (1, 2, 4) or r["method"].endswith("dopri5")]
+    panels = ["fid"] + (["class_accuracy"] if results.get("class_accuracy") else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    series: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        nfe = 0 if r["method"].endswith("dopri5") else r["nfe"]
+        series.setdefault((r["method"], nfe), []).append(r)
+    for ax, metric in zip(axes[0], panels):
+        for (method, nfe), pts in sorted(series.items()):
+            pts = sorted(pts, key=lambda r: r["guidance"])
+            est = [r["metrics"].get(metric) for r in pts]
+            keep = [(r["guidance"], e) for r, e in zip(pts, est) if e and _finite(e)]
+            if not keep:
+                continue
+            colour, marker = method_style(method)
+            ws = [w for w, _ in keep]
+            vals = [e["value"] for _, e in keep]
+            err = [
+                [e["value"] - e["ci_low"] for _, e in keep],
+                [e["ci_high"] - e["value"] for _, e in keep],
+            ]
+            style = "--" if method.startswith("teacher/") else "-"
+            alpha = {1: 1.0, 2: 0.75, 4: 0.5}.get(nfe, 1.0)
+            label = f"{method} ({'adaptive' if nfe == 0 else f'{nfe} NFE'})"
+            ax.errorbar(
+                ws,
+                vals,
+                yerr=err,
+                color=colour,
+                marker=marker,
+                ls=style,
+                alpha=alpha,
+                capsize=2,
+                ms=4,
+                label=label,
+            )
+        ax.set_xlabel("guidance scale w")
+        ax.set_ylabel({"fid": "FID (lower is better)", "class_accuracy": "class accuracy"}[metric])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(
+        f"{results.get('dataset', '')}: quality against guidance (95% intervals; NFE = network "
+        "evaluations, a guided teacher step costs 2)",
+        fontsize=8,
+    )
+    return _save(fig, path, dpi=120)

@@ -156,9 +156,45 @@ def _pm(e: dict[str, Any] | None, ratio: dict[str, Any] | None = None) -> str:
     return text
 
 
+def guidance_headline(results: dict[str, Any], out: Path) -> str:
+    """A guidance report's last words: per scale, the teacher's adaptive solve and each flow map
+    at 1 NFE (FID and class accuracy, 95% intervals), and where the files are."""
+    table = Table(
+        title=f"FID and class accuracy on {results['dataset']} against the guidance scale "
+        f"({results['n_samples']} samples per row, ± = half-width of the 95% interval)",
+        title_justify="left",
+    )
+    table.add_column("w", justify="right")
+    table.add_column("method")
+    table.add_column("NFE", justify="right")
+    table.add_column("FID", justify="right")
+    table.add_column("class accuracy", justify="right")
+    for r in results["rows"]:
+        if r["method"].endswith("dopri5") or (r["method"].startswith("flowmap/") and r["nfe"] == 1):
+            acc = r["metrics"].get("class_accuracy")
+            table.add_row(
+                f"{r['guidance']:g}",
+                r["method"],
+                str(r["nfe"]),
+                _pm(r, r.get("ratio_to_teacher")),
+                _pm(acc),
+            )
+    buf = StringIO()
+    console = Console(file=buf, width=120, force_terminal=False)
+    console.print(table)
+    console.print(
+        f"Files: {out / 'report.md'} (every row, metric and goal), "
+        f"{out / 'quality_vs_guidance.png'}, {out}/classes_w*.png, {out / 'results.json'}; "
+        f"checkpoints under {out}/<stage>/."
+    )
+    return buf.getvalue()
+
+
 def headline(results: dict[str, Any], out: Path, nfes: Sequence[int] = (1, 2, 4)) -> str:
     """The main job's last words: quality at 1, 2 and 4 steps per method with 95% intervals (and
     the ratio to the teacher's adaptive solve), the inversion round trip, and where the files are."""
+    if results.get("kind") == "guidance":
+        return guidance_headline(results, out)
     table = Table(
         title=f"{results['metric'].upper()} on {results['dataset']} "
         f"({results['n_samples']} samples per row, ± = half-width of the 95% interval)",

@@ -103,6 +103,7 @@ class ReportConfig:
     inception_weights: str | None = None
     batch_size: int = 1000
     from_samples: str | None = None
+    guidance: Sequence[float] = ()
     command: str = ""
 
 
@@ -606,6 +607,22 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         flowmaps[label] = (module, path)
         check_same_origin(cfg.teacher, ck, label, path)
     dm = build_datamodule(ck.get("datamodule_hyper_parameters", {}))
+    if teacher.num_classes is not None:  # class-conditional: quality against the guidance scale
+        from flowmap.apps.guidance_report import run_guidance_report
+
+        meta = {
+            "dataset": dataset_name(dm),
+            "command": cfg.command,
+            "machine": machine_description(),
+            "versions": package_versions(),
+            "seed": cfg.seed,
+        }
+        return run_guidance_report(cfg, teacher, flowmaps, dm, meta)
+    if cfg.guidance:
+        raise ValueError(
+            "--guidance needs a class-conditional teacher, and this one has no classes; drop "
+            "--guidance."
+        )
     shape = tuple(dm.data_shape)
     for name, mod in [("teacher", teacher), *((k, v[0]) for k, v in flowmaps.items())]:
         if mod.data_shape is not None and tuple(mod.data_shape) != shape:
@@ -872,6 +889,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="torch-fidelity feature extractor for FID (None: flowmap-digits on 8×8 images, "
         "inception-v3-compat otherwise)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="W",
+        help="class-conditional teachers: the guidance scales to report (None: 1); the report "
+        "then gives FID/KID/PR and class accuracy per scale (see flowmap.apps.guidance_report)",
     )
     p.add_argument(
         "--inception-weights",

@@ -61,6 +61,8 @@ class SampleQuality(L.Callback):
     Under DDP/FSDP every rank samples the same ``n`` points (FSDP needs every rank in the
     forward pass) and computes the same values. Images other than 8×8 digits need an
     Inception ``feature`` extractor's weights, so they are measured only when ``feature`` is set.
+    A class-conditional module samples every class in equal shares at its default scale (the
+    conditional teacher, a flow map's trained scale), against the same reference.
     """
 
     def __init__(
@@ -100,9 +102,11 @@ class SampleQuality(L.Callback):
         evaluator = self.evaluator(dm)
         g = torch.Generator().manual_seed(self.seed)
         x0 = torch.randn(self.n, *shape, generator=g).to(module.device)
+        k = getattr(module, "num_classes", None)
+        labels = {} if k is None else {"y": (torch.arange(self.n) % k).to(module.device)}
         for nfe in self.nfe:
             if nfe % stages:  # not a whole number of solver steps
                 continue
-            x = module.generate(x0, nfe, method).x.float().cpu()
+            x = module.generate(x0, nfe, method, **labels).x.float().cpu()
             for name, est in evaluator.measure(x).estimates().items():
                 module.log(f"val/{name}@{nfe}", est.value, rank_zero_only=False, sync_dist=False)
