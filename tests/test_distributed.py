@@ -69,8 +69,8 @@ class FixedNoiseFlowMap(FlowMapModule):
         return super()._terms(flow_map, x1, x0=x0, pairs=TimePairs(s, t, s == t))
 
 
-def _ddp_and_single(module: L.LightningModule, tmp_path: Path):
-    full = _full_batch()
+def _ddp_and_single(module: L.LightningModule, tmp_path: Path, full: torch.Tensor | None = None):
+    full = _full_batch() if full is None else full
     single = copy.deepcopy(module)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -256,3 +256,92 @@ def test_sample_quality_logs_the_single_process_value_on_every_rank(tmp_path):
     x = module.generate(x0, 1, "euler").x
     single = quality.evaluator(dm).measure(x).estimates()["w2"].value
     assert ranks[0]["val/w2@1"] == pytest.approx(single, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- with labels and w
+NET_C = {
+    "class_path": "flowmap.nets.MLP",
+    "init_args": {
+        "data_shape": [2],
+        "width": 16,
+        "depth": 1,
+        "num_classes": 3,
+        "guidance_input": True,
+    },
+}
+
+
+def _conditional_batch() -> torch.Tensor:
+    """``x1 | x0 | s | t | y | w`` with null rows (y = -1, w = 1) and scales in [1, 3]."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 3, (2 * HALF,), generator=g)
+    y[::5] = -1
+    w = torch.where(y < 0, 1.0, 1 + 2 * torch.rand(2 * HALF, generator=g))
+    return torch.cat([_full_batch(), y[:, None].float(), w[:, None]], dim=1)
+
+
+class FixedConditionTeacher(VelocityModule):
+    def training_step(self, batch, batch_idx):
+        b = batch[0] if isinstance(batch, list) else batch
+        x1, x0, _, t = _split(b)
+        y = b[:, 6].long()
+        return cfm_loss(lambda x, tt: self.net(x, tt, tt, y=y), x1, self.path, x0=x0, t=t)
+
+
+class FixedConditionFlowMap(FlowMapModule):
+    def _terms(self, flow_map, batch, **kw):
+        b = batch[0] if isinstance(batch, list) else batch
+        x1, x0, s, t = _split(b)
+        teacher = self._teacher_on(x1.device)
+        pairs = TimePairs(s, t, s == t)
+        return self.loss(flow_map, x1, teacher, x0=x0, pairs=pairs, y=b[:, 6].long(), w=b[:, 7])
+
+
+@pytest.fixture(scope="module")
+def conditional_teacher_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_conditional_teacher")
+    torch.manual_seed(0)
+    net = {**NET_C, "init_args": {**NET_C["init_args"], "guidance_input": False}}
+    module = build(VelocityModule, {"net": net, "data_shape": [2], "label_dropout": 0.2})
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    trainer.fit(
+        module, DataLoader(TensorDataset(torch.randn(8, 2), torch.arange(8) % 3), batch_size=8)
+    )
+    path = root / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_ddp_conditional_teacher_gradients_match_single_process(tmp_path):
+    torch.manual_seed(0)
+    net = {**NET_C, "init_args": {**NET_C["init_args"], "guidance_input": False}}
+    module = build(FixedConditionTeacher, {"net": net})
+    _assert_same(*_ddp_and_single(module, tmp_path, full=_conditional_batch()))
+
+
+@pytest.mark.parametrize("distil", [True, False], ids=["distilled", "self-distilled"])
+def test_ddp_guided_flow_map_gradients_match_single_process(
+    tmp_path, conditional_teacher_ckpt, distil
+):
+    """Labels and guidance scales: the guided teacher (or, self-distilled, the guided target from
+    the map's own null-class diagonal) gives the same gradients on 2 ranks as on one."""
+    torch.manual_seed(0)
+    config = {
+        "net": NET_C,
+        "guidance": [1.0, 3.0],
+        "guidance_law": "uniform",
+        "loss": {"class_path": "flowmap.losses.LagrangianLoss"},
+        "warm_start": False,
+    }
+    if distil:
+        config["teacher"] = str(conditional_teacher_ckpt)
+    module = build(FixedConditionFlowMap, config)
+    ranks, ref = _ddp_and_single(module, tmp_path, full=_conditional_batch())
+    assert "net.condition.scale.3.weight" in ref and "net.condition.label.weight" in ref
+    _assert_same(ranks, ref)

@@ -335,3 +335,49 @@ def test_guided_velocity_picks_one_branch_when_it_can():
     got = guided_velocity(velocity, x, t, y, torch.full((3,), 2.0))
     assert torch.equal(got, 1 + 2 * (x * (y[:, None] + 2) - 1))
     assert [len(c) for c in calls] == [3, 3, 6]
+
+
+def test_data_without_labels_or_a_foreign_teacher_is_refused_before_the_first_step(oracle):
+    import lightning as L
+
+    from flowmap.data import DigitsDataModule
+
+    def fit(module, dm):
+        trainer = L.Trainer(
+            max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+        )
+        trainer.fit(module, dm)
+
+    conditional = VelocityModule(MLP((1, 8, 8), width=8, depth=1, num_classes=10))
+    with pytest.raises(ValueError, match="yields no labels; set the data's labels: true"):
+        fit(conditional, DigitsDataModule(batch_size=16))
+    plain = VelocityModule(MLP((1, 8, 8), width=8, depth=1))
+    with pytest.raises(ValueError, match="the net is unconditional"):
+        fit(plain, DigitsDataModule(batch_size=16, labels=True))
+    five = VelocityModule(MLP((1, 8, 8), width=8, depth=1, num_classes=5))
+    with pytest.raises(ValueError, match="built for 5 classes but the data has 10"):
+        fit(five, DigitsDataModule(batch_size=16, labels=True))
+    unconditional_teacher = GaussianMixtureTarget.ring()
+    net = MLP((2,), width=8, depth=1, num_classes=2)
+    FlowMapModule(net, teacher=oracle, warm_start=False).setup("fit")  # 2 classes: accepted
+    student = FlowMapModule(net, teacher=unconditional_teacher, warm_start=False)
+    with pytest.raises(ValueError, match="teacher has no classes"):
+        student.setup("fit")
+    guided_self = FlowMapModule(
+        MLP((2,), width=8, depth=1, num_classes=2), guidance=2.0, label_dropout=0.0
+    )
+    with pytest.raises(ValueError, match="needs label_dropout > 0"):
+        guided_self.setup("fit")
+
+
+def test_warm_start_copies_a_conditional_teacher_into_a_student_with_a_scale_input():
+    teacher = MLP((2,), width=16, depth=1, num_classes=3)
+    student = MLP((2,), width=16, depth=1, num_classes=3, guidance_input=True)
+    FlowMap(student).warm_start(teacher)
+    x, t = torch.randn(8, 2), torch.rand(8)
+    y = torch.arange(8) % 3
+    for w in (1.0, 3.0):  # the scale branch starts at zero: the teacher at every scale
+        got = student(x, t, t, y=y, w=torch.full((8,), w))
+        assert torch.allclose(got, teacher(x, t, t, y=y), atol=1e-6)
+    with pytest.raises(ValueError, match="teacher's architecture"):
+        FlowMap(MLP((2,), width=16, depth=1)).warm_start(teacher)

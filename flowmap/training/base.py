@@ -294,8 +294,8 @@ class FlowModuleBase(L.LightningModule):
             dm = getattr(self.trainer, "datamodule", None)
         except RuntimeError:  # not attached to a Trainer
             dm = None
-        if dm is not None and stage == "fit":
-            self._check_data_classes(getattr(dm, "num_classes", None))
+        if dm is not None and stage == "fit" and hasattr(dm, "num_classes"):
+            self._check_data_classes(dm.num_classes)  # a flowmap DataModule says its classes
         shape = getattr(dm, "data_shape", None)
         if shape is not None:
             shape = tuple(int(d) for d in shape)
