@@ -131,12 +131,13 @@ def guided_velocity(
 ) -> Tensor:
     r""":math:`b^w = b(\varnothing) + w\,(b(c) - b(\varnothing))` from a conditional velocity
     ``velocity(x, t, y=labels)``, in one batched call of both branches (or of the one branch
-    needed when every scale is 1, or every scale is 0). ``w=None`` is :math:`w = 1`."""
+    needed when every scale is 0 or 1: the unconditional branch on the rows at 0, the conditional
+    on the others). ``w=None`` is :math:`w = 1`."""
     if w is None or bool((w == 1).all()):
         return velocity(x, t, y=y)
     null = torch.full_like(y, NULL_CLASS)
-    if bool((w == 0).all()):
-        return velocity(x, t, y=null)
+    if bool(((w == 0) | (w == 1)).all()):
+        return velocity(x, t, y=torch.where(w == 0, null, y))
     both = velocity(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]))
     b_c, b_u = both.chunk(2)
     scale = w.to(b_c.dtype).reshape(-1, *([1] * (x.ndim - 1)))

@@ -171,7 +171,8 @@ class FlowMap(nn.Module):
         except RuntimeError:
             missing, unexpected = ["(shapes)"], []
         # a student with a guidance-scale input may lack it in the teacher: that branch starts at
-        # zero (ConditionEmbedding), so the student begins as the teacher at every scale
+        # zero (ConditionEmbedding), so the student begins as the teacher's conditional velocity
+        # b(c) at every scale, and training moves it to b^w
         missing = [k for k in missing if not k.startswith("condition.scale.")]
         if missing or unexpected:
             raise ValueError(

@@ -102,7 +102,7 @@ def test_guided_teacher_counts_two_evaluations_per_guided_step(oracle):
         tk = torch.full((8,), k / 2, dtype=torch.float64)
         ref = ref + 0.5 * oracle(ref, tk, y=y, w=torch.full((8,), 2.0, dtype=torch.float64))
     assert torch.allclose(guided.x, ref, atol=1e-12)
-    with pytest.raises(ValueError, match="even NFE"):
+    with pytest.raises(ValueError, match="cannot take exactly 3 NFE; ask for a multiple of 2"):
         teacher.generate(x0, 3, "euler", y=y, guidance=2.0)
 
 
@@ -376,8 +376,58 @@ def test_warm_start_copies_a_conditional_teacher_into_a_student_with_a_scale_inp
     FlowMap(student).warm_start(teacher)
     x, t = torch.randn(8, 2), torch.rand(8)
     y = torch.arange(8) % 3
-    for w in (1.0, 3.0):  # the scale branch starts at zero: the teacher at every scale
+    for w in (1.0, 3.0):  # the scale branch starts at zero: the conditional teacher b(c) at every w
         got = student(x, t, t, y=y, w=torch.full((8,), w))
         assert torch.allclose(got, teacher(x, t, t, y=y), atol=1e-6)
     with pytest.raises(ValueError, match="teacher's architecture"):
         FlowMap(MLP((2,), width=16, depth=1)).warm_start(teacher)
+
+
+def test_scales_of_only_zero_and_one_take_one_call_each_row_its_own_branch(oracle):
+    x, t, y = _points()
+    net = OracleNet(oracle)
+    teacher = VelocityModule(net, ema_decay=None).double()
+    w = (torch.arange(64) % 2).double()  # 0, 1, 0, 1, …
+    got = teacher(x, t, y=y, w=w)
+    assert net.calls == [64]  # one branch per row, one call
+    b_c = oracle.class_velocity(x, t, y)
+    b_u = oracle.class_velocity(x, t, torch.full_like(y, NULL_CLASS))
+    assert torch.equal(got[1::2], b_c[1::2]) and torch.equal(got[::2], b_u[::2])
+    x0 = torch.randn(4, 2, dtype=torch.float64)
+    assert teacher.generate(x0, 2, y=torch.tensor([-1, 1, 0, 1]), guidance=0.0).nfe == 2
+
+
+def test_a_model_without_label_dropout_refuses_only_what_needs_the_null_class():
+    x0 = torch.randn(2, 2)
+    teacher = _conditional_teacher(label_dropout=0.0)
+    for kwargs in ({"y": torch.tensor([0, -1])}, {"y": torch.tensor([0, 1]), "guidance": 0.0}):
+        with pytest.raises(ValueError, match="without label dropout"):
+            teacher.generate(x0, 2, **kwargs)
+    # a map distilled at a fixed scale without label dropout samples at its scale...
+    fixed = FlowMapModule(MLP((2,), width=8, depth=1, num_classes=3), guidance=3.0, label_dropout=0)
+    assert fixed.generate(x0, 1, y=torch.tensor([0, 2])).nfe == 1
+    # ...but its null class was never trained
+    with pytest.raises(ValueError, match="null class"):
+        fixed.generate(x0, 1, y=torch.tensor([0, -1]))
+
+
+def test_labels_out_of_range_inside_a_loss_are_one_sentence(oracle):
+    net = MLP((2,), width=8, depth=1, num_classes=2)
+    x1, _ = oracle.sample(8)
+    for bad in (2, -2):
+        with pytest.raises(ValueError, match=f"label {bad} is out of range"):
+            LagrangianLoss()(FlowMap(net), x1.float(), oracle, y=torch.full((8,), bad))
+
+
+def test_shared_teacher_call_keeps_each_rows_conditioning(oracle):
+    """The off-diagonal query and the diagonal target share one teacher call: every row must
+    come back with its own label and scale."""
+    from flowmap.losses.base import _SharedTeacherCall
+
+    x, t, y = _points(48)
+    w = 1 + 2 * torch.rand(48, dtype=torch.float64)
+    d = torch.arange(48) % 3 == 0
+    shared = _SharedTeacherCall(oracle, x[d], t[d], {"y": y[d], "w": w[d]})
+    off = shared(x[~d], t[~d], y=y[~d], w=w[~d])
+    assert torch.allclose(off, oracle(x[~d], t[~d], y=y[~d], w=w[~d]), atol=1e-12)
+    assert torch.allclose(shared.diagonal_target(), oracle(x[d], t[d], y=y[d], w=w[d]), atol=1e-12)

@@ -292,10 +292,10 @@ def _find(rows: list[dict[str, Any]], method: str, nfe: int | None, w: float) ->
 
 
 def guidance_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's goals per flow map and scale, each with the measured values and a verdict:
-    1-NFE class accuracy within 2 points of the teacher's adaptive solve, 1-NFE FID at most 1.3×
-    the teacher's (ratio interval), and 1-NFE FID below the guided teacher's at 16 evaluations
-    (its best fixed-step solver there)."""
+    """The goals per flow map and scale, each with the measured values and a verdict: 1-NFE
+    class accuracy at most 2 points below the teacher's adaptive solve, 1-NFE FID at most 1.3×
+    the teacher's (the point ratio; its interval is kept beside it), and 1-NFE FID below the
+    guided teacher's best fixed-step solver at 16 evaluations (intervals disjoint)."""
     goals = []
     rows = results["rows"]
     for w in results["guidance"]:

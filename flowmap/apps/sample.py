@@ -135,8 +135,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             raise ValueError(
                 f"--invert needs a flow-map checkpoint, but {args.ckpt!r} is a {kind}."
             )
-        x1 = _read_data(args.data_npz, tuple(module.data_shape))
+        x1, saved = _read_npz(args.data_npz, tuple(module.data_shape))
         labels = _labels(module, args.label, len(x1))
+        if args.label is None and saved is not None and module.num_classes is not None:
+            labels = saved  # each sample inverts under the class it was drawn for
         sol = module.invert(x1, args.nfe, y=labels, guidance=args.guidance)
         arrays = {"noise": sol.x.numpy(), "samples": x1.numpy()}
     else:
@@ -180,6 +182,11 @@ def _labels(module: Any, label: int | None, n: int) -> torch.Tensor | None:
 
 
 def _read_data(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    return _read_npz(path, shape)[0]
+
+
+def _read_npz(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``samples`` (checked against ``shape``) and, if saved, their ``labels``."""
     try:
         z = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -197,9 +204,10 @@ def _read_data(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
         if "samples" not in z.files:
             raise ValueError(f"--data-npz {str(path)!r} has no 'samples' array to invert.")
         x1 = torch.as_tensor(z["samples"]).float()
+        labels = torch.as_tensor(z["labels"]).long() if "labels" in z.files else None
     if tuple(x1.shape[1:]) != shape:
         raise ValueError(
             f"--data-npz {str(path)!r} holds samples of shape {list(x1.shape[1:])}, but the "
             f"checkpoint's data have shape {list(shape)}."
         )
-    return x1
+    return x1, labels

@@ -123,6 +123,12 @@ class ConditionEmbedding(nn.Module):
             )
         if y.is_floating_point():
             raise ValueError(f"Class labels must be integers (int64), got dtype {y.dtype}.")
+        if bool(((y < -1) | (y >= self.num_classes)).any()):
+            bad = int(y[(y < -1) | (y >= self.num_classes)][0])
+            raise ValueError(
+                f"Class label {bad} is out of range: this {owner} has {self.num_classes} classes, "
+                f"0..{self.num_classes - 1} (and -1 for no class)."
+            )
         index = torch.where(y < 0, torch.full_like(y, self.num_classes), y)
         c = self.label(index)
         if self.scale is not None and w is None:

@@ -16,7 +16,6 @@ from flowmap.conditioning import (
     as_scales,
     canonical_scale,
     check_scale_law,
-    guidance_cost,
     sample_scales,
 )
 from flowmap.flowmap import FlowMap
@@ -175,10 +174,10 @@ class FlowMapModule(FlowModuleBase):
         if guidance is None:
             guidance = low if low == high or not low <= 1.0 <= high else 1.0
         w = canonical_scale(y, as_scales(guidance, x0.shape[0], x0.device))
-        if self.hparams.get("label_dropout", 0.0) == 0 and guidance_cost(w) > 1:
+        if self.hparams.get("label_dropout", 0.0) == 0 and bool((y < 0).any()):
             raise ValueError(
-                "This flow map was trained without label dropout (label_dropout 0), so it has no "
-                "unconditional branch to guide with; sample at its trained scale."
+                "This flow map was trained without label dropout (label_dropout 0), so its null "
+                "class (label -1, the unconditional map) was never trained; pass real labels."
             )
         outside = (y >= 0) & ((w < low - 1e-6) | (w > high + 1e-6))
         if bool(outside.any()):
@@ -262,6 +261,11 @@ class FlowMapModule(FlowModuleBase):
                     "Self-distilling a guided map needs label_dropout > 0: its guided target "
                     "takes the unconditional velocity from the map's own null-class diagonal."
                 )
+            if self.guided and float(getattr(self.loss.pairs, "eta", 1.0)) == 0:
+                raise ValueError(
+                    "Self-distilling a guided map needs diagonal rows (pairs.eta > 0): its guided "
+                    "target takes the unconditional velocity from the map's own diagonal."
+                )
             return
         theirs = getattr(teacher, "num_classes", None)
         if theirs != mine:
@@ -269,9 +273,8 @@ class FlowMapModule(FlowModuleBase):
                 f"The teacher has {theirs or 'no'} classes but the student net "
                 f"{mine or 'none'}; build the student with the teacher's num_classes."
             )
-        teacher_dropout = getattr(getattr(teacher, "hparams", {}), "get", lambda *_: None)(
-            "label_dropout", None
-        )
+        hparams = getattr(teacher, "hparams", None)
+        teacher_dropout = hparams.get("label_dropout") if hparams is not None else None
         if self.guided and teacher_dropout == 0:
             raise ValueError(
                 "The teacher was trained without label dropout (label_dropout 0), so it has no "
@@ -332,8 +335,9 @@ class FlowMapModule(FlowModuleBase):
         cond = self._training_condition(x1, y)
         teacher = self._teacher_on(x1.device)
         terms = self.loss(flow_map, x1, teacher, step=self.global_step, **cond, **kw)
-        if "w" in cond:  # the scales drawn by the guidance law, for the log
-            terms["guidance"] = cond["w"][cond["y"] >= 0].mean().detach()
+        labelled = cond["w"][cond["y"] >= 0] if "w" in cond else None
+        if labelled is not None and len(labelled):  # the scales the guidance law drew, logged
+            terms["guidance"] = labelled.mean().detach()
         return terms
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

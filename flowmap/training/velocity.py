@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.conditioning import (
+    NULL_CLASS,
     as_labels,
     as_scales,
     canonical_scale,
@@ -16,7 +17,7 @@ from flowmap.conditioning import (
 )
 from flowmap.losses.cfm import cfm_loss
 from flowmap.losses.pairs import TIME_DISTRIBUTIONS, TimeDistribution
-from flowmap.ode import FIXED_STEP_METHODS, solve_adaptive, solve_ode
+from flowmap.ode import FIXED_STEP_METHODS, STAGES, solve_adaptive, solve_ode
 from flowmap.paths import AffinePath, as_time
 from flowmap.protocols import Solution
 from flowmap.training.base import FlowModuleBase, fork_rng
@@ -125,12 +126,14 @@ class VelocityModule(FlowModuleBase):
                 "and needs labels y (-1 for no class); pass y=..."
             )
         w = as_scales(w, x.shape[0], x.device)
-        if w is not None and self.hparams.get("label_dropout", 0.0) == 0 and guidance_cost(w) > 1:
-            raise ValueError(
-                "This teacher was trained without label dropout (label_dropout 0), so it has no "
-                "unconditional velocity to guide with; sample at w=1, or retrain it with "
-                "label_dropout > 0."
-            )
+        if self.hparams.get("label_dropout", 0.0) == 0:
+            needs_null = (y == NULL_CLASS) if w is None else (y == NULL_CLASS) | (w != 1)
+            if bool(needs_null.any()):
+                raise ValueError(
+                    "This teacher was trained without label dropout (label_dropout 0), so it "
+                    "has no unconditional velocity (label -1, or any w other than 1); sample "
+                    "at w=1 with real labels, or retrain it with label_dropout > 0."
+                )
         return y, w
 
     def velocity(
@@ -199,10 +202,12 @@ class VelocityModule(FlowModuleBase):
             cost = guidance_cost(canonical_scale(y, w))
         if method in FIXED_STEP_METHODS:
             nfe = self._check_nfe(nfe)
-            if nfe % cost:
+            per_step = STAGES[method] * cost
+            if nfe % per_step:
                 raise ValueError(
-                    f"A guided step costs {cost} NFE (both branches), so it cannot take exactly "
-                    f"{nfe} NFE; ask for an even NFE."
+                    f"A guided {method} step costs {per_step} NFE (both branches at each of its "
+                    f"{STAGES[method]} stages), so it cannot take exactly {nfe} NFE; ask for a "
+                    f"multiple of {per_step}."
                 )
             sol = solve_ode(self, x0, method, nfe=nfe // cost, cond=cond)
         else:
