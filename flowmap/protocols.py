@@ -34,6 +34,8 @@ class Velocity(Protocol):
 
     A teacher declares the probability path it follows with a ``path`` attribute (an
     :class:`~flowmap.paths.AffinePath`); the flow map distilled from it follows the same path.
+    A class-conditional teacher also takes keywords, ``b(x, t, y=labels, w=scales)`` (the guided
+    velocity, :mod:`flowmap.conditioning`), and says its ``num_classes``.
     """
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...

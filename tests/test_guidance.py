@@ -222,6 +222,12 @@ def test_short_guided_distillation_jumps_far_better_than_one_euler_step(guided_m
     y = torch.arange(512) % 2
     scale = torch.full((512,), w)
     exact = oracle.flow_map(x0, 0.0, 1.0, y=y, w=scale)
+    if w == 0:  # the guided flow at w = 0 is the unconditional one, at w = 1 the conditional one
+        assert torch.allclose(exact, oracle.unconditional.flow_map(x0, 0.0, 1.0), atol=1e-5)
+    if w == 1:
+        for c in (0, 1):
+            own = oracle.classes[c].flow_map(x0[y == c], 0.0, 1.0)
+            assert torch.allclose(exact[y == c], own, atol=1e-5)
     jump = guided_map.generate(x0, 1, y=y, guidance=w).x
     euler = x0 + oracle(x0.double(), torch.zeros(512, dtype=torch.float64), y=y, w=scale.double())
     err = (jump - exact).norm(dim=1).mean()
