@@ -437,3 +437,39 @@ def test_shared_teacher_call_keeps_each_rows_conditioning(oracle):
     off = shared(x[~d], t[~d], y=y[~d], w=w[~d])
     assert torch.allclose(off, oracle(x[~d], t[~d], y=y[~d], w=w[~d]), atol=1e-12)
     assert torch.allclose(shared.diagonal_target(), oracle(x[d], t[d], y=y[d], w=w[d]), atol=1e-12)
+
+
+def test_guided_self_distillation_from_scratch_learns_the_guided_flow(oracle):
+    """MeanFlow from scratch on labelled data with w ~ U[1, 3]: no teacher, the guided target
+    w·ẋ + (1 − w)·φ(∅) alone brings the one-jump error at w = 2 far below one Euler step of the
+    exact guided velocity (measured: 0.59 against 2.04 after 500 steps)."""
+    torch.manual_seed(0)
+    loss = build_loss("meanflow")
+    net = MLP((2,), width=128, depth=3, num_classes=2, guidance_input=True)
+    module = FlowMapModule(
+        net,
+        loss=loss,
+        warm_start=False,
+        ema_decay=None,
+        guidance=[1.0, 3.0],
+        guidance_law="uniform",
+        label_dropout=0.2,
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(500):
+        x1, y = oracle.sample(256, g)
+        cond = module._training_condition(x1.float(), y)
+        out = loss(module.student, x1.float(), None, step=step, **cond)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    x0 = torch.randn(512, 2, generator=torch.Generator().manual_seed(5))
+    y = torch.arange(512) % 2
+    scale = torch.full((512,), 2.0)
+    exact = oracle.flow_map(x0, 0.0, 1.0, y=y, w=scale)
+    jump = module.generate(x0, 1, y=y, guidance=2.0).x
+    euler = x0 + oracle(x0.double(), torch.zeros(512, dtype=torch.float64), y=y, w=scale.double())
+    err = (jump - exact).norm(dim=1).mean()
+    euler_err = (euler.float() - exact).norm(dim=1).mean()
+    assert err < 0.4 * euler_err, (float(err), float(euler_err))
