@@ -251,12 +251,18 @@ def guided_map(oracle):
         guidance_law="uniform",
         label_dropout=0.1,
     )
+    return _train(module, oracle, oracle, steps=600)
+
+
+def _train(module, oracle, teacher, steps):
+    """Adam at 2e-3 on labelled oracle samples, conditioned as the module trains (label dropout,
+    scales from its guidance law)."""
     opt = torch.optim.Adam(module.net.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
-    for step in range(600):
+    for step in range(steps):
         x1, y = oracle.sample(256, g)
         cond = module._training_condition(x1.float(), y)
-        out = loss(module.student, x1.float(), oracle, step=step, **cond)
+        out = module.loss(module.student, x1.float(), teacher, step=step, **cond)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -455,15 +461,7 @@ def test_guided_self_distillation_from_scratch_learns_the_guided_flow(oracle):
         guidance_law="uniform",
         label_dropout=0.2,
     )
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for step in range(500):
-        x1, y = oracle.sample(256, g)
-        cond = module._training_condition(x1.float(), y)
-        out = loss(module.student, x1.float(), None, step=step, **cond)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+    _train(module, oracle, None, steps=500)
     x0 = torch.randn(512, 2, generator=torch.Generator().manual_seed(5))
     y = torch.arange(512) % 2
     scale = torch.full((512,), 2.0)
