@@ -240,6 +240,11 @@ def run_guidance_report(
                     tmp = f.with_suffix(".tmp.npz")
                     np.savez(tmp, **rec)
                     os.replace(tmp, f)
+                exact = pictures.get(w, {}).get("_adaptive")
+                if exact is not None and method != ADAPTIVE and "endpoint" not in meas.replicates:
+                    meas.replicates["endpoint"] = evaluator.endpoint(x, exact)
+                if method == ADAPTIVE:
+                    pictures.setdefault(w, {})["_adaptive"] = x
                 measured[key] = meas
                 est = {m: e.as_dict() for m, e in meas.estimates().items()}
                 row = {"method": method, "nfe": used, "guidance": w, **est["fid"], "metrics": est}
@@ -276,6 +281,7 @@ def run_guidance_report(
     quality_vs_guidance_plot(results, out / "quality_vs_guidance.png")
     yk = balanced_labels(16 * k, k)
     for w, panels in pictures.items():
+        panels.pop("_adaptive", None)
         for name, x in panels.items():
             stem = name.split(" ")[0].replace("/", "-")
             class_grid_picture(
@@ -294,8 +300,11 @@ def _find(rows: list[dict[str, Any]], method: str, nfe: int | None, w: float) ->
 def guidance_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The goals per flow map and scale, each with the measured values and a verdict: 1-NFE
     class accuracy at most 2 points below the teacher's adaptive solve, 1-NFE FID at most 1.3×
-    the teacher's (the point ratio; its interval is kept beside it), and 1-NFE FID below the
-    guided teacher's best fixed-step solver at 16 evaluations (intervals disjoint)."""
+    the teacher's (the point ratio; its interval is kept beside it), and 1 NFE better than the
+    guided teacher's best fixed-step solver at 16 evaluations (intervals disjoint), in FID and in
+    distance from the guided ODE's endpoint (the adaptive solve on the same noise). Under
+    guidance FID does not measure accuracy: a solver's error can weaken the guidance and bring
+    its samples closer to the data than the exact guided ODE's, so both are given."""
     goals = []
     rows = results["rows"]
     for w in results["guidance"]:
@@ -321,6 +330,15 @@ def guidance_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                 best = min(sixteen, key=lambda x: x["value"])
                 g["teacher_16_evaluations"] = {"method": best["method"], "fid": best["value"]}
                 g["beats_teacher_at_16_evaluations"] = r["ci_high"] < best["ci_low"]
+                mine = r["metrics"].get("endpoint")
+                theirs = [x["metrics"]["endpoint"] for x in sixteen if "endpoint" in x["metrics"]]
+                if mine and theirs:
+                    near = min(theirs, key=lambda e: e["value"])
+                    g["endpoint"] = mine
+                    g["teacher_16_evaluations_endpoint"] = near
+                    g["closer_to_the_guided_ode_than_teacher_at_16"] = (
+                        mine["ci_high"] < near["ci_low"]
+                    )
             goals.append(g)
     return goals
 
@@ -348,8 +366,9 @@ def guidance_markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## w = {w:g}",
             "",
-            "| method | NFE | FID | ratio to dopri5 | KID | precision | recall | class accuracy |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | NFE | FID | ratio to dopri5 | KID | precision | recall | class accuracy "
+            "| distance from the dopri5 endpoint |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["rows"]:
             if r["guidance"] != w:
@@ -359,7 +378,7 @@ def guidance_markdown(results: dict[str, Any]) -> str:
                 f"| {r['method']} | {r['nfe']} | {_cell(m.get('fid'))} | "
                 f"{_cell(r.get('ratio_to_teacher'))} | {_cell(m.get('kid'), '.2g')} | "
                 f"{_cell(m.get('precision'))} | {_cell(m.get('recall'))} | "
-                f"{_cell(m.get('class_accuracy'))} |"
+                f"{_cell(m.get('class_accuracy'))} | {_cell(m.get('endpoint'))} |"
             )
         lines.append("")
     if results.get("goals"):
@@ -367,8 +386,9 @@ def guidance_markdown(results: dict[str, Any]) -> str:
             "## Goals at 1 NFE",
             "",
             "| flow map | w | class accuracy vs dopri5 (points) | FID ratio | "
-            "teacher at 16 evaluations | beats it |",
-            "|---|---|---|---|---|---|",
+            "teacher at 16 evaluations (best FID) | beats it in FID | endpoint distance: map, "
+            "teacher at 16 (best) | closer to the guided ODE |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for g in results["goals"]:
             gap = g.get("class_accuracy_gap_points")
@@ -378,7 +398,9 @@ def guidance_markdown(results: dict[str, Any]) -> str:
                 + (f"{gap:+.1f}" if gap is not None else "—")
                 + f" | {_cell(g.get('fid_ratio'))} | "
                 + (f"{sixteen['method']} FID {sixteen['fid']:.3g}" if sixteen else "—")
-                + f" | {g.get('beats_teacher_at_16_evaluations', '—')} |"
+                + f" | {g.get('beats_teacher_at_16_evaluations', '—')} | "
+                + f"{_cell(g.get('endpoint'))}, {_cell(g.get('teacher_16_evaluations_endpoint'))}"
+                + f" | {g.get('closer_to_the_guided_ode_than_teacher_at_16', '—')} |"
             )
         lines.append("")
     if results.get("skipped"):

@@ -288,15 +288,21 @@ class Evaluator:
         index = np.array_split(np.arange(n), self.groups)
         reps = self._image_metrics(x, index) if self.image else self._vector_metrics(x, index)
         if teacher_endpoint is not None:
-            ref = self.prepare(teacher_endpoint)
-            if len(ref) != n:
-                raise ValueError(
-                    f"The teacher endpoint has {len(ref)} samples for {n} samples; both must "
-                    "come from the same noise."
-                )
-            dist = _endpoint_distances(x, ref, self.image)
-            reps["endpoint"] = Replicates("replicates", np.array([dist[i].mean() for i in index]))
+            reps["endpoint"] = self.endpoint(x, teacher_endpoint)
         return Measurement(reps, n, self.groups)
+
+    def endpoint(self, samples: Tensor, teacher_endpoint: Tensor) -> Replicates:
+        """Per group, the mean distance of each sample from the teacher's endpoint for the same
+        noise (images after the uint8 quantisation, in model units)."""
+        x, ref = self.prepare(samples), self.prepare(teacher_endpoint)
+        if len(ref) != len(x):
+            raise ValueError(
+                f"The teacher endpoint has {len(ref)} samples for {len(x)} samples; both must "
+                "come from the same noise."
+            )
+        dist = _endpoint_distances(x, ref, self.image)
+        index = np.array_split(np.arange(len(x)), self.groups)
+        return Replicates("replicates", np.array([dist[i].mean() for i in index]))
 
     def _vector_metrics(self, x: Tensor, index: list[np.ndarray]) -> dict[str, Replicates]:
         w2, precision, recall = [], [], []
