@@ -10,7 +10,8 @@ Protocol, at each scale :math:`w`:
 * rows: the guided teacher's fixed-step solvers, whose NFE counts *network evaluations* (a guided
   step evaluates the conditional and the unconditional branch, one doubled batch, so it costs 2;
   at :math:`w = 1` it costs 1), its adaptive solve (``teacher/dopri5``, the reference of the
-  ratios) and every flow map at 1, 2, 4, … jumps (one evaluation each, at any :math:`w`);
+  ratios) and every flow map at each ``--nfe`` up to 8 jumps (one evaluation each, at any
+  :math:`w` of its training range);
 * metrics: FID, KID and precision/recall against a **class-balanced** reference (every class
   equally often, so a sampler that follows its labels is not charged for the data's own class
   imbalance), with the report's 95% intervals (:class:`~flowmap.metrics.evaluation.Evaluator`);
@@ -272,6 +273,11 @@ def run_guidance_report(
         "rows": results_rows,
         "skipped": skipped,
     }
+    if cfg.save_samples is not None:
+        results["skipped"].append(
+            f"samples.npz (--save-samples): the guidance report keeps each row's samples in "
+            f"{rows_dir}/ instead"
+        )
     results["goals"] = guidance_goals(results)
     results["seconds"] = time.time() - start
     (out / "results.json").write_text(json.dumps(results, indent=2))
