@@ -471,3 +471,25 @@ def test_guided_self_distillation_from_scratch_learns_the_guided_flow(oracle):
     err = (jump - exact).norm(dim=1).mean()
     euler_err = (euler.float() - exact).norm(dim=1).mean()
     assert err < 0.4 * euler_err, (float(err), float(euler_err))
+
+
+def test_a_conditional_map_inverts_under_its_labels_and_the_cli_reads_them_back(tmp_path):
+    import numpy as np
+
+    from flowmap.apps.sample import _read_npz
+
+    torch.manual_seed(0)
+    net = MLP((2,), width=16, depth=1, num_classes=3, guidance_input=True)
+    nn.init.normal_(net.condition.label.weight, std=1.0)
+    loss = LagrangianLoss(pairs=TimePairSampler(backward_fraction=0.5))
+    module = FlowMapModule(net, loss=loss, guidance=[1.0, 4.0], guidance_law="uniform")
+    x1 = torch.randn(6, 2)
+    a = module.invert(x1, 2, y=torch.zeros(6, dtype=torch.long), guidance=2.0).x
+    b = module.invert(x1, 2, y=torch.ones(6, dtype=torch.long), guidance=2.0).x
+    assert (a - b).abs().max() > 1e-3  # the labels reach the backward jumps
+    with pytest.raises(ValueError, match="needs labels"):
+        module.invert(x1, 2)
+    path = tmp_path / "drawn.npz"
+    np.savez(path, samples=x1.numpy(), labels=np.array([2, 0, 1, 2, 0, 1]))
+    x, labels = _read_npz(path, (2,))
+    assert torch.equal(x, x1) and labels.tolist() == [2, 0, 1, 2, 0, 1]

@@ -267,11 +267,6 @@ def test_guided_digits_pipeline_runs_end_to_end_and_samples_a_class(tmp_path, ca
     with np.load(out) as z:
         assert (z["labels"] == 3).all() and z["samples"].shape == (8, 1, 8, 8)
     assert "NFE 1" in capsys.readouterr().out
-    back = tmp_path / "back.npz"
-    inv = ["sample", "--ckpt", ckpt, "--invert", "--data-npz", str(out), "--out", str(back)]
-    flowmap_main([*inv, "--guidance", "2"])
-    with np.load(back) as z:  # inverted under the classes the samples were drawn for
-        assert (z["labels"] == 3).all() and np.isfinite(z["noise"]).all()
     grid = tmp_path / "all.png"
     assert flowmap_main(["sample", "--ckpt", ckpt, "--n", "20", "--out", str(grid)]) in (0, None)
     with np.load(grid.with_suffix(".npz")) as z:
