@@ -113,7 +113,7 @@ class FlowMapModule(FlowModuleBase):
         """``(low, high)`` of the training scales, after one-sentence checks of the settings."""
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
-        values = [float(guidance)] if isinstance(guidance, int | float) else list(guidance)
+        values = [float(v) for v in ([guidance] if isinstance(guidance, int | float) else guidance)]
         if law not in SCALE_LAWS:
             raise ValueError(f"Unknown guidance_law {law!r}; choose one of {list(SCALE_LAWS)}.")
         if (law == "fixed") != (len(values) == 1) or not 1 <= len(values) <= 2:
