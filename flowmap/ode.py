@@ -40,13 +40,18 @@ STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 FIXED_STEP_METHODS = tuple(STAGES)
 
 
+def _given(cond: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """The conditioning keywords that are set (``None`` values dropped)."""
+    return {k: v for k, v in (cond or {}).items() if v is not None}
+
+
 class _Counted:
     """Wraps a velocity ``b(x, t, **cond)``, counting calls (one call = one NFE for the whole
     batch; a guided call's second branch is counted by its caller)."""
 
     def __init__(self, velocity: Velocity, cond: Mapping[str, Tensor] | None = None) -> None:
         self.velocity, self.nfe = velocity, 0
-        self.cond = {k: v for k, v in (cond or {}).items() if v is not None}
+        self.cond = _given(cond)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
@@ -207,7 +212,7 @@ def sample_flow_map(
     if (steps is None) == (grid is None):
         raise ValueError("Give exactly one of steps= or grid= to sample_flow_map.")
     ts = time_grid(steps, grid, t0, t1)
-    kw = {k: v for k, v in (cond or {}).items() if v is not None}
+    kw = _given(cond)
     n = 0
     for a, b in zip(ts[:-1].tolist(), ts[1:].tolist()):
         x = flow_map(x, as_time(a, x), as_time(b, x), **kw)
@@ -235,7 +240,7 @@ def sample_consistency(
     """
     if steps < 1:
         raise ValueError(f"A consistency sampler takes at least 1 step, got {steps}.")
-    kw = {k: v for k, v in (cond or {}).items() if v is not None}
+    kw = _given(cond)
     one = as_time(1.0, x)
     x1 = flow_map(x, as_time(0.0, x), one, **kw)
     for k in range(1, steps):

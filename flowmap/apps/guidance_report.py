@@ -41,6 +41,7 @@ import torch
 from rich.progress import Progress
 from torch import Tensor
 
+from flowmap.apps.report import _load_row, _save_row
 from flowmap.conditioning import guidance_cost
 from flowmap.data.base import to_uint8
 from flowmap.metrics.evaluation import Evaluator, Measurement
@@ -201,6 +202,7 @@ def run_guidance_report(
     results_rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     pictures: dict[float, dict[str, Tensor]] = {}
+    exact: dict[float, Tensor] = {}  # the adaptive solve's samples at each scale
     plans = {w: plan_guided_rows(teacher, flowmaps, cfg, w) for w in scales}
     total = sum(len(p[0]) for p in plans.values())
     with Progress(transient=False) as bar:
@@ -214,17 +216,7 @@ def run_guidance_report(
                 key = f"{method}@{nfe}@w{w:g}" if nfe else f"{method}@w{w:g}"
                 f = row_file(key, source)
                 if f.exists():
-                    with np.load(f, allow_pickle=False) as z:
-                        x = torch.from_numpy(z["x"])
-                        used = int(z["nfe"])
-                        reps = {
-                            name.split("__", 2)[2]: Replicates.from_array(
-                                name.split("__", 2)[1], z[name]
-                            )
-                            for name in z.files
-                            if name.startswith("rep__")
-                        }
-                    meas = Measurement(reps, n, groups)
+                    x, used, meas = _load_row(f, groups)
                 else:
                     sample, used = _run_batched(run, x0, y, cfg.batch_size)
                     if nfe and used != nfe:
@@ -235,17 +227,11 @@ def run_guidance_report(
                         meas.replicates["class_accuracy"] = class_accuracy_replicates(
                             classifier, sample, y, groups
                         )
-                    rec = {"x": x.numpy(), "nfe": np.int64(used)}
-                    for name, r in meas.replicates.items():
-                        rec[f"rep__{r.kind}__{name}"] = r.to_array()
-                    tmp = f.with_suffix(".tmp.npz")
-                    np.savez(tmp, **rec)
-                    os.replace(tmp, f)
-                exact = pictures.get(w, {}).get("_adaptive")
-                if exact is not None and method != ADAPTIVE and "endpoint" not in meas.replicates:
-                    meas.replicates["endpoint"] = evaluator.endpoint(x, exact)
+                    _save_row(f, x, used, meas)
                 if method == ADAPTIVE:
-                    pictures.setdefault(w, {})["_adaptive"] = x
+                    exact[w] = x
+                elif w in exact and "endpoint" not in meas.replicates:
+                    meas.replicates["endpoint"] = evaluator.endpoint(x, exact[w])
                 measured[key] = meas
                 est = {m: e.as_dict() for m, e in meas.estimates().items()}
                 row = {"method": method, "nfe": used, "guidance": w, **est["fid"], "metrics": est}
@@ -287,7 +273,6 @@ def run_guidance_report(
     quality_vs_guidance_plot(results, out / "quality_vs_guidance.png")
     yk = balanced_labels(16 * k, k)
     for w, panels in pictures.items():
-        panels.pop("_adaptive", None)
         for name, x in panels.items():
             stem = name.split(" ")[0].replace("/", "-")
             class_grid_picture(
