@@ -16,7 +16,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["UnsafeFileError", "file_sha256", "safe_load"]
+__all__ = ["UnsafeFileError", "PICKLE_SUFFIXES", "file_sha256", "load_safetensors", "safe_load"]
+
+#: files that carry pickles (torch.save, pickle): never read from a foreign weights folder
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 class UnsafeFileError(ValueError):
@@ -74,3 +77,43 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def load_safetensors(
+    path: str | os.PathLike[str], what: str = "weights"
+) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file (tensors only, no code runs). A pickle-format file
+    (``.bin``, ``.pt``, …) or a folder holding only such files is refused with one sentence."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.glob("*.safetensors"))
+        pickles = sorted(q.name for q in p.iterdir() if q.suffix.lower() in PICKLE_SUFFIXES)
+        if len(found) != 1:
+            raise UnsafeFileError(
+                f"The {what} folder {str(p)!r} holds "
+                + (
+                    f"pickle files ({', '.join(pickles)}) and no .safetensors file; flowmap never "
+                    "unpickles foreign weights, so convert them with safetensors.torch.save_file "
+                    "from a trusted copy."
+                    if pickles and not found
+                    else f"{len(found)} .safetensors files; point at the one to load."
+                )
+            )
+        p = found[0]
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeFileError(
+            f"The {what} {str(p)!r} is a pickle file; flowmap never unpickles foreign weights, "
+            "so convert it with safetensors.torch.save_file from a trusted copy."
+        )
+    if not p.is_file():
+        raise UnsafeFileError(f"The {what} {str(p)!r} does not exist; check the path.")
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UnsafeFileError(
+            f"Could not read the {what} {str(p)!r} as safetensors ({err}); use an intact "
+            ".safetensors file."
+        ) from None

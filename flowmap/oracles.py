@@ -108,6 +108,21 @@ class GaussianMixtureTarget:
 
     __call__ = velocity  # a Velocity: b(x, t)
 
+    def denoise(self, x: Tensor, a: Tensor, g: Tensor) -> Tensor:
+        r"""The posterior mean :math:`E[x_1 \mid a x_1 + g\varepsilon = x]` for any coefficients
+        ``a``, ``g`` ``(B,)`` (any path, any time): per component
+        :math:`\mu_k + a c_k^2 (x - a\mu_k)/(a^2c_k^2 + g^2)`, weighted
+        :math:`\propto \pi_k N(x; a\mu_k, a^2c_k^2 + g^2)` — the exact denoiser, so an oracle
+        of every prediction (:mod:`flowmap.teachers`)."""
+        xx = x[:, None]
+        mu, c2 = self.means.to(x)[None], self.stds.to(x)[None] ** 2
+        a, g = (expand_like(torch.as_tensor(v, device=x.device).to(x.dtype), xx) for v in (a, g))
+        v = a**2 * c2 + g**2
+        post = mu + a * c2 / v * (xx - a * mu)
+        logp = -0.5 * (((xx - a * mu) ** 2) / v + torch.log(2 * math.pi * v)).flatten(2).sum(-1)
+        w = torch.softmax(logp + torch.log(self.weights.to(x))[None], dim=1)
+        return (w.reshape(*w.shape, *([1] * (x.ndim - 1))) * post).sum(1)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` data samples :math:`x_1`."""
         idx = torch.multinomial(self.weights.double(), n, replacement=True, generator=generator)

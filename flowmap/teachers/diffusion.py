@@ -1,0 +1,470 @@
+r"""A model trained in another convention, seen as flowmap's velocity :math:`b_t(x)`.
+
+The model has its own path :math:`x_\tau = a_\tau x_1 + g_\tau \varepsilon` in its own time
+:math:`\tau` (:mod:`flowmap.teachers.schedules`) and predicts one of (diffusers' names first)
+
+=================  =====================================================================
+``epsilon``        the noise :math:`\hat\varepsilon`
+``sample``         the clean data :math:`\hat x_1` (an EDM denoiser :math:`D(x;\sigma)`)
+``v_prediction``   Salimans–Ho's :math:`\hat v = a_\tau\hat\varepsilon - g_\tau\hat x_1`
+``velocity``       its own ODE velocity :math:`\hat u = \dot a_\tau \hat x_1 + \dot g_\tau\hat\varepsilon`
+``score``          :math:`\hat s = \nabla\log p_\tau(x_\tau) = -\hat\varepsilon/g_\tau`
+=================  =====================================================================
+
+The student follows flowmap's path :math:`x_t = \alpha_t x_1 + \sigma_t x_0` (:math:`t = 0` noise,
+:math:`t = 1` data). Both paths carry the same marginals up to a scale, so for a student time
+:math:`t`:
+
+1. the native time with the same signal-to-noise ratio,
+   :math:`\tau = \lambda^{-1}(\log\alpha_t - \log\sigma_t)` with :math:`\lambda(\tau) = \log(a_\tau/g_\tau)`;
+2. the point rescaled between the two paths, :math:`x_\tau = r\,x`, :math:`r = g_\tau/\sigma_t = a_\tau/\alpha_t`;
+3. the prediction converted to data and noise, each linear given :math:`(a_\tau, g_\tau)`:
+
+   .. math::
+      \text{epsilon: } \hat x_1 = (x_\tau - g\hat\varepsilon)/a; \quad
+      \text{sample: } \hat\varepsilon = (x_\tau - a\hat x_1)/g; \quad
+      \text{score: } \hat\varepsilon = -g\hat s;
+
+      \text{v: } \hat x_1 = \frac{a x_\tau - g\hat v}{a^2 + g^2},\ \hat\varepsilon = \frac{g x_\tau + a\hat v}{a^2+g^2};
+      \quad
+      \text{velocity: } \hat x_1 = \frac{\dot g x_\tau - g\hat u}{a\dot g - g\dot a},\
+      \hat\varepsilon = \frac{a\hat u - \dot a x_\tau}{a\dot g - g\dot a};
+
+4. the student's velocity :math:`b_t(x) = \dot\alpha_t\hat x_1 + \dot\sigma_t\hat\varepsilon`.
+
+Since :math:`(\hat x_1, \hat\varepsilon)` do not depend on the path, a diffusion model and its
+converted velocity share one ODE: DDIM's step :math:`x_{\tau'} = a_{\tau'}\hat x_1 + g_{\tau'}\hat\varepsilon`
+is, rescaled, the Euler step of :math:`b` on the linear path between the matching student times
+(:meth:`DiffusionTeacher.ddim`). The conversion runs in float64; the model in its own dtype.
+
+A schedule whose SNR stops short of the student's (a discrete DDPM schedule never reaches pure
+noise or clean data; EDM runs from :math:`\sigma_{min}` to :math:`\sigma_{max}`) does not cover
+:math:`t` near 0 or 1. That is an error unless ``clip=True``: then a student time beyond an end is
+evaluated at that end's :math:`\tau` (with :math:`x_\tau = r x`, :math:`r = g_\tau/\sigma_t` near
+noise and :math:`a_\tau/\alpha_t` near data), as DDPM and DDIM samplers start from pure noise at
+their last step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.conditioning import NULL_CLASS, guidance_cost, guided_velocity
+from flowmap.ode import FIXED_STEP_METHODS, STAGES, solve_adaptive, solve_ode
+from flowmap.paths import AffinePath, as_path, as_time, expand_like
+from flowmap.protocols import Solution
+from flowmap.teachers.schedules import FunctionSchedule, NativeSchedule, native_schedule
+
+__all__ = ["PREDICTIONS", "DiffusionTeacher", "EDMDenoiser", "data_and_noise"]
+
+_F64 = torch.float64
+#: the predictions a model may make (diffusers' names where it has one)
+PREDICTIONS = ("epsilon", "sample", "v_prediction", "velocity", "score")
+#: a log-SNR beyond this is an end of the path (SNR e^30: coefficients below float64 resolution)
+_INFINITE = 30.0
+#: predictions that cannot give (data, noise) at zero SNR (the noise end) or infinite SNR (data end)
+_SINGULAR_AT_NOISE = ("epsilon", "score")
+_SINGULAR_AT_DATA = ("sample", "score")
+
+
+def check_prediction(prediction: str) -> str:
+    """The prediction name, or a one-sentence error naming the known ones."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(
+            f"Unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)} "
+            "(diffusers' prediction_type names, plus velocity and score)."
+        )
+    return prediction
+
+
+def data_and_noise(
+    prediction: str,
+    out: Tensor,
+    x_tau: Tensor,
+    a: Tensor,
+    g: Tensor,
+    da: Tensor | None = None,
+    dg: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""The model's data and noise estimates :math:`(\hat x_1, \hat\varepsilon)` from its
+    ``prediction`` ``out`` at :math:`x_\tau` with coefficients :math:`a_\tau, g_\tau` (and
+    :math:`\dot a_\tau, \dot g_\tau` for ``"velocity"``), broadcast against ``x_tau``: the module
+    docstring's equations, which all satisfy :math:`x_\tau = a\hat x_1 + g\hat\varepsilon`."""
+    if prediction == "epsilon":
+        return (x_tau - g * out) / a, out
+    if prediction == "sample":
+        return out, (x_tau - a * out) / g
+    if prediction == "score":
+        eps = -g * out
+        return (x_tau - g * eps) / a, eps
+    if prediction == "v_prediction":
+        n = a**2 + g**2
+        return (a * x_tau - g * out) / n, (g * x_tau + a * out) / n
+    if prediction == "velocity":
+        det = a * dg - g * da
+        return (dg * x_tau - g * out) / det, (a * out - da * x_tau) / det
+    raise ValueError(check_prediction(prediction))
+
+
+def _as_output(out: Any) -> Tensor:
+    """A model's tensor output (diffusers models return a tuple or an object with ``.sample``)."""
+    if isinstance(out, tuple | list):
+        out = out[0]
+    return getattr(out, "sample", out)
+
+
+class DiffusionTeacher(nn.Module):
+    r"""A model ``model(x_τ, τ)`` with its own schedule and prediction, as flowmap's velocity
+    :math:`b_t(x)` on ``path`` (the module docstring's conversion). A
+    :class:`~flowmap.protocols.Velocity` and a :class:`~flowmap.protocols.Sampler` (the fixed-step
+    solvers, ``dopri5`` and ``ddim``), so every loss, preset, sampler and report takes it.
+
+    Args:
+        model: any callable ``model(x, tau, **labels)`` taking a batch and a ``(B,)`` tensor of its
+            own times; an ``nn.Module`` is held (frozen, in eval mode) as a submodule.
+        prediction: ``"epsilon"``, ``"sample"``, ``"v_prediction"``, ``"velocity"`` or ``"score"``.
+        schedule: a named schedule (:data:`~flowmap.teachers.schedules.SCHEDULES`) or a
+            :class:`~flowmap.teachers.schedules.NativeSchedule`; or give ``alpha`` and ``sigma``.
+        alpha, sigma: the model's path :math:`x_\tau = \alpha(\tau)\,\mathrm{data} + \sigma(\tau)\,
+            \mathrm{noise}` as functions of a float64 tensor (the direction of time is read from them).
+        schedule_args: keyword arguments of a named schedule (e.g. ``num_train_timesteps``).
+        tau_range: the model's valid times ``(low, high)`` (default: the schedule's).
+        path: the student's path (``"linear"`` or ``"cosine"``).
+        clip: evaluate student times beyond the schedule's SNR range at its nearest end.
+        integer_timesteps: round :math:`\tau` to whole steps (default: no; a diffusers model takes
+            fractional timesteps, so the SNR matches exactly).
+        num_classes, null_class, label_keyword: a class-conditional model takes its labels as
+            ``model(x, tau, **{label_keyword: y})``; flowmap's null label −1 becomes ``null_class``.
+        learned_variance: the model returns twice the channels (mean and variance, DiT's
+            ``learn_sigma``); keep the first half.
+        data_shape: the shape of one sample, if known (reports and ``flowmap sample`` use it).
+        timestep_scale: the model is called at ``timestep_scale * τ`` (diffusers' flow-matching
+            models take ``1000 σ`` but predict :math:`d x/d\sigma`: ``rectified_flow`` with 1000).
+    """
+
+    methods = (*FIXED_STEP_METHODS, "dopri5", "ddim")
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        prediction: str,
+        schedule: str | NativeSchedule | None = None,
+        alpha: Callable[[Tensor], Tensor] | None = None,
+        sigma: Callable[[Tensor], Tensor] | None = None,
+        schedule_args: Mapping[str, Any] | None = None,
+        tau_range: tuple[float, float] | None = None,
+        path: str | AffinePath = "linear",
+        clip: bool = False,
+        integer_timesteps: bool = False,
+        num_classes: int | None = None,
+        null_class: int | None = None,
+        label_keyword: str = "y",
+        learned_variance: bool = False,
+        data_shape: tuple[int, ...] | None = None,
+        timestep_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.prediction = check_prediction(prediction)
+        if (alpha is None) != (sigma is None) or (alpha is not None and schedule is not None):
+            raise ValueError(
+                "Give the model's schedule either by name (schedule=...) or as both alpha= and "
+                "sigma= functions of its time, not both."
+            )
+        if alpha is not None:
+            lo, hi = tau_range or (0.0, 1.0)
+            self.schedule = FunctionSchedule(alpha, sigma, lo, hi)
+        elif schedule is None:
+            raise ValueError(
+                "The teacher needs the model's schedule: schedule='ddpm_linear', 'edm', "
+                "'rectified_flow', ... or alpha= and sigma= functions of its time."
+            )
+        else:
+            self.schedule = native_schedule(schedule, **dict(schedule_args or {}))
+        if isinstance(model, nn.Module):
+            model.eval().requires_grad_(False)
+        self.model = model
+        self.path = as_path(path)
+        self.clip, self.integer_timesteps = bool(clip), bool(integer_timesteps)
+        self.num_classes, self.null_class = num_classes, null_class
+        self.label_keyword, self.learned_variance = label_keyword, bool(learned_variance)
+        self.data_shape = None if data_shape is None else tuple(int(d) for d in data_shape)
+        self.timestep_scale = float(timestep_scale)
+        s = self.schedule
+        self.tau_noise, self.tau_data = s.tau_noise, s.tau_data
+        if tau_range is not None and alpha is None:
+            lo, hi = sorted(float(v) for v in tau_range)
+            if lo < s.tau_min or hi > s.tau_max:
+                raise ValueError(
+                    f"tau_range {list(tau_range)} lies outside the {s.name} schedule's times "
+                    f"[{s.tau_min:g}, {s.tau_max:g}]; narrow it."
+                )
+            self.tau_noise, self.tau_data = (lo, hi) if s.tau_noise < s.tau_data else (hi, lo)
+        self._student_time = native_schedule(self.path.name)  # student's t from a log-SNR
+        ends = s.log_snr(torch.tensor([self.tau_noise, self.tau_data], dtype=_F64)).tolist()
+        self.log_snr_range = (ends[0], ends[1])
+        self._check_coverage()
+
+    # ----------------------------------------------------------------- coverage
+    def _uncovered(self) -> list[str]:
+        """The ends of the student's time that the schedule (with this prediction) misses."""
+        lo, hi = self.log_snr_range
+        gaps = []
+        noise_missing = lo > -_INFINITE or self.prediction in _SINGULAR_AT_NOISE
+        data_missing = hi < _INFINITE or self.prediction in _SINGULAR_AT_DATA
+        if noise_missing:
+            t = self.student_time(torch.tensor([lo], dtype=_F64)).item()
+            why = (
+                f"the {self.prediction} prediction gives no data estimate at zero SNR"
+                if lo <= -_INFINITE
+                else f"its noisiest time τ = {self.tau_noise:g} has log-SNR {lo:.3g}"
+            )
+            gaps.append(("noise", t, self.tau_noise, why, lo <= -_INFINITE))
+        if data_missing:
+            t = self.student_time(torch.tensor([hi], dtype=_F64)).item()
+            why = (
+                f"the {self.prediction} prediction gives no noise estimate at zero noise"
+                if hi >= _INFINITE
+                else f"its cleanest time τ = {self.tau_data:g} has log-SNR {hi:.3g}"
+            )
+            gaps.append(("data", t, self.tau_data, why, hi >= _INFINITE))
+        return gaps
+
+    def _check_coverage(self) -> None:
+        gaps = self._uncovered()
+        if not gaps:
+            return
+        name = self.schedule.name
+        singular = [g for g in gaps if g[4]]
+        if singular:
+            end, _, tau, why, _ = singular[0]
+            other = self.tau_data if end == "noise" else self.tau_noise
+            short = sorted((other, tau + 1e-3 * (other - tau)))
+            raise ValueError(
+                f"The {name} schedule ends at τ = {tau:g}, where {why}, so the student's times "
+                f"near {0 if end == 'noise' else 1} are not covered; give a tau_range that stops "
+                f"short of τ = {tau:g} (e.g. tau_range=[{short[0]:g}, {short[1]:g}]) and clip=True."
+            )
+        if self.clip:
+            return
+        parts = [
+            f"{why}, which the student's {self.path.name} path reaches only at t = {t:.4g}, so "
+            f"t {'<' if end == 'noise' else '>'} {t:.4g} is not covered"
+            for end, t, tau, why, _ in gaps
+        ]
+        raise ValueError(
+            f"The {name} schedule does not reach the student's "
+            f"{' and '.join(g[0] for g in gaps)} end: {'; '.join(parts)}; pass clip=True to "
+            "evaluate those times at the schedule's nearest end (as DDPM and DDIM samplers "
+            "start from pure noise at their last step)."
+        )
+
+    def student_time(self, log_snr: Tensor) -> Tensor:
+        r"""The student's time :math:`t` with :math:`\log(\alpha_t/\sigma_t)` = ``log_snr`` (float64)."""
+        return self._student_time.tau_at(log_snr.to(_F64))
+
+    def native_time(self, t: Tensor) -> Tensor:
+        r"""The model's time :math:`\tau` with the same SNR as student time ``t`` (clipped to the
+        schedule's range when ``clip``; rounded when ``integer_timesteps``)."""
+        c = self.path.schedule(t.to(_F64))
+        lam = (torch.log(c.alpha) - torch.log(c.sigma)).clamp(*self.log_snr_range)
+        tau = self.schedule.tau_at(lam)
+        lo, hi = sorted((self.tau_noise, self.tau_data))
+        tau = tau.clamp(lo, hi)
+        return tau.round() if self.integer_timesteps else tau
+
+    # ----------------------------------------------------------------- the model
+    def _predict(self, x_tau: Tensor, tau: Tensor, dtype: torch.dtype, **labels: Tensor) -> Tensor:
+        """The model's raw prediction at float64 ``x_tau`` and times ``tau`` (run in ``dtype``)."""
+        steps = tau * self.timestep_scale
+        steps = steps.long() if self.integer_timesteps else steps.to(dtype)
+        if labels:
+            labels = {self.label_keyword: labels["y"]}
+        out = _as_output(self.model(x_tau.to(dtype), steps, **labels))
+        if not isinstance(out, Tensor):
+            raise ValueError(
+                f"The teacher's model returned a {type(out).__name__}, not a tensor; wrap it so "
+                "that model(x, tau) returns its prediction."
+            )
+        if self.learned_variance and out.ndim == x_tau.ndim and out.shape[1] == 2 * x_tau.shape[1]:
+            out = out[:, : x_tau.shape[1]]
+        if out.shape != x_tau.shape:
+            hint = (
+                " (twice the channels: a model that also predicts its variance needs "
+                "learned_variance=True)"
+                if out.ndim == x_tau.ndim and out.shape[1] == 2 * x_tau.shape[1]
+                else ""
+            )
+            raise ValueError(
+                f"The teacher's model returned shape {list(out.shape)} for input "
+                f"{list(x_tau.shape)}; a {self.prediction} prediction must have its input's "
+                f"shape{hint}."
+            )
+        return out.to(_F64)
+
+    def _convert(self, out: Tensor, x_tau: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+        a, g = (expand_like(c, x_tau) for c in self.schedule.coefficients(tau))
+        da = dg = None
+        if self.prediction == "velocity":
+            da, dg = (expand_like(c, x_tau) for c in self.schedule.derivatives(tau))
+        return data_and_noise(self.prediction, out, x_tau, a, g, da, dg)
+
+    def _rescale(self, t: Tensor, tau: Tensor, x: Tensor) -> Tensor:
+        r""":math:`r` with :math:`x_\tau = r x`: :math:`g_\tau/\sigma_t` nearer noise,
+        :math:`a_\tau/\alpha_t` nearer data."""
+        c = self.path.schedule(t.to(_F64))
+        a, g = self.schedule.coefficients(tau)
+        r = torch.where(c.sigma >= c.alpha, g / c.sigma, a / c.alpha)
+        return expand_like(r, x)
+
+    def _velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        t = as_time(t, x).to(_F64)
+        tau = self.native_time(t)
+        x64 = x.to(_F64)
+        x_tau = self._rescale(t, tau, x64) * x64
+        labels = {} if y is None else {"y": self._model_labels(y)}
+        x1, eps = self._convert(self._predict(x_tau, tau, x.dtype, **labels), x_tau, tau)
+        c = self.path.schedule(t)
+        b = expand_like(c.d_alpha, x64) * x1 + expand_like(c.d_sigma, x64) * eps
+        return b.to(x.dtype)
+
+    def _model_labels(self, y: Tensor) -> Tensor:
+        null = y == NULL_CLASS
+        if bool(null.any()):
+            if self.null_class is None:
+                raise ValueError(
+                    "The teacher's model has no null class (null_class=None), so it cannot "
+                    "give the unconditional velocity that guidance or label -1 needs."
+                )
+            y = torch.where(null, torch.full_like(y, self.null_class), y)
+        return y
+
+    def forward(
+        self, x: Tensor, t: Tensor | float, y: Tensor | None = None, w: Tensor | None = None
+    ) -> Tensor:
+        r""":math:`b_t(x)` on the student's path (:math:`b^w_t(x \mid y)` for a class-conditional model)."""
+        if self.num_classes is None:
+            if y is not None or w is not None:
+                raise ValueError(
+                    "This teacher has no classes (num_classes=None); drop the labels and scale."
+                )
+            return self._velocity(x, t)
+        if y is None:
+            raise ValueError(
+                f"This teacher is class-conditional ({self.num_classes} classes); give labels y."
+            )
+        return guided_velocity(self._velocity, x, as_time(t, x), y, w)
+
+    velocity = forward
+
+    # ----------------------------------------------------------------- sampling
+    def ddim_times(self, nfe: int) -> tuple[Tensor, Tensor]:
+        r"""DDIM's ``nfe`` model times, evenly spaced from the noisy end (diffusers'
+        ``"trailing"`` spacing; whole steps for a discrete schedule), and the matching student
+        grid :math:`t_0 < \dots < t_{N-1} < t_N = 1` (float64)."""
+        n = int(nfe)
+        if n < 1:
+            raise ValueError(f"DDIM needs at least 1 step, got {nfe}.")
+        k = torch.arange(n, dtype=_F64)
+        if self.schedule.discrete:
+            T = float(self.schedule.tau_max) + 1  # diffusers: round(arange(T, 0, -T/n)) - 1
+            lo, hi = sorted((self.tau_noise, self.tau_data))
+            taus = (torch.round(T - k * T / n) - 1).clamp(lo, hi)
+        else:
+            taus = self.tau_noise + (self.tau_data - self.tau_noise) * k / n
+        times = self.student_time(self.schedule.log_snr(taus))
+        return taus, torch.cat([times, torch.ones(1, dtype=_F64)])
+
+    @torch.no_grad()
+    def ddim(self, x0: Tensor, nfe: int, cond: Mapping[str, Tensor] | None = None) -> Solution:
+        r"""Deterministic DDIM in the model's own variables: from noise ``x0`` (the student's
+        :math:`x` at :math:`t_0`, i.e. :math:`x_{\tau_0} = r\,x_0`), steps
+        :math:`x_{\tau_{k+1}} = a_{\tau_{k+1}}\hat x_1 + g_{\tau_{k+1}}\hat\varepsilon`, and the last
+        step's :math:`\hat x_1`. On the linear path this equals Euler of :math:`b` on
+        :meth:`ddim_times`' grid."""
+        taus, times = self.ddim_times(nfe)
+        cond = {k: v for k, v in (cond or {}).items() if v is not None}
+        x = x0.to(_F64)
+        tau0 = taus[:1].expand(x.shape[0])
+        x_tau = self._rescale(times[:1].expand(x.shape[0]), tau0, x) * x
+        for i in range(len(taus)):
+            tau = taus[i : i + 1].expand(x.shape[0]).to(x.device)
+            if cond:
+                f = lambda xt, tt, **kw: self._predict(xt, tt, x0.dtype, **kw)  # noqa: E731
+                out = guided_velocity(f, x_tau, tau, cond["y"], cond.get("w"))
+            else:
+                out = self._predict(x_tau, tau, x0.dtype)
+            x1, eps = self._convert(out, x_tau, tau)
+            if i + 1 < len(taus):
+                a, g = self.schedule.coefficients(taus[i + 1 : i + 2].to(x.device))
+                x_tau = a * x1 + g * eps
+        cost = guidance_cost(cond.get("w")) if cond else 1
+        return Solution(x1.to(x0.dtype), len(taus) * cost)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        x0: Tensor,
+        nfe: int | None = None,
+        method: str | None = None,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        y: Tensor | None = None,
+        guidance: Tensor | float | None = None,
+    ) -> Solution:
+        """Samples from noise ``x0``: a fixed-step ``method`` (default Euler) or ``"ddim"`` at
+        ``nfe``, or ``"dopri5"`` (adaptive; the NFE used is returned)."""
+        method = method or "euler"
+        if method not in self.methods:
+            raise ValueError(f"Unknown method {method!r}; choose one of {list(self.methods)}.")
+        cond: dict[str, Tensor] = {}
+        if y is not None:
+            cond["y"] = torch.as_tensor(y, device=x0.device).expand(x0.shape[0])
+        if guidance is not None:
+            cond["w"] = torch.as_tensor(guidance, device=x0.device, dtype=x0.dtype).expand(
+                x0.shape[0]
+            )
+        cost = guidance_cost(cond.get("w"))
+        if method == "dopri5":
+            sol = solve_adaptive(self, x0, rtol=rtol, atol=atol, cond=cond)
+            return Solution(sol.x, sol.nfe * cost)
+        if nfe is None or int(nfe) < 1 or int(nfe) % (cost * STAGES.get(method, 1)):
+            raise ValueError(
+                f"{method} at {'guided ' if cost > 1 else ''}cost {cost * STAGES.get(method, 1)} "
+                f"NFE per step cannot take NFE {nfe}; ask for a positive multiple."
+            )
+        if method == "ddim":
+            return self.ddim(x0, int(nfe) // cost, cond)
+        sol = solve_ode(self, x0, method, nfe=int(nfe) // cost, cond=cond)
+        return Solution(sol.x, sol.nfe * cost)
+
+    def extra_repr(self) -> str:
+        return (
+            f"prediction={self.prediction!r}, schedule={self.schedule!r}, "
+            f"path={self.path.name!r}, clip={self.clip}"
+        )
+
+
+class EDMDenoiser(nn.Module):
+    r"""Karras et al.'s preconditioning of a raw network :math:`F`:
+    :math:`D(x;\sigma) = c_{skip}(\sigma)\,x + c_{out}(\sigma)\,F(c_{in}(\sigma)\,x;\ c_{noise}(\sigma))`
+    with :math:`c_{skip} = \sigma_d^2/(\sigma^2+\sigma_d^2)`,
+    :math:`c_{out} = \sigma\sigma_d/\sqrt{\sigma^2+\sigma_d^2}`,
+    :math:`c_{in} = 1/\sqrt{\sigma^2+\sigma_d^2}`, :math:`c_{noise} = \tfrac14\log\sigma`.
+    A ``"sample"`` prediction on the ``"edm"`` schedule (``x = x_1 + σ ε``)."""
+
+    def __init__(self, net: Callable[..., Tensor], sigma_data: float = 0.5) -> None:
+        super().__init__()
+        self.net, self.sigma_data = net, float(sigma_data)
+
+    def forward(self, x: Tensor, sigma: Tensor, **labels: Tensor) -> Tensor:
+        s = expand_like(sigma, x).to(x.dtype)
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (s**2 + sd2)
+        c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
+        c_in = 1 / (s**2 + sd2).sqrt()
+        c_noise = sigma.to(x.dtype).log() / 4
+        return c_skip * x + c_out * _as_output(self.net(c_in * x, c_noise, **labels))

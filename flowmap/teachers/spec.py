@@ -1,0 +1,112 @@
+"""A teacher from plain data, as a YAML config or a checkpoint's hyperparameters hold it.
+
+A spec is one of
+
+* ``{"class_path": "flowmap.teachers.DiffusionTeacher", "init_args": {...}}`` — any callable by
+  import path; an ``init_args`` value that is itself a ``{"class_path": ...}`` dict is built first
+  (so a raw network goes in as ``model``), and such a dict may carry ``"weights":
+  "net.safetensors"`` (or a folder holding one), loaded into it with safetensors;
+* a diffusers folder (a model's ``config.json`` with its safetensors weights and a scheduler
+  config): :class:`flowmap.teachers.diffusers.DiffusersTeacher`;
+* a ``.yaml`` / ``.json`` file holding a ``class_path`` spec.
+
+(A flowmap :class:`~flowmap.training.VelocityModule` checkpoint, ``.ckpt``, is read by the
+training layer.) Weights are never unpickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from flowmap.io import load_safetensors
+
+__all__ = ["build_teacher", "build_component", "is_spec"]
+
+
+def is_spec(value: Any) -> bool:
+    """Whether ``value`` is a ``{"class_path": ...}`` dict."""
+    return isinstance(value, Mapping) and "class_path" in value
+
+
+def _import(path: str) -> Any:
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"Cannot import the teacher component {path!r} ({err}); give a full import path such "
+            "as flowmap.teachers.DiffusionTeacher, and install the package that provides it."
+        ) from None
+
+
+def build_component(spec: Mapping[str, Any]) -> Any:
+    """Instantiate ``{"class_path", "init_args", "weights"}`` (nested specs first)."""
+    unknown = set(spec) - {"class_path", "init_args", "weights"}
+    if unknown:
+        raise ValueError(
+            f"A component spec takes class_path, init_args and weights, not {sorted(unknown)}."
+        )
+    target = _import(spec["class_path"])
+    args = {
+        k: build_component(v) if is_spec(v) else v for k, v in (spec.get("init_args") or {}).items()
+    }
+    try:
+        obj = target(**args)
+    except TypeError as err:
+        raise ValueError(
+            f"Cannot build {spec['class_path']} from init_args {sorted(args)}: {err}."
+        ) from None
+    if spec.get("weights") is not None:
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"{spec['class_path']} is not an nn.Module, so it takes no weights.")
+        state = load_safetensors(spec["weights"], f"weights of {spec['class_path']}")
+        try:
+            obj.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise ValueError(
+                f"The weights {spec['weights']!r} do not fit {spec['class_path']} ({first}); "
+                "build it with the init_args it was trained with."
+            ) from None
+    return obj
+
+
+def build_teacher(spec: str | Mapping[str, Any], **overrides: Any) -> Any:
+    """A teacher from a spec (module docstring); ``overrides`` go into its ``init_args`` (e.g.
+    ``path="cosine"`` to follow the student's path)."""
+    if isinstance(spec, str | Path):
+        p = Path(spec)
+        if p.is_dir():
+            from flowmap.teachers.diffusers import DiffusersTeacher
+
+            return DiffusersTeacher(str(p), **overrides)
+        if p.suffix.lower() in (".yaml", ".yml", ".json") and p.is_file():
+            import yaml
+
+            spec = (
+                yaml.safe_load(p.read_text()) if p.suffix != ".json" else json.loads(p.read_text())
+            )
+            if not is_spec(spec):
+                raise ValueError(
+                    f"The teacher spec {str(p)!r} holds no class_path; see flowmap.teachers.spec."
+                )
+        else:
+            raise ValueError(
+                f"The teacher {str(p)!r} is neither a folder (a diffusers model) nor a .yaml/.json "
+                "spec" + (" and does not exist" if not p.exists() else "") + "; check the path."
+            )
+    if not is_spec(spec):
+        raise ValueError(
+            "A teacher spec needs a class_path (and init_args), e.g. {class_path: "
+            "flowmap.teachers.DiffusionTeacher, init_args: {model: ..., prediction: epsilon, "
+            "schedule: ddpm_linear}}."
+        )
+    spec = dict(spec)
+    spec["init_args"] = {**(spec.get("init_args") or {}), **overrides}
+    return build_component(spec)
