@@ -40,7 +40,9 @@ def time_dtype(like: Tensor) -> torch.dtype:
 
 def as_time(t: float | Tensor, x: Tensor) -> Tensor:
     """A time (float, 0-d or ``(B,)`` tensor) as a vector ``(B,)`` of :func:`time_dtype` ``(x)`` on ``x``'s device."""
-    t = torch.as_tensor(t, device=x.device).to(time_dtype(x))
+    # a Python float becomes the time dtype directly (not float32 first: float64 times stay exact)
+    t = torch.as_tensor(t, device=x.device, dtype=None if isinstance(t, Tensor) else time_dtype(x))
+    t = t.to(time_dtype(x))
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):

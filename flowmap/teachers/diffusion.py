@@ -321,7 +321,9 @@ class DiffusionTeacher(nn.Module):
         return expand_like(r, x)
 
     def _velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        t = as_time(t, x).to(_F64)
+        # torchdiffeq's dopri5 probes a little past its end time; outside [0, 1] there is no
+        # path, so such a time is evaluated at the nearest end
+        t = as_time(t, x).to(_F64).clamp(0.0, 1.0)
         tau = self.native_time(t)
         x64 = x.to(_F64)
         x_tau = self._rescale(t, tau, x64) * x64
