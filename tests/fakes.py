@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 __all__ = ["make_fake_cifar10", "make_fake_mnist", "make_image_folder"]
@@ -101,3 +102,19 @@ def make_image_folder(root: str | Path, n: int = 8, size: int = 16) -> Path:
         suffix = ".jpg" if i % 3 == 0 else ".png"
         Image.fromarray(pixels).save(folder / f"img_{i:03d}{suffix}")
     return root
+
+
+class VelocityNet(torch.nn.Module):
+    """A plain velocity net ``model(x, t)`` as TorchCFM or Meta's flow_matching write one (for the
+    foreign-teacher tests): no flowmap base class, weights saved with safetensors."""
+
+    def __init__(self, dim: int = 64, width: int = 32) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(dim + 1, width), torch.nn.SiLU(), torch.nn.Linear(width, dim)
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        out = self.body(torch.cat([flat, t.reshape(-1, 1).to(flat)], 1))
+        return out.reshape(x.shape)

@@ -18,6 +18,7 @@ LAYERS = [
     "flowmap.flowmap",
     "flowmap.ode",
     "flowmap.oracles",
+    "flowmap.teachers",
     "flowmap.nets",
     "flowmap.losses",
     "flowmap.presets",

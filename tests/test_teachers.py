@@ -70,7 +70,9 @@ CONVENTIONS = [
 def test_every_convention_converts_to_the_exact_velocity(schedule, prediction, kw, path):
     teacher = DiffusionTeacher(oracle(schedule, prediction), prediction, schedule, path=path, **kw)
     # inside the schedule's SNR range (a discrete or EDM schedule stops short of both ends)
-    lo, hi = (teacher.student_time(torch.tensor(v, dtype=F64)).item() for v in teacher.log_snr_range)
+    lo, hi = (
+        teacher.student_time(torch.tensor(v, dtype=F64)).item() for v in teacher.log_snr_range
+    )
     x, t = points(lo=max(lo, 1e-3), hi=min(hi, 1 - 1e-3))
     exact = DiffusionTeacher  # noqa: F841 (the student's own oracle below is independent code)
     want = GaussianMixtureTarget(TARGET.weights, TARGET.means, TARGET.stds, path).velocity(x, t)
@@ -104,8 +106,12 @@ def test_a_schedule_given_as_two_functions_is_inverted_by_bisection():
         x1 = TARGET.denoise(x, a, g)
         return (x - a[:, None] * x1) / g[:, None]
 
-    teacher = DiffusionTeacher(model, "epsilon", alpha=alpha, sigma=sigma, tau_range=(0.05, 3.0), clip=True)
-    lo, hi = (teacher.student_time(torch.tensor(v, dtype=F64)).item() for v in teacher.log_snr_range)
+    teacher = DiffusionTeacher(
+        model, "epsilon", alpha=alpha, sigma=sigma, tau_range=(0.05, 3.0), clip=True
+    )
+    lo, hi = (
+        teacher.student_time(torch.tensor(v, dtype=F64)).item() for v in teacher.log_snr_range
+    )
     x, t = points(lo=lo, hi=hi)
     torch.testing.assert_close(teacher(x, t), TARGET.velocity(x, t), rtol=1e-9, atol=1e-9)
 
@@ -128,7 +134,11 @@ def test_edm_preconditioning_rebuilds_the_denoiser_from_its_raw_network():
 @pytest.mark.parametrize("nfe", [1, 2, 5, 10])
 def test_ddim_on_its_timestep_grid_is_euler_of_the_converted_velocity(nfe):
     teacher = DiffusionTeacher(
-        oracle("ddpm_linear", "epsilon"), "epsilon", "ddpm_linear", clip=True, integer_timesteps=True
+        oracle("ddpm_linear", "epsilon"),
+        "epsilon",
+        "ddpm_linear",
+        clip=True,
+        integer_timesteps=True,
     )
     taus, grid = teacher.ddim_times(nfe)
     assert taus[0] == 999 and bool((taus == taus.round()).all())  # diffusers' trailing timesteps
@@ -150,7 +160,9 @@ def test_a_schedule_change_leaves_the_exact_odes_endpoint_unchanged():
     tol = {"rtol": 1e-10, "atol": 1e-10}
     ends = []
     for path in ("linear", "cosine"):
-        teacher = DiffusionTeacher(oracle("vp_cosine", "v_prediction"), "v_prediction", "vp_cosine", path=path)
+        teacher = DiffusionTeacher(
+            oracle("vp_cosine", "v_prediction"), "v_prediction", "vp_cosine", path=path
+        )
         t_end = teacher.student_time(lam).item()
         x = solve_adaptive(teacher, x0, t1=t_end, **tol).x
         ends.append(x / teacher.path.schedule(torch.tensor(t_end, dtype=F64)).sigma)
@@ -163,7 +175,14 @@ def test_a_schedule_change_leaves_the_exact_odes_endpoint_unchanged():
         torch.testing.assert_close(other, ends[0], rtol=1e-6, atol=1e-6)
     # the paths differ on the way: halfway in each path's own time the states are different points
     mid = [
-        solve_adaptive(DiffusionTeacher(oracle("vp_cosine", "v_prediction"), "v_prediction", "vp_cosine", path=p), x0, t1=0.5, **tol).x
+        solve_adaptive(
+            DiffusionTeacher(
+                oracle("vp_cosine", "v_prediction"), "v_prediction", "vp_cosine", path=p
+            ),
+            x0,
+            t1=0.5,
+            **tol,
+        ).x
         for p in ("linear", "cosine")
     ]
     assert (mid[0] - mid[1]).abs().max() > 0.1
@@ -171,14 +190,25 @@ def test_a_schedule_change_leaves_the_exact_odes_endpoint_unchanged():
 
 def test_discrete_schedules_match_diffusers():
     diffusers = pytest.importorskip("diffusers")
-    for name, kw in [("linear", {}), ("scaled_linear", {"beta_start": 0.00085, "beta_end": 0.012}), ("squaredcos_cap_v2", {})]:
-        ours = DiscreteVPSchedule.from_betas(name, **kw) if kw else DiscreteVPSchedule.from_betas(name)
+    for name, kw in [
+        ("linear", {}),
+        ("scaled_linear", {"beta_start": 0.00085, "beta_end": 0.012}),
+        ("squaredcos_cap_v2", {}),
+    ]:
+        ours = (
+            DiscreteVPSchedule.from_betas(name, **kw) if kw else DiscreteVPSchedule.from_betas(name)
+        )
         theirs = diffusers.DDPMScheduler(beta_schedule=name, **kw).alphas_cumprod.double()
         torch.testing.assert_close(ours.alphas_cumprod, theirs, rtol=2e-5, atol=1e-7)
         k = torch.arange(1000, dtype=F64)
         a, g = ours.coefficients(k)
         torch.testing.assert_close(a**2, ours.alphas_cumprod, rtol=1e-12, atol=0)
-        torch.testing.assert_close(ours.tau_at(ours.log_snr(k + 0.3).clamp(max=float(ours.log_snr(k[:1])))), (k + 0.3).clamp(max=999), rtol=0, atol=1e-9)
+        torch.testing.assert_close(
+            ours.tau_at(ours.log_snr(k + 0.3).clamp(max=float(ours.log_snr(k[:1])))),
+            (k + 0.3).clamp(max=999),
+            rtol=0,
+            atol=1e-9,
+        )
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -204,14 +234,18 @@ def test_a_schedule_that_stops_short_of_the_students_times_says_which_end_and_wh
     with pytest.raises(ValueError, match=r"sigma_max|τ = 80 has log-SNR"):
         DiffusionTeacher(lambda x, t: x, "sample", "edm")
     # an ε-model at exactly zero SNR has no data estimate: clipping needs a finite end
-    with pytest.raises(ValueError, match=r"ends at τ = 1, where the epsilon prediction .* tau_range=\[0, 0.999\]"):
+    with pytest.raises(
+        ValueError, match=r"ends at τ = 1, where the epsilon prediction .* tau_range=\[0, 0.999\]"
+    ):
         DiffusionTeacher(lambda x, t: x, "epsilon", "vp_cosine", clip=True)
     with pytest.raises(ValueError, match="tau_range .* lies outside"):
         DiffusionTeacher(lambda x, t: x, "epsilon", "ddpm_linear", tau_range=(0, 2000), clip=True)
 
 
 def test_clipping_evaluates_beyond_an_end_at_that_end():
-    teacher = DiffusionTeacher(oracle("ddpm_linear", "epsilon"), "epsilon", "ddpm_linear", clip=True)
+    teacher = DiffusionTeacher(
+        oracle("ddpm_linear", "epsilon"), "epsilon", "ddpm_linear", clip=True
+    )
     t = torch.tensor([0.0, 1e-4, 0.5, 1.0], dtype=F64)
     tau = teacher.native_time(t)
     assert tau[0] == tau[1] == 999 and tau[3] == 0 and 0 < tau[2] < 999
@@ -220,13 +254,25 @@ def test_clipping_evaluates_beyond_an_end_at_that_end():
 
 
 def test_a_model_whose_output_shape_differs_from_its_input_is_one_sentence():
-    teacher = DiffusionTeacher(lambda x, t: torch.cat([x, x], 1), "epsilon", "ddpm_linear", clip=True)
-    with pytest.raises(ValueError, match=r"returned shape \[3, 4\] for input \[3, 2\].*learned_variance=True"):
+    teacher = DiffusionTeacher(
+        lambda x, t: torch.cat([x, x], 1), "epsilon", "ddpm_linear", clip=True
+    )
+    with pytest.raises(
+        ValueError, match=r"returned shape \[3, 4\] for input \[3, 2\].*learned_variance=True"
+    ):
         teacher(torch.randn(3, 2), torch.rand(3))
-    split = DiffusionTeacher(lambda x, t: torch.cat([x, x], 1), "epsilon", "ddpm_linear", clip=True, learned_variance=True)
+    split = DiffusionTeacher(
+        lambda x, t: torch.cat([x, x], 1),
+        "epsilon",
+        "ddpm_linear",
+        clip=True,
+        learned_variance=True,
+    )
     assert split(torch.randn(3, 2), torch.rand(3)).shape == (3, 2)
     with pytest.raises(ValueError, match="returned a str, not a tensor"):
-        DiffusionTeacher(lambda x, t: "no", "epsilon", "ddpm_linear", clip=True)(torch.randn(3, 2), torch.rand(3))
+        DiffusionTeacher(lambda x, t: "no", "epsilon", "ddpm_linear", clip=True)(
+            torch.randn(3, 2), torch.rand(3)
+        )
 
 
 def test_labels_follow_flowmaps_null_class_convention():
@@ -236,7 +282,15 @@ def test_labels_follow_flowmaps_null_class_convention():
         seen["y"] = class_labels
         return x * 0
 
-    teacher = DiffusionTeacher(model, "epsilon", "ddpm_linear", clip=True, num_classes=3, null_class=3, label_keyword="class_labels")
+    teacher = DiffusionTeacher(
+        model,
+        "epsilon",
+        "ddpm_linear",
+        clip=True,
+        num_classes=3,
+        null_class=3,
+        label_keyword="class_labels",
+    )
     x = torch.randn(2, 2)
     teacher(x, torch.rand(2), y=torch.tensor([1, -1]))
     assert seen["y"].tolist() == [1, 3]
@@ -244,7 +298,9 @@ def test_labels_follow_flowmaps_null_class_convention():
     assert seen["y"].tolist() == [1, 2, 3, 3]  # both branches in one batch
     with pytest.raises(ValueError, match="class-conditional .* give labels y"):
         teacher(x, torch.rand(2))
-    no_null = DiffusionTeacher(model, "epsilon", "ddpm_linear", clip=True, num_classes=3, label_keyword="class_labels")
+    no_null = DiffusionTeacher(
+        model, "epsilon", "ddpm_linear", clip=True, num_classes=3, label_keyword="class_labels"
+    )
     with pytest.raises(ValueError, match="no null class"):
         no_null(x, torch.rand(2), y=torch.tensor([1, -1]))
     assert math.isfinite(float(teacher(x, torch.rand(2), y=torch.tensor([0, 1])).sum()))

@@ -9,11 +9,12 @@ killed pipeline resumes where it stopped; other inputs into the same ``--out`` a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,24 @@ __all__ = ["fit_stage", "run_pipeline", "recipe_parser", "run_recipe"]
 FLOW_MAP_STAGES = ("lagrangian", "eulerian", "semigroup")
 
 
+def content_sha256(path: Path) -> str:
+    """A file's SHA-256, or a folder's: of its files' relative paths and contents, in order."""
+    if not path.is_dir():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}:{file_sha256(f)};".encode())
+    return h.hexdigest()
+
+
 def stage_inputs(config: Path, overrides: Sequence[str], teacher: Path | None) -> dict[str, Any]:
     """What a stage's result depends on: its recipe (by content), the overrides, and the teacher
-    checkpoint it distils (by content; its path, like the recipe's, may move)."""
+    it distils (a checkpoint or a model folder, by content; its path, like the recipe's, may move)."""
     return {
         "config": str(config),
         "config_sha256": file_sha256(config),
         "overrides": [o for o in overrides if not o.startswith("--model.teacher=")],
-        "teacher_sha256": file_sha256(teacher) if teacher is not None else None,
+        "teacher_sha256": content_sha256(teacher) if teacher is not None else None,
     }
 
 
@@ -110,13 +121,21 @@ def run_pipeline(
     losses: Sequence[str] = FLOW_MAP_STAGES,
     report_args: Sequence[str] = (),
     argv: Sequence[str] | None = None,
+    teacher_stage: Callable[[Path], Path] | None = None,
 ) -> dict[str, Any]:
-    """Teacher, then one flow map per loss, then ``flowmap report`` into ``out``."""
+    """Teacher, then one flow map per loss, then ``flowmap report`` into ``out``.
+
+    ``teacher_stage(out / "teacher")`` makes a teacher some other way (e.g. a diffusers model,
+    trained outside flowmap) and returns what ``--model.teacher`` takes; it writes a
+    ``done.json`` with its ``seconds`` there. Default: ``flowmap fit`` of ``teacher.yaml``."""
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    teacher = fit_stage(
-        recipe / "teacher.yaml", out / "teacher", [*data_overrides, *teacher_overrides]
-    )
+    if teacher_stage is not None:
+        teacher = teacher_stage(out / "teacher")
+    else:
+        teacher = fit_stage(
+            recipe / "teacher.yaml", out / "teacher", [*data_overrides, *teacher_overrides]
+        )
     flowmaps = []
     for loss in losses:
         ckpt = fit_stage(
@@ -262,8 +281,10 @@ def run_recipe(
     report_args: Sequence[str] = (),
     tiny_report_args: Sequence[str] = (),
     argv: Sequence[str] | None = None,
+    teacher_stage: Callable[[Path], Path] | None = None,
 ) -> dict[str, Any]:
-    """Apply a recipe's command-line arguments and run :func:`run_pipeline`."""
+    """Apply a recipe's command-line arguments and run :func:`run_pipeline` (``teacher_stage``:
+    see there; it reads ``--tiny`` and ``--teacher-steps`` itself)."""
     teacher: list[str] = []
     flowmap: list[str] = []
     report = list(report_args)
@@ -284,4 +305,5 @@ def run_recipe(
         losses=args.losses,
         report_args=report,
         argv=[sys.executable, *sys.argv] if argv is None else argv,
+        teacher_stage=teacher_stage,
     )

@@ -61,6 +61,7 @@ from flowmap.training import (
     read_checkpoint,
 )
 from flowmap.training.base import config_differences
+from flowmap.training.teachers import is_module_checkpoint, load_teacher
 
 matplotlib.use("Agg")
 
@@ -146,7 +147,11 @@ def _load_flowmap(spec: str) -> tuple[str, FlowMapModule, str]:
 
 
 def check_same_origin(
-    teacher_path: str, teacher_ckpt: dict[str, Any], label: str, path: str
+    teacher_path: str,
+    teacher_ckpt: dict[str, Any],
+    label: str,
+    path: str,
+    teacher_sha: str | None = None,
 ) -> None:
     """A flow map is reported only beside its own teacher: the same dataset, the same path and,
     when the map recorded its teacher's SHA-256, the very same teacher checkpoint (a teacher
@@ -168,9 +173,9 @@ def check_same_origin(
             f"{schedules[0]!r} one; report a flow map beside the teacher it was distilled from."
         )
     sha = ck.get("flowmap_teacher_sha256")
-    if sha is not None and sha != file_sha256(teacher_path):
+    if sha is not None and sha != (teacher_sha or file_sha256(teacher_path)):
         raise ValueError(
-            f"The flow map {label!r} ({path}) was distilled from another teacher checkpoint than "
+            f"The flow map {label!r} ({path}) was distilled from another teacher than "
             f"{teacher_path} (it recorded {ck.get('flowmap_teacher')}, SHA-256 {sha[:12]}…, "
             "which may have been resumed or retrained since); pass the teacher it was distilled "
             "from, or distil the map again."
@@ -178,7 +183,7 @@ def check_same_origin(
 
 
 def plan_rows(
-    teacher: VelocityModule, flowmaps: dict[str, tuple[Sampler, str]], cfg: ReportConfig
+    teacher: Sampler, flowmaps: dict[str, tuple[Sampler, str]], cfg: ReportConfig
 ) -> tuple[list[Row], list[str]]:
     """The rows to evaluate, and notes on (solver, NFE) pairs below one step that are skipped.
 
@@ -189,10 +194,15 @@ def plan_rows(
     for nfe in cfg.nfe:
         if int(nfe) < 1:
             raise ValueError(f"NFE must be at least 1, got {nfe}; fix --nfe.")
-    for solver in cfg.solvers:
-        if solver not in STAGES:
-            raise ValueError(f"Unknown solver {solver!r}; choose from {list(STAGES)}.")
-        k = STAGES[solver]
+    stages = dict(STAGES)
+    solvers = list(cfg.solvers)
+    if "ddim" in getattr(teacher, "methods", ()):  # a diffusion teacher: its own sampler too
+        stages["ddim"] = 1
+        solvers += [] if "ddim" in solvers else ["ddim"]
+    for solver in solvers:
+        if solver not in stages:
+            raise ValueError(f"Unknown solver {solver!r}; choose from {list(stages)}.")
+        k = stages[solver]
         for nfe in cfg.nfe:
             if nfe < k:
                 skipped.append(f"teacher/{solver} at NFE {nfe} (one step takes {k})")
@@ -223,6 +233,41 @@ def plan_rows(
             run = lambda x, m=fm, n=nfe: m.generate(x, n)  # noqa: E731
             rows.append(Row(f"flowmap/{label}", nfe, run, path))
     return rows, skipped
+
+
+def _load_report_teacher(cfg: ReportConfig) -> tuple[Any, dict[str, Any], str | None]:
+    """The teacher, the checkpoint facts the report checks flow maps against (data, path) and
+    its identity. A foreign teacher (a diffusers folder or a spec) carries no dataset: the report
+    takes the data of its first flow map."""
+    if is_module_checkpoint(cfg.teacher):
+        ck = read_checkpoint(cfg.teacher, expected_kind="VelocityModule")
+        return load_module(VelocityModule, cfg.teacher), ck, None
+    teacher, sha = load_teacher(cfg.teacher)
+    if not cfg.flowmaps:
+        raise ValueError(
+            f"The teacher {cfg.teacher!r} is a model trained elsewhere and names no dataset; give "
+            "a flow map distilled from it (--flowmap), whose checkpoint names the data."
+        )
+    first = cfg.flowmaps[0].split("=", 1)[-1]
+    data = read_checkpoint(first, expected_kind="FlowMapModule").get("datamodule_hyper_parameters")
+    ck = {
+        "datamodule_hyper_parameters": data,
+        "hyper_parameters": {"schedule": teacher.path.name},
+    }
+    return teacher, ck, sha
+
+
+def ddim_euler_gap(teacher: Any, x0: Tensor, nfes: Sequence[int]) -> dict[str, float]:
+    """The largest distance between DDIM (in the model's own variables) and Euler of the
+    converted velocity on DDIM's grid, per NFE: zero to rounding on the linear path, where the
+    two are one method (a check of the conversion on the real model)."""
+    out = {}
+    with torch.no_grad():
+        for nfe in nfes:
+            _, grid = teacher.ddim_times(nfe)
+            euler = solve_ode(teacher, x0, "euler", grid=grid).x
+            out[str(nfe)] = float((teacher.ddim(x0, nfe).x - euler).abs().max())
+    return out
 
 
 def _batched(run: Callable[[Tensor], Solution], x0: Tensor, batch: int) -> Solution:
@@ -361,6 +406,19 @@ def _markdown(results: dict[str, Any], skipped: list[str]) -> str:
             )
             lines += ["", f"## {title}", "", *_table(results, key, nfes), "", floor.strip()]
     lines += _round_trip_lines(results.get("round_trip"))
+    if results.get("ddim_vs_euler"):
+        gaps = results["ddim_vs_euler"]
+        lines += [
+            "",
+            "## DDIM and Euler",
+            "",
+            "The teacher's DDIM, run in its own variables, against Euler of the converted velocity "
+            "on DDIM's timestep grid, on the first 256 noises (largest coordinate difference; "
+            "zero to rounding on the linear path, where they are one method; the `teacher/euler` "
+            "rows use a grid uniform in t instead): "
+            + ", ".join(f"NFE {k}: {v:.1e}" for k, v in gaps.items())
+            + ".",
+        ]
     lines += [
         "",
         "## Samples",
@@ -597,16 +655,20 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
             f"{', '.join(REFERENCE_SPLITS)}."
         )
     out = Path(cfg.out)
-    ck = read_checkpoint(cfg.teacher, expected_kind="VelocityModule")
-    teacher = load_module(VelocityModule, cfg.teacher)
+    teacher, ck, sha = _load_report_teacher(cfg)
     flowmaps: dict[str, tuple[FlowMapModule, str]] = {}
     for spec in cfg.flowmaps:
         label, module, path = _load_flowmap(spec)
         if label in flowmaps:
             raise ValueError(f"Two flow maps are labelled {label!r}; name them as label=path.")
         flowmaps[label] = (module, path)
-        check_same_origin(cfg.teacher, ck, label, path)
+        check_same_origin(cfg.teacher, ck, label, path, sha)
     dm = build_datamodule(ck.get("datamodule_hyper_parameters", {}))
+    if teacher.num_classes is not None and not isinstance(teacher, VelocityModule):
+        raise ValueError(
+            "The guidance report takes a flowmap teacher checkpoint; a class-conditional foreign "
+            "teacher is distilled and sampled (flowmap sample) but not yet reported."
+        )
     if teacher.num_classes is not None:  # class-conditional: quality against the guidance scale
         from flowmap.apps.guidance_report import run_guidance_report
 
@@ -718,6 +780,8 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     results["round_trip"] = round_trips(
         teacher, flowmaps, x0, [n for n in cfg.nfe if n <= 8], groups, cfg.batch_size
     )
+    if "ddim" in getattr(teacher, "methods", ()):
+        results["ddim_vs_euler"] = ddim_euler_gap(teacher, x0[:256], cfg.nfe)
     results["seconds"] = time.time() - start
     _write_outputs(out, results, skipped, samples, keys, evaluator.reference)
     if cfg.save_samples is not None:
@@ -810,8 +874,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--teacher",
         default=None,
-        help="the teacher's checkpoint (a VelocityModule from `flowmap fit`); its data module "
-        "gives the reference data. Needed unless --from-samples",
+        help="the teacher: a checkpoint (a VelocityModule from `flowmap fit`), whose data module "
+        "gives the reference data; or a model trained elsewhere (a diffusers folder or a "
+        ".yaml spec with class_path), whose data come from its first --flowmap. Needed unless "
+        "--from-samples",
     )
     p.add_argument(
         "--flowmap",
@@ -837,8 +903,9 @@ def _parser() -> argparse.ArgumentParser:
         "--solvers",
         nargs="+",
         default=["euler", "heun"],
-        choices=list(STAGES),
-        help="the teacher's fixed-step solvers, one row each per NFE",
+        choices=[*STAGES, "ddim"],
+        help="the teacher's fixed-step solvers, one row each per NFE (a diffusion teacher also "
+        "gets its DDIM sampler)",
     )
     p.add_argument(
         "--n-samples",

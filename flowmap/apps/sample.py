@@ -31,6 +31,7 @@ from flowmap.training import (
     load_module,
     read_checkpoint,
 )
+from flowmap.training.teachers import is_module_checkpoint, load_teacher
 
 __all__ = ["main", "output_paths"]
 
@@ -58,7 +59,10 @@ def _parser() -> CommandParser:
         "them (and their noise) to an .npz and a picture beside it, and print both paths.",
     )
     p.add_argument(
-        "--ckpt", required=True, help="checkpoint of a teacher (VelocityModule) or a flow map"
+        "--ckpt",
+        required=True,
+        help="checkpoint of a teacher (VelocityModule) or a flow map; or a teacher trained "
+        "elsewhere: a diffusers folder or a .yaml spec (flowmap.teachers)",
     )
     p.add_argument(
         "--nfe",
@@ -72,7 +76,8 @@ def _parser() -> CommandParser:
         "--method",
         default=None,
         help="sampling method (None: the model's own): a teacher's solver euler, midpoint, "
-        "heun, rk4 or dopri5 (adaptive; ignores --nfe), or a flow map's jumps",
+        "heun, rk4 or dopri5 (adaptive; ignores --nfe), a diffusion teacher's ddim, or a flow "
+        "map's jumps",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument(
@@ -120,16 +125,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     check_writable_file(picture, "--out")
     if args.invert and args.data_npz is None:
         raise ValueError("--invert needs --data-npz, the data to map to noise.")
-    kind = read_checkpoint(args.ckpt).get("flowmap_module")
-    cls = {"VelocityModule": VelocityModule, "FlowMapModule": FlowMapModule}.get(kind)
-    if cls is None:
-        raise CheckpointError(
-            f"{args.ckpt!r} is a Lightning checkpoint but not a flowmap one; pass a .ckpt written "
-            "by `flowmap fit`."
-        )
-    module = load_module(cls, args.ckpt)
-    if module.data_shape is None:
-        raise CheckpointError(f"{args.ckpt!r} does not record its data shape; retrain it.")
+    module, kind = _load(args.ckpt)
     if args.invert:
         if not hasattr(module, "invert"):
             raise ValueError(
@@ -167,6 +163,29 @@ def main(argv: Sequence[str] | None = None) -> Path:
         samples_picture(sol.x, picture, title)
     print(f"{npz}: {len(sol.x)} {what}, NFE {sol.nfe}; picture {picture}")
     return npz
+
+
+def _load(ckpt: str) -> tuple[Any, str]:
+    """The model to sample and its kind: a flowmap checkpoint, or a teacher trained elsewhere
+    (a diffusers folder or a ``.yaml``/``.json`` spec, :mod:`flowmap.training.teachers`)."""
+    if not is_module_checkpoint(ckpt):
+        module, _ = load_teacher(ckpt)
+        if getattr(module, "data_shape", None) is None:
+            raise ValueError(
+                f"The teacher {ckpt!r} does not say its data shape; give data_shape in its spec."
+            )
+        return module, type(module).__name__
+    kind = read_checkpoint(ckpt).get("flowmap_module")
+    cls = {"VelocityModule": VelocityModule, "FlowMapModule": FlowMapModule}.get(kind)
+    if cls is None:
+        raise CheckpointError(
+            f"{ckpt!r} is a Lightning checkpoint but not a flowmap one; pass a .ckpt written "
+            "by `flowmap fit`."
+        )
+    module = load_module(cls, ckpt)
+    if module.data_shape is None:
+        raise CheckpointError(f"{ckpt!r} does not record its data shape; retrain it.")
+    return module, kind
 
 
 def _labels(module: Any, label: int | None, n: int) -> torch.Tensor | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,14 +18,13 @@ from flowmap.conditioning import (
     sample_scales,
 )
 from flowmap.flowmap import FlowMap
-from flowmap.io import file_sha256
 from flowmap.losses import FlowMapLoss, LagrangianLoss
 from flowmap.ode import sample_consistency, sample_flow_map
 from flowmap.paths import AffinePath
 from flowmap.protocols import Solution, Velocity, declared_schedule
+from flowmap.teachers.spec import is_spec
 from flowmap.training.base import FlowModuleBase, fork_rng
-from flowmap.training.checkpoints import CheckpointError, load_module
-from flowmap.training.velocity import VelocityModule
+from flowmap.training.teachers import load_teacher
 
 __all__ = ["FlowMapModule"]
 
@@ -41,8 +39,12 @@ class FlowMapModule(FlowModuleBase):
             (default: ``LagrangianLoss()``).
         teacher: the velocity to distil: a :class:`VelocityModule` checkpoint path (loaded frozen,
             in eval mode, with its EMA weights; never in the optimiser, the EMA or this module's
-            checkpoint) or, from Python, any :class:`~flowmap.protocols.Velocity`. ``None``
-            self-distils: the teacher is the model's own diagonal :math:`\mathrm{sg}\,\phi(\cdot,t,t)`.
+            checkpoint); a model trained elsewhere, as a diffusers folder, a spec file or a
+            ``{class_path: flowmap.teachers.DiffusionTeacher, init_args: {model: ...,
+            prediction: epsilon, schedule: ddpm_linear, clip: true}}`` component
+            (:mod:`flowmap.training.teachers`); or, from Python, any
+            :class:`~flowmap.protocols.Velocity`. ``None`` self-distils: the teacher is the
+            model's own diagonal :math:`\mathrm{sg}\,\phi(\cdot,t,t)`.
         warm_start: start the student as a copy of the teacher's net (same architecture needed).
         schedule: the path's schedule. A distilled map takes the teacher's (giving another is an
             error); self-distillation uses this, ``"linear"`` if unset.
@@ -77,7 +79,7 @@ class FlowMapModule(FlowModuleBase):
         self,
         net: nn.Module,
         loss: FlowMapLoss | None = None,
-        teacher: str | Velocity | None = None,
+        teacher: str | dict[str, Any] | Velocity | None = None,
         warm_start: bool = True,
         schedule: str | None = None,
         lr: float = 1e-4,
@@ -92,9 +94,8 @@ class FlowMapModule(FlowModuleBase):
     ) -> None:
         super().__init__()
         # a Python teacher is not a hyperparameter: checkpoints hold plain data only
-        self.save_hyperparameters(
-            ignore=[] if teacher is None or isinstance(teacher, str) else ["teacher"]
-        )
+        plain = teacher is None or isinstance(teacher, str) or is_spec(teacher)
+        self.save_hyperparameters(ignore=[] if plain else ["teacher"])
         self.loss = loss if loss is not None else LagrangianLoss()
         if teacher is not None:  # without one it is checked in setup (a loaded map needs none)
             self.loss.check_teacher(True)
@@ -102,7 +103,7 @@ class FlowMapModule(FlowModuleBase):
         self.guidance_range = self._check_guidance(label_dropout, guidance, guidance_law)
         self.path = AffinePath(schedule or "linear")
         # not a submodule: outside the optimiser, the EMA and the checkpoint
-        object.__setattr__(self, "_teacher", None if isinstance(teacher, str) else teacher)
+        object.__setattr__(self, "_teacher", None if plain else teacher)
         if self._teacher is not None:
             self._adopt_teacher_path()
 
@@ -218,23 +219,20 @@ class FlowMapModule(FlowModuleBase):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        ckpt = self.hparams.get("teacher")
-        if isinstance(ckpt, str) and self._teacher is None:
-            # checked here, not in __init__: a trained student loads (to sample) without its teacher
-            if not Path(ckpt).is_file():
-                raise CheckpointError(
-                    f"Teacher checkpoint {ckpt!r} does not exist; train a teacher first "
-                    "(flowmap fit --config .../teacher.yaml) and pass its .ckpt path."
-                )
-            teacher = load_module(VelocityModule, ckpt)
-            self._teacher_sha256 = file_sha256(ckpt)  # the teacher's identity, in the checkpoint
-            teacher.requires_grad_(False)
-            if teacher.data_shape is not None and self.data_shape is not None:
-                if tuple(teacher.data_shape) != tuple(self.data_shape):
+        spec = self.hparams.get("teacher")
+        if (isinstance(spec, str) or is_spec(spec)) and self._teacher is None:
+            # loaded here, not in __init__: a trained student loads (to sample) without its teacher
+            teacher, self._teacher_sha256 = load_teacher(
+                spec
+            )  # the identity goes in the checkpoint
+            shape = getattr(teacher, "data_shape", None)
+            if shape is not None and self.data_shape is not None:
+                if tuple(shape) != tuple(self.data_shape):
+                    name = spec if isinstance(spec, str) else spec["class_path"]
                     raise ValueError(
-                        f"The teacher {ckpt!r} was trained on data of shape "
-                        f"{list(teacher.data_shape)} but this data has shape "
-                        f"{list(self.data_shape)}; use the teacher trained on this dataset."
+                        f"The teacher {name!r} was trained on data of shape {list(shape)} but "
+                        f"this data has shape {list(self.data_shape)}; use the teacher trained "
+                        "on this dataset."
                     )
             object.__setattr__(self, "_teacher", teacher)
             self._adopt_teacher_path()
@@ -285,9 +283,8 @@ class FlowMapModule(FlowModuleBase):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         teacher = self.hparams.get("teacher") or self._teacher
-        checkpoint["flowmap_teacher"] = (
-            teacher if isinstance(teacher, str | None) else f"python:{type(teacher).__qualname__}"
-        )
+        plain = isinstance(teacher, str | None) or is_spec(teacher)
+        checkpoint["flowmap_teacher"] = teacher if plain else f"python:{type(teacher).__qualname__}"
         sha = getattr(self, "_teacher_sha256", None) or getattr(self, "_saved_teacher_sha", None)
         if sha is not None:  # the report refuses this map beside any other teacher
             checkpoint["flowmap_teacher_sha256"] = sha
@@ -329,7 +326,8 @@ class FlowMapModule(FlowModuleBase):
         return FlowMap(self.sampling_net, self.path, scale=self.guidance_range[0])
 
     def _terms(self, flow_map: FlowMap, batch: Any, **kw: Any) -> dict[str, Tensor]:
-        if isinstance(self.hparams.get("teacher"), str) and self._teacher is None:
+        spec = self.hparams.get("teacher")
+        if (isinstance(spec, str) or is_spec(spec)) and self._teacher is None:
             raise RuntimeError("The teacher is loaded in setup(); run through a Trainer.")
         x1, y = self.split_batch(batch)
         cond = self._training_condition(x1, y)
