@@ -27,7 +27,8 @@ The public API:
 * :func:`load_module` — a flowmap checkpoint, read with ``weights_only=True`` and checked.
 
 Layers, each importing only those before it: the math core (``io``, ``paths``, ``protocols``,
-``conditioning``, ``flowmap``, ``ode``, ``oracles``), ``nets``, ``losses``, ``presets``, ``data``, ``metrics``,
+``conditioning``, ``flowmap``, ``ode``, ``oracles``), ``teachers`` (models trained elsewhere, e.g.
+``flowmap.teachers.DiffusionTeacher``), ``nets``, ``losses``, ``presets``, ``data``, ``metrics``,
 ``training``, ``apps``.
 """
 

@@ -1,7 +1,7 @@
 """The package's layers: every flowmap module imports only its own layer and the layers below it.
 
 Order (bottom first): the math core (io, paths, protocols, flowmap, ode, oracles, in that order),
-nets, losses, presets, data, metrics, training, apps. A new arrow pointing back up fails here.
+teachers, nets, losses, presets, data, metrics, training, apps. A new arrow pointing back up fails here.
 """
 
 import ast

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from flowmap.ode import solve_adaptive, solve_ode
+from flowmap.losses import LagrangianLoss
+from flowmap.ode import sample_flow_map, solve_adaptive, solve_ode
 from flowmap.oracles import GaussianMixtureTarget
 from flowmap.teachers import (
     DiffusionTeacher,
@@ -21,13 +22,13 @@ F64 = torch.float64
 TARGET = GaussianMixtureTarget.ring(dtype=F64)
 
 
-def oracle(schedule, prediction):
+def oracle(schedule, prediction, target=TARGET):
     """The mixture's exact ``prediction`` at ``(x_τ, τ)`` on ``schedule`` (from its denoiser)."""
     s = native_schedule(schedule)
 
     def model(x, tau):
         a, g = s.coefficients(tau)
-        x1 = TARGET.denoise(x, a, g)
+        x1 = target.denoise(x, a.to(x.dtype), g.to(x.dtype))
         a, g = a[:, None], g[:, None]
         eps = torch.where(g > 0, (x - a * x1) / g, 0.0)  # the noise is undefined at zero noise
         if prediction == "epsilon":
@@ -304,3 +305,21 @@ def test_labels_follow_flowmaps_null_class_convention():
     with pytest.raises(ValueError, match="no null class"):
         no_null(x, torch.rand(2), y=torch.tensor([1, -1]))
     assert math.isfinite(float(teacher(x, torch.rand(2), y=torch.tensor([0, 1])).sum()))
+
+
+def test_a_ddpm_teacher_distils_through_the_unchanged_losses():
+    """The ε-oracle on DDPM's discrete schedule (clipped at its ends), in float32 as a network
+    runs, distilled by the default Lagrangian loss exactly as tests/test_distill.py distils the
+    exact teacher (same problem, steps and bound 0.17 of the radius; one Euler step: 1.03)."""
+    from tests.test_distill import RADIUS, distil, rms_error
+
+    gmm = GaussianMixtureTarget.ring(k=4, radius=RADIUS, std=0.3)
+    teacher = DiffusionTeacher(
+        oracle("ddpm_linear", "epsilon", gmm), "epsilon", "ddpm_linear", clip=True
+    )
+    teacher.sample = gmm.sample  # the loop draws data from the teacher
+    x0 = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
+    fm = distil(teacher, LagrangianLoss())
+    with torch.no_grad():
+        err = rms_error(sample_flow_map(fm, x0, steps=1).x, gmm.flow_map(x0, 0.0, 1.0))
+    assert err < 0.17, err

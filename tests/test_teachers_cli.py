@@ -133,6 +133,15 @@ def test_the_ddpm_recipe_distils_through_the_cli_reports_ddim_and_samples(tmp_pa
         FlowMapModule, tmp_path / "eulerian/checkpoints/last.ckpt"
     )  # no teacher needed
     assert fm.generate(torch.randn(4, 1, 8, 8), 2).x.shape == (4, 1, 8, 8)
+    # the folder and a class_path spec naming it are one teacher; another path is another
+    folder = str(tmp_path / "teacher")
+    spec = {
+        "class_path": "flowmap.teachers.diffusers.DiffusersTeacher",
+        "init_args": {"folder": folder},
+    }
+    assert load_teacher(spec)[1] == ck["flowmap_teacher_sha256"]
+    spec["init_args"]["path"] = "cosine"
+    assert load_teacher(spec)[1] != ck["flowmap_teacher_sha256"]
 
 
 def plain_teacher_spec(tmp_path: Path) -> Path:
@@ -287,3 +296,37 @@ def test_a_foreign_teacher_of_another_shape_or_without_data_is_refused_early(tmp
                 *TINY,
             ]
         )
+
+
+def test_a_class_conditional_dit_folder_wraps_with_its_null_class_and_learned_variance(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from flowmap.teachers.diffusers import DiffusersTeacher
+
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=2,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=1,
+    )  # DiT's learn_sigma: mean and variance channels
+    dit.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(
+        tmp_path / "scheduler"
+    )
+    teacher = DiffusersTeacher(str(tmp_path))
+    assert (teacher.num_classes, teacher.null_class, teacher.learned_variance) == (10, 10, True)
+    assert teacher.schedule.name == "squaredcos_cap_v2"
+    x, t = torch.randn(3, 1, 8, 8), torch.full((3,), 0.5)
+    y = torch.tensor([1, 2, 3])
+    b_c, b_u = teacher(x, t, y=y), teacher(x, t, y=torch.full((3,), -1))
+    b_w = teacher(x, t, y=y, w=torch.full((3,), 3.0))
+    torch.testing.assert_close(b_w, b_u + 3.0 * (b_c - b_u), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="class-conditional .* give labels y"):
+        teacher(x, t)
+    sol = teacher.generate(x, 4, "ddim", y=y, guidance=2.0)
+    assert sol.nfe == 4 and torch.isfinite(sol.x).all()  # 2 guided steps of 2 evaluations

@@ -395,7 +395,10 @@ class DiffusionTeacher(nn.Module):
         for i in range(len(taus)):
             tau = taus[i : i + 1].expand(x.shape[0]).to(x.device)
             if cond:
-                f = lambda xt, tt, **kw: self._predict(xt, tt, x0.dtype, **kw)  # noqa: E731
+                # guidance on the prediction: the conversion is linear in it, so this is b^w
+                def f(xt: Tensor, tt: Tensor, y: Tensor) -> Tensor:
+                    return self._predict(xt, tt, x0.dtype, y=self._model_labels(y))
+
                 out = guided_velocity(f, x_tau, tau, cond["y"], cond.get("w"))
             else:
                 out = self._predict(x_tau, tau, x0.dtype)
@@ -442,6 +445,21 @@ class DiffusionTeacher(nn.Module):
             return self.ddim(x0, int(nfe) // cost, cond)
         sol = solve_ode(self, x0, method, nfe=int(nfe) // cost, cond=cond)
         return Solution(sol.x, sol.nfe * cost)
+
+    def identity_facts(self) -> dict[str, Any]:
+        """What defines this teacher besides its weights (a report compares it by these)."""
+        return {
+            "model": type(self.model).__name__,
+            "prediction": self.prediction,
+            "schedule": self.schedule.name,
+            "log_snr_range": [round(v, 12) for v in self.log_snr_range],
+            "path": self.path.name,
+            "clip": self.clip,
+            "integer_timesteps": self.integer_timesteps,
+            "timestep_scale": self.timestep_scale,
+            "learned_variance": self.learned_variance,
+            "num_classes": self.num_classes,
+        }
 
     def extra_repr(self) -> str:
         return (

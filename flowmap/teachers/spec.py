@@ -74,6 +74,7 @@ def build_component(spec: Mapping[str, Any]) -> Any:
                 f"The weights {spec['weights']!r} do not fit {spec['class_path']} ({first}); "
                 "build it with the init_args it was trained with."
             ) from None
+        obj.weight_files = [str(spec["weights"])]  # the teacher's identity includes them
     return obj
 
 

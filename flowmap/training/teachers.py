@@ -41,27 +41,37 @@ def is_module_checkpoint(spec: Any) -> bool:
 
 
 def teacher_identity(spec: str | Mapping[str, Any], teacher: Any = None) -> str:
-    """The SHA-256 that names a teacher (module docstring)."""
+    """The SHA-256 that names a teacher: of a checkpoint file; else of what the teacher says
+    defines it (``identity_facts()``: prediction, schedule, path, …) with the contents of every
+    weight file it or its modules read, so a folder and a spec naming the same files agree; a
+    teacher that says nothing is named by its spec, each file in it by content."""
     if is_module_checkpoint(spec):
         return file_sha256(spec)
-    if not isinstance(spec, Mapping) and Path(spec).is_file():  # a spec file: its content counts
-        import yaml
+    files = set(getattr(teacher, "weight_files", ()))
+    if isinstance(teacher, nn.Module):
+        for m in teacher.modules():
+            files |= set(getattr(m, "weight_files", ()))
+    facts = getattr(teacher, "identity_facts", None)
+    if facts is not None:
+        described: Any = facts()
+    else:
+        if not isinstance(spec, Mapping) and Path(spec).is_file():  # a spec file: its content
+            import yaml
 
-        spec = yaml.safe_load(Path(spec).read_text())
+            spec = yaml.safe_load(Path(spec).read_text())
 
-    def norm(v: Any) -> Any:
-        if isinstance(v, Mapping):
-            return {str(k): norm(x) for k, x in sorted(v.items())}
-        if isinstance(v, list | tuple):
-            return [norm(x) for x in v]
-        if isinstance(v, str) and Path(v).is_file():
-            return "sha256:" + file_sha256(v)
-        if isinstance(v, str) and Path(v).is_dir():
-            return "folder"
-        return v
+        def norm(v: Any) -> Any:
+            if isinstance(v, Mapping):
+                return {str(k): norm(x) for k, x in sorted(v.items())}
+            if isinstance(v, list | tuple):
+                return [norm(x) for x in v]
+            if isinstance(v, str) and Path(v).is_file():
+                return "sha256:" + file_sha256(v)
+            return v
 
-    files = sorted(file_sha256(f) for f in getattr(teacher, "weight_files", ()))
-    return hashlib.sha256(json.dumps([norm(spec), files], default=str).encode()).hexdigest()
+        described = norm(spec)
+    hashes = sorted(file_sha256(f) for f in files)
+    return hashlib.sha256(json.dumps([described, hashes], default=str).encode()).hexdigest()
 
 
 def load_teacher(spec: str | Mapping[str, Any]) -> tuple[Velocity, str]:
