@@ -42,7 +42,7 @@ def _diffusers() -> Any:
     try:
         import diffusers
     except ImportError:
-        raise ImportError(
+        raise ValueError(
             "A diffusers teacher needs the diffusers extra; install it with "
             "pip install 'flowmap[diffusers]'."
         ) from None
@@ -56,6 +56,16 @@ def _find(folder: Path, names: tuple[str, ...], subfolders: tuple[str, ...]) -> 
             if p.is_file():
                 return p
     return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        out = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); save it again.") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{str(path)!r} holds no config object; save it again.")
+    return out
 
 
 def schedule_from_config(config: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
@@ -124,9 +134,9 @@ class DiffusersTeacher(DiffusionTeacher):
                     else "; save the model with save_pretrained."
                 )
             )
-        config = json.loads(config_file.read_text())
+        config = _read_json(config_file)
         model = self._build_model(config, model_dir / WEIGHTS)
-        schedule, prediction, extra = schedule_from_config(json.loads(sched_file.read_text()))
+        schedule, prediction, extra = schedule_from_config(_read_json(sched_file))
         size = config.get("sample_size")
         size = (size, size) if isinstance(size, int) else tuple(size or ())
         args: dict[str, Any] = dict(
