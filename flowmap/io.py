@@ -99,6 +99,8 @@ def load_safetensors(
                     "unpickles foreign weights, so convert them with safetensors.torch.save_file "
                     "from a trusted copy."
                     if pickles and not found
+                    else "no .safetensors file; point at the weights file."
+                    if not found
                     else f"{len(found)} .safetensors files; point at the one to load."
                 )
             )

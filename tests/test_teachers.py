@@ -63,6 +63,7 @@ CONVENTIONS = [
     ("linear", "velocity", {}),  # TorchCFM / Meta flow_matching
     ("cosine", "sample", {"clip": True, "tau_range": (0.0, 0.999)}),
     ("ddpm_linear", "score", {"clip": True}),
+    ("edm", "velocity", {"clip": True}),  # dx/dσ = ε̂: a constant a_τ = 1 has no derivative graph
 ]
 
 
@@ -241,6 +242,18 @@ def test_a_schedule_that_stops_short_of_the_students_times_says_which_end_and_wh
         DiffusionTeacher(lambda x, t: x, "epsilon", "vp_cosine", clip=True)
     with pytest.raises(ValueError, match="tau_range .* lies outside"):
         DiffusionTeacher(lambda x, t: x, "epsilon", "ddpm_linear", tau_range=(0, 2000), clip=True)
+
+
+def test_ddim_refuses_more_steps_than_the_schedule_has():
+    teacher = DiffusionTeacher(
+        oracle("ddpm_linear", "epsilon"), "epsilon", "ddpm_linear", clip=True, tau_range=(0, 500)
+    )
+    taus, _ = teacher.ddim_times(4)
+    assert taus.tolist() == [500, 375, 249, 124]  # trailing spacing over the range, no repeats
+    with pytest.raises(
+        ValueError, match="DDIM cannot take 502 steps on a schedule of 501 timesteps"
+    ):
+        teacher.ddim_times(502)
 
 
 def test_clipping_evaluates_beyond_an_end_at_that_end():

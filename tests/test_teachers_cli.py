@@ -330,3 +330,58 @@ def test_a_class_conditional_dit_folder_wraps_with_its_null_class_and_learned_va
         teacher(x, t)
     sol = teacher.generate(x, 4, "ddim", y=y, guidance=2.0)
     assert sol.nfe == 4 and torch.isfinite(sol.x).all()  # 2 guided steps of 2 evaluations
+
+
+def test_a_parameter_free_teacher_trains_a_flow_map_through_lightning(tmp_path):
+    """An exact (parameter-free) DiffusionTeacher in a FlowMapModule: every step runs."""
+    import lightning as L
+
+    from flowmap.nets import MLP
+    from flowmap.oracles import GaussianMixtureTarget
+    from flowmap.teachers import DiffusionTeacher, native_schedule
+
+    gmm = GaussianMixtureTarget.ring(k=4)
+    s = native_schedule("ddpm_linear")
+
+    def eps(x, tau):
+        a, g = (c.to(x.dtype) for c in s.coefficients(tau))
+        return (x - a[:, None] * gmm.denoise(x, a, g)) / g[:, None]
+
+    teacher = DiffusionTeacher(eps, "epsilon", s, clip=True)
+    module = FlowMapModule(MLP((2,), width=16, depth=1), teacher=teacher, warm_start=False)
+    data = torch.utils.data.DataLoader(gmm.sample(256), batch_size=64)
+    trainer = L.Trainer(
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+    assert trainer.global_step == 6
+
+
+def test_teacher_specs_name_callable_classes_and_their_settings_name_the_teacher(tmp_path):
+    from flowmap.teachers import DiffusionTeacher, EDMDenoiser
+    from flowmap.training.teachers import teacher_identity
+
+    with pytest.raises(ValueError, match="os.system is not a class of callable models or teachers"):
+        build_teacher({"class_path": "os.system", "init_args": {"command": "true"}})
+    with pytest.raises(ValueError, match="subprocess.Popen is not a class of callable models"):
+        build_teacher({"class_path": "subprocess.Popen", "init_args": {"args": ["true"]}})
+    net = VelocityNet()
+    ids = {
+        teacher_identity({}, DiffusionTeacher(EDMDenoiser(net, sd), "sample", "edm", clip=True))
+        for sd in (0.5, 1.0)
+    }
+    assert len(ids) == 2  # sigma_data is part of the teacher
+    # a spec built in Python around live objects is a Python teacher, not a hyperparameter
+    from flowmap.nets import MLP
+
+    spec = {
+        "class_path": "flowmap.teachers.DiffusionTeacher",
+        "init_args": {"model": net, "prediction": "velocity", "schedule": "linear"},
+    }
+    module = FlowMapModule(MLP((1, 8, 8), width=8, depth=1), teacher=spec, warm_start=False)
+    assert "teacher" not in module.hparams and module.teacher is not None

@@ -52,7 +52,7 @@ from flowmap.io import file_sha256
 from flowmap.metrics.evaluation import Evaluator, Measurement
 from flowmap.metrics.intervals import Replicates, t_interval
 from flowmap.ode import STAGES, solve_ode
-from flowmap.protocols import Sampler, Solution
+from flowmap.protocols import Sampler, Solution, declared_schedule
 from flowmap.training import (
     CheckpointError,
     FlowMapModule,
@@ -243,6 +243,11 @@ def _load_report_teacher(cfg: ReportConfig) -> tuple[Any, dict[str, Any], str | 
         ck = read_checkpoint(cfg.teacher, expected_kind="VelocityModule")
         return load_module(VelocityModule, cfg.teacher), ck, None
     teacher, sha = load_teacher(cfg.teacher)
+    if not callable(getattr(teacher, "generate", None)):
+        raise ValueError(
+            f"The teacher {cfg.teacher!r} is a velocity with no generate(); wrap the model with "
+            "flowmap.teachers.DiffusionTeacher, which samples, to report it."
+        )
     if not cfg.flowmaps:
         raise ValueError(
             f"The teacher {cfg.teacher!r} is a model trained elsewhere and names no dataset; give "
@@ -252,7 +257,7 @@ def _load_report_teacher(cfg: ReportConfig) -> tuple[Any, dict[str, Any], str | 
     data = read_checkpoint(first, expected_kind="FlowMapModule").get("datamodule_hyper_parameters")
     ck = {
         "datamodule_hyper_parameters": data,
-        "hyper_parameters": {"schedule": teacher.path.name},
+        "hyper_parameters": {"schedule": declared_schedule(teacher) or "linear"},
     }
     return teacher, ck, sha
 
@@ -664,12 +669,15 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         flowmaps[label] = (module, path)
         check_same_origin(cfg.teacher, ck, label, path, sha)
     dm = build_datamodule(ck.get("datamodule_hyper_parameters", {}))
-    if teacher.num_classes is not None and not isinstance(teacher, VelocityModule):
+    if getattr(teacher, "num_classes", None) is not None and not isinstance(
+        teacher, VelocityModule
+    ):
         raise ValueError(
             "The guidance report takes a flowmap teacher checkpoint; a class-conditional foreign "
             "teacher is distilled and sampled (flowmap sample) but not yet reported."
         )
-    if teacher.num_classes is not None:  # class-conditional: quality against the guidance scale
+    # class-conditional: quality against the guidance scale
+    if getattr(teacher, "num_classes", None) is not None:
         from flowmap.apps.guidance_report import run_guidance_report
 
         meta = {
@@ -687,9 +695,10 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         )
     shape = tuple(dm.data_shape)
     for name, mod in [("teacher", teacher), *((k, v[0]) for k, v in flowmaps.items())]:
-        if mod.data_shape is not None and tuple(mod.data_shape) != shape:
+        mod_shape = getattr(mod, "data_shape", None)
+        if mod_shape is not None and tuple(mod_shape) != shape:
             raise ValueError(
-                f"The {name} checkpoint was trained on shape {list(mod.data_shape)} "
+                f"The {name} checkpoint was trained on shape {list(mod_shape)} "
                 f"but the data has shape {list(shape)}; use checkpoints of one dataset."
             )
     rows, skipped = plan_rows(teacher, flowmaps, cfg)
@@ -737,8 +746,11 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     ]
 
     def row_file(key: str, source: str) -> Path:
-        stat = os.stat(source) if source else None
-        ident = [source, stat and stat.st_size, stat and stat.st_mtime_ns, *ident_common]
+        if sha is not None and source == cfg.teacher:  # a foreign teacher: by its content
+            ident = [source, sha, *ident_common]
+        else:
+            stat = os.stat(source) if source else None
+            ident = [source, stat and stat.st_size, stat and stat.st_mtime_ns, *ident_common]
         digest = hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
         return rows_dir / f"{key.replace('/', '__')}-{digest}.npz"
 

@@ -241,8 +241,11 @@ class DiffusionTeacher(nn.Module):
         singular = [g for g in gaps if g[4]]
         if singular:
             end, _, tau, why, _ = singular[0]
-            other = self.tau_data if end == "noise" else self.tau_noise
-            short = sorted((other, tau + 1e-3 * (other - tau)))
+            ends = {"noise": self.tau_noise, "data": self.tau_data}
+            span = self.tau_data - self.tau_noise
+            for e, *_ in singular:  # stop 0.001 of the way short of each singular end
+                ends[e] += 1e-3 * span if e == "noise" else -1e-3 * span
+            short = sorted(ends.values())
             raise ValueError(
                 f"The {name} schedule ends at τ = {tau:g}, where {why}, so the student's times "
                 f"near {0 if end == 'noise' else 1} are not covered; give a tau_range that stops "
@@ -273,14 +276,23 @@ class DiffusionTeacher(nn.Module):
         lam = (torch.log(c.alpha) - torch.log(c.sigma)).clamp(*self.log_snr_range)
         tau = self.schedule.tau_at(lam)
         lo, hi = sorted((self.tau_noise, self.tau_data))
-        tau = tau.clamp(lo, hi)
-        return tau.round() if self.integer_timesteps else tau
+        return self._whole(tau.clamp(lo, hi))
+
+    def _whole(self, tau: Tensor) -> Tensor:
+        """``tau`` at the model's whole timesteps (``timestep_scale * τ`` rounded) when
+        ``integer_timesteps``, else unchanged."""
+        if not self.integer_timesteps:
+            return tau
+        return (tau * self.timestep_scale).round() / self.timestep_scale
 
     # ----------------------------------------------------------------- the model
     def _predict(self, x_tau: Tensor, tau: Tensor, dtype: torch.dtype, **labels: Tensor) -> Tensor:
         """The model's raw prediction at float64 ``x_tau`` and times ``tau`` (run in ``dtype``)."""
         steps = tau * self.timestep_scale
-        steps = steps.long() if self.integer_timesteps else steps.to(dtype)
+        if self.integer_timesteps:
+            steps = steps.round().long()
+        else:  # float32 at least: bf16 would turn step 999 into 1000
+            steps = steps.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
         if labels:
             labels = {self.label_keyword: labels["y"]}
         out = _as_output(self.model(x_tau.to(dtype), steps, **labels))
@@ -371,12 +383,17 @@ class DiffusionTeacher(nn.Module):
         if n < 1:
             raise ValueError(f"DDIM needs at least 1 step, got {nfe}.")
         k = torch.arange(n, dtype=_F64)
-        if self.schedule.discrete:
-            T = float(self.schedule.tau_max) + 1  # diffusers: round(arange(T, 0, -T/n)) - 1
+        if self.schedule.discrete:  # diffusers: round(arange(T, 0, -T/n)) - 1 over the range
             lo, hi = sorted((self.tau_noise, self.tau_data))
-            taus = (torch.round(T - k * T / n) - 1).clamp(lo, hi)
+            T = hi - lo + 1
+            if n > T:
+                raise ValueError(
+                    f"DDIM cannot take {n} steps on a schedule of {T:g} timesteps; ask for at "
+                    f"most {T:g}."
+                )
+            taus = lo + torch.round(T - k * T / n) - 1
         else:
-            taus = self.tau_noise + (self.tau_data - self.tau_noise) * k / n
+            taus = self._whole(self.tau_noise + (self.tau_data - self.tau_noise) * k / n)
         times = self.student_time(self.schedule.log_snr(taus))
         return taus, torch.cat([times, torch.ones(1, dtype=_F64)])
 
@@ -448,11 +465,17 @@ class DiffusionTeacher(nn.Module):
 
     def identity_facts(self) -> dict[str, Any]:
         """What defines this teacher besides its weights (a report compares it by these)."""
-        return {
-            "model": type(self.model).__name__,
+        lo, hi = sorted((self.tau_noise, self.tau_data))
+        grid = torch.linspace(lo, hi, 17, dtype=_F64)
+        fingerprint = [[round(float(v), 12) for v in c] for c in self.schedule.coefficients(grid)]
+        return {  # an nn.Module's repr is its architecture and settings (EDM's sigma_data …)
+            "model": repr(self.model)
+            if isinstance(self.model, nn.Module)
+            else type(self.model).__name__,
             "prediction": self.prediction,
-            "schedule": self.schedule.name,
+            "schedule": [self.schedule.name, lo, hi, fingerprint],
             "log_snr_range": [round(v, 12) for v in self.log_snr_range],
+            "labels": [self.null_class, self.label_keyword],
             "path": self.path.name,
             "clip": self.clip,
             "integer_timesteps": self.integer_timesteps,
@@ -479,6 +502,9 @@ class EDMDenoiser(nn.Module):
     def __init__(self, net: Callable[..., Tensor], sigma_data: float = 0.5) -> None:
         super().__init__()
         self.net, self.sigma_data = net, float(sigma_data)
+
+    def extra_repr(self) -> str:
+        return f"sigma_data={self.sigma_data}"
 
     def forward(self, x: Tensor, sigma: Tensor, **labels: Tensor) -> Tensor:
         s = expand_like(sigma, x).to(x.dtype)

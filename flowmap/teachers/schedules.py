@@ -79,11 +79,15 @@ class NativeSchedule(ABC):
         r""":math:`(\dot a_\tau, \dot g_\tau)`, by autograd of :meth:`coefficients` (float64)."""
         with torch.enable_grad():
             tau = tau.detach().to(_F64).requires_grad_(True)
-            a, g = self.coefficients(tau)
-            da = torch.autograd.grad(a.sum(), tau, retain_graph=True, allow_unused=True)[0]
-            dg = torch.autograd.grad(g.sum(), tau, allow_unused=True)[0]
-        zero = torch.zeros_like(tau.detach())
-        return (zero if da is None else da.detach()), (zero if dg is None else dg.detach())
+            out = []
+            for c in self.coefficients(tau):  # a constant coefficient (EDM's a = 1) has no graph
+                d = (
+                    torch.autograd.grad(c.sum(), tau, allow_unused=True)[0]
+                    if c.requires_grad
+                    else None
+                )
+                out.append(torch.zeros_like(tau.detach()) if d is None else d.detach())
+        return out[0], out[1]
 
     def log_snr(self, tau: Tensor) -> Tensor:
         r""":math:`\lambda(\tau) = \log a_\tau - \log g_\tau` (:math:`\pm\infty` where a coefficient is 0)."""
@@ -125,8 +129,8 @@ class FunctionSchedule(NativeSchedule):
     def coefficients(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         tau = tau.to(_F64)
         return (
-            torch.as_tensor(self.alpha(tau), dtype=_F64).expand_as(tau),
-            torch.as_tensor(self.sigma(tau), dtype=_F64).expand_as(tau),
+            torch.as_tensor(self.alpha(tau), dtype=_F64, device=tau.device).expand_as(tau),
+            torch.as_tensor(self.sigma(tau), dtype=_F64, device=tau.device).expand_as(tau),
         )
 
     def tau_at(self, lam: Tensor) -> Tensor:
@@ -208,7 +212,7 @@ class DiscreteVPSchedule(NativeSchedule):
         return cls(betas, name=name)
 
 
-def _linear(t_max: float = 1.0) -> NativeSchedule:
+def _linear() -> NativeSchedule:
     return FunctionSchedule(
         lambda t: t, lambda t: 1 - t, 0.0, 1.0, "linear", lambda lam: torch.sigmoid(lam)
     )

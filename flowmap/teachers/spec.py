@@ -17,6 +17,7 @@ training layer.) Weights are never unpickled.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,25 @@ __all__ = ["build_teacher", "build_component", "is_spec"]
 def is_spec(value: Any) -> bool:
     """Whether ``value`` is a ``{"class_path": ...}`` dict."""
     return isinstance(value, Mapping) and "class_path" in value
+
+
+def is_plain_data(value: Any) -> bool:
+    """Whether ``value`` is made of str, numbers, bools, None, lists and str-keyed dicts only
+    (what a checkpoint can hold and ``torch.load(weights_only=True)`` reads back)."""
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and is_plain_data(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(is_plain_data(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _callable_class(target: Any) -> bool:
+    """A class whose instances are called (a model, a teacher), not a function or a class such
+    as ``subprocess.Popen`` that acts when built: a spec that a checkpoint carries is built only
+    from such classes."""
+    return inspect.isclass(target) and any(
+        "__call__" in vars(k) for k in target.__mro__ if k is not object
+    )
 
 
 def _import(path: str) -> Any:
@@ -53,6 +73,12 @@ def build_component(spec: Mapping[str, Any]) -> Any:
             f"A component spec takes class_path, init_args and weights, not {sorted(unknown)}."
         )
     target = _import(spec["class_path"])
+    if not _callable_class(target):
+        raise ValueError(
+            f"{spec['class_path']} is not a class of callable models or teachers; a teacher spec "
+            "names classes such as flowmap.teachers.DiffusionTeacher or a torch nn.Module, never "
+            "functions."
+        )
     args = {
         k: build_component(v) if is_spec(v) else v for k, v in (spec.get("init_args") or {}).items()
     }
@@ -74,7 +100,8 @@ def build_component(spec: Mapping[str, Any]) -> Any:
                 f"The weights {spec['weights']!r} do not fit {spec['class_path']} ({first}); "
                 "build it with the init_args it was trained with."
             ) from None
-        obj.weight_files = [str(spec["weights"])]  # the teacher's identity includes them
+        w = Path(spec["weights"])  # a folder holds exactly one .safetensors (load_safetensors)
+        obj.weight_files = [str(next(w.glob("*.safetensors")) if w.is_dir() else w)]
     return obj
 
 

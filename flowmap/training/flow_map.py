@@ -22,7 +22,7 @@ from flowmap.losses import FlowMapLoss, LagrangianLoss
 from flowmap.ode import sample_consistency, sample_flow_map
 from flowmap.paths import AffinePath
 from flowmap.protocols import Solution, Velocity, declared_schedule
-from flowmap.teachers.spec import is_spec
+from flowmap.teachers.spec import build_teacher, is_plain_data, is_spec
 from flowmap.training.base import FlowModuleBase, fork_rng
 from flowmap.training.teachers import load_teacher
 
@@ -94,6 +94,8 @@ class FlowMapModule(FlowModuleBase):
     ) -> None:
         super().__init__()
         # a Python teacher is not a hyperparameter: checkpoints hold plain data only
+        if is_spec(teacher) and not is_plain_data(teacher):  # built in Python: not a hyperparameter
+            teacher = build_teacher(teacher)
         plain = teacher is None or isinstance(teacher, str) or is_spec(teacher)
         self.save_hyperparameters(ignore=[] if plain else ["teacher"])
         self.loss = loss if loss is not None else LagrangianLoss()
@@ -307,7 +309,8 @@ class FlowMapModule(FlowModuleBase):
 
     def _teacher_on(self, device: torch.device) -> Velocity | None:
         teacher = self._teacher
-        if isinstance(teacher, nn.Module) and next(teacher.parameters()).device != device:
+        first = next(teacher.parameters(), None) if isinstance(teacher, nn.Module) else None
+        if first is not None and first.device != device:  # (a parameter-free teacher stays)
             teacher.to(device)
         return teacher
 
