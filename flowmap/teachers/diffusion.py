@@ -35,7 +35,9 @@ The student follows flowmap's path :math:`x_t = \alpha_t x_1 + \sigma_t x_0` (:m
 Since :math:`(\hat x_1, \hat\varepsilon)` do not depend on the path, a diffusion model and its
 converted velocity share one ODE: DDIM's step :math:`x_{\tau'} = a_{\tau'}\hat x_1 + g_{\tau'}\hat\varepsilon`
 is, rescaled, the Euler step of :math:`b` on the linear path between the matching student times
-(:meth:`DiffusionTeacher.ddim`). The conversion runs in float64; the model in its own dtype.
+(:meth:`DiffusionTeacher.ddim`). The conversion runs in float64; the model in its own dtype. It is
+FastGen's ``convert_model_output`` (the data estimate as the pivot) combined with the time change
+of Meta flow_matching's ``ScheduleTransformedModel`` (SNR matching and rescaling), in one step.
 
 A schedule whose SNR stops short of the student's (a discrete DDPM schedule never reaches pure
 noise or clean data; EDM runs from :math:`\sigma_{min}` to :math:`\sigma_{max}`) does not cover
