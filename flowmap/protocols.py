@@ -4,7 +4,7 @@ r"""The two interfaces callers rely on, so that nothing switches on a concrete t
   ODE :math:`\dot x = b_t(x)` (time 0 = noise, 1 = data): a trained
   :class:`~flowmap.training.VelocityModule`, an analytic oracle
   (:class:`~flowmap.oracles.GaussianTarget`), the diagonal of a :class:`~flowmap.FlowMap`, or a
-  model from another library wrapped to this convention.
+  model from another library wrapped to this convention (:mod:`flowmap.teachers`).
 * :class:`Sampler` — anything with ``generate(x0, nfe, method=None) -> Solution``: noise at
   :math:`t=0` to data at :math:`t=1` in ``nfe`` network evaluations. ``methods`` lists the methods it
   accepts, its default first.
