@@ -223,10 +223,9 @@ class FlowMapModule(FlowModuleBase):
         super().setup(stage)
         spec = self.hparams.get("teacher")
         if (isinstance(spec, str) or is_spec(spec)) and self._teacher is None:
-            # loaded here, not in __init__: a trained student loads (to sample) without its teacher
-            teacher, self._teacher_sha256 = load_teacher(
-                spec
-            )  # the identity goes in the checkpoint
+            # loaded here, not in __init__: a trained student loads (to sample) without its
+            # teacher; its identity goes in the checkpoint
+            teacher, self._teacher_sha256 = load_teacher(spec)
             shape = getattr(teacher, "data_shape", None)
             if shape is not None and self.data_shape is not None:
                 if tuple(shape) != tuple(self.data_shape):
