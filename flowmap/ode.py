@@ -31,6 +31,7 @@ __all__ = [
     "solve_ode",
     "solve_between",
     "solve_adaptive",
+    "solve_at_cost",
     "sample_flow_map",
     "sample_consistency",
 ]
@@ -191,6 +192,34 @@ def solve_adaptive(
     ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
     y = odeint(rhs, x, ts, method=method, rtol=rtol, atol=atol)[-1]
     return Solution(y, f.nfe)
+
+
+def solve_at_cost(
+    velocity: Velocity,
+    x: Tensor,
+    method: str,
+    nfe: int | None,
+    *,
+    cost: int = 1,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    cond: Mapping[str, Tensor] | None = None,
+) -> Solution:
+    """Sample from noise ``x`` with a fixed-step ``method`` at ``nfe`` network evaluations, or
+    adaptively (``nfe`` ignored), when one call of ``velocity`` costs ``cost`` evaluations (2 for
+    a guided call, both branches in one batch). The returned NFE counts evaluations."""
+    if method in STAGES:
+        per_step = STAGES[method] * cost
+        if cost > 1 and nfe is not None and nfe % per_step:  # else the solver's own message
+            raise ValueError(
+                f"A guided {method} step costs {per_step} NFE (both branches at each of its "
+                f"{STAGES[method]} stages), so it cannot take exactly {nfe} NFE; ask for a "
+                f"multiple of {per_step}."
+            )
+        sol = solve_ode(velocity, x, method, nfe=None if nfe is None else nfe // cost, cond=cond)
+    else:
+        sol = solve_adaptive(velocity, x, method=method, rtol=rtol, atol=atol, cond=cond)
+    return Solution(sol.x, sol.nfe * cost)
 
 
 def sample_flow_map(

@@ -55,8 +55,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowmap.conditioning import NULL_CLASS, guidance_cost, guided_velocity
-from flowmap.ode import FIXED_STEP_METHODS, STAGES, solve_adaptive, solve_ode
+from flowmap.conditioning import (
+    NULL_CLASS,
+    as_labels,
+    as_scales,
+    canonical_scale,
+    guidance_cost,
+    guided_velocity,
+)
+from flowmap.ode import FIXED_STEP_METHODS, solve_at_cost
 from flowmap.paths import AffinePath, as_path, as_time, expand_like
 from flowmap.protocols import Solution
 from flowmap.teachers.schedules import FunctionSchedule, NativeSchedule, native_schedule
@@ -444,26 +451,18 @@ class DiffusionTeacher(nn.Module):
         method = method or "euler"
         if method not in self.methods:
             raise ValueError(f"Unknown method {method!r}; choose one of {list(self.methods)}.")
-        cond: dict[str, Tensor] = {}
-        if y is not None:
-            cond["y"] = torch.as_tensor(y, device=x0.device).expand(x0.shape[0])
-        if guidance is not None:
-            cond["w"] = torch.as_tensor(guidance, device=x0.device, dtype=x0.dtype).expand(
-                x0.shape[0]
-            )
-        cost = guidance_cost(cond.get("w"))
-        if method == "dopri5":
-            sol = solve_adaptive(self, x0, rtol=rtol, atol=atol, cond=cond)
-            return Solution(sol.x, sol.nfe * cost)
-        if nfe is None or int(nfe) < 1 or int(nfe) % (cost * STAGES.get(method, 1)):
+        n = x0.shape[0]
+        y = as_labels(y, n, self.num_classes, x0.device)
+        w = as_scales(guidance, n, x0.device)
+        cond = {k: v for k, v in (("y", y), ("w", w)) if v is not None}
+        cost = guidance_cost(canonical_scale(y, w))
+        if method != "ddim":
+            return solve_at_cost(self, x0, method, nfe, cost=cost, rtol=rtol, atol=atol, cond=cond)
+        if nfe is None or int(nfe) < 1 or int(nfe) % cost:
             raise ValueError(
-                f"{method} at {'guided ' if cost > 1 else ''}cost {cost * STAGES.get(method, 1)} "
-                f"NFE per step cannot take NFE {nfe}; ask for a positive multiple."
+                f"DDIM at {cost} NFE per step cannot take NFE {nfe}; ask for a positive multiple."
             )
-        if method == "ddim":
-            return self.ddim(x0, int(nfe) // cost, cond)
-        sol = solve_ode(self, x0, method, nfe=int(nfe) // cost, cond=cond)
-        return Solution(sol.x, sol.nfe * cost)
+        return self.ddim(x0, int(nfe) // cost, cond)
 
     def identity_facts(self) -> dict[str, Any]:
         """What defines this teacher besides its weights (a report compares it by these)."""

@@ -17,7 +17,7 @@ from flowmap.conditioning import (
 )
 from flowmap.losses.cfm import cfm_loss
 from flowmap.losses.pairs import TIME_DISTRIBUTIONS, TimeDistribution
-from flowmap.ode import FIXED_STEP_METHODS, STAGES, solve_adaptive, solve_ode
+from flowmap.ode import FIXED_STEP_METHODS, solve_at_cost
 from flowmap.paths import AffinePath, as_time
 from flowmap.protocols import Solution
 from flowmap.training.base import FlowModuleBase, fork_rng
@@ -202,14 +202,4 @@ class VelocityModule(FlowModuleBase):
             cost = guidance_cost(canonical_scale(y, w))
         if method in FIXED_STEP_METHODS:
             nfe = self._check_nfe(nfe)
-            per_step = STAGES[method] * cost
-            if cost > 1 and nfe % per_step:  # else the solver's own message
-                raise ValueError(
-                    f"A guided {method} step costs {per_step} NFE (both branches at each of its "
-                    f"{STAGES[method]} stages), so it cannot take exactly {nfe} NFE; ask for a "
-                    f"multiple of {per_step}."
-                )
-            sol = solve_ode(self, x0, method, nfe=nfe // cost, cond=cond)
-        else:
-            sol = solve_adaptive(self, x0, method=method, rtol=rtol, atol=atol, cond=cond)
-        return Solution(sol.x, sol.nfe * cost)
+        return solve_at_cost(self, x0, method, nfe, cost=cost, rtol=rtol, atol=atol, cond=cond)
