@@ -159,13 +159,28 @@ class FlowMap(nn.Module):
         return FlowMapJVP(X=x + gap * value, dX=dX, phi=value, dphi=dphi)
 
     @torch.no_grad()
-    def warm_start(self, velocity_net: nn.Module) -> FlowMap:
-        r"""Copy a teacher's velocity net :math:`v(x, t) = \mathrm{net}(x, t, t)` into :math:`\phi`.
+    def warm_start(self, teacher: Any) -> FlowMap:
+        r"""Start :math:`\phi` as a copy of the teacher's network, so that :math:`\phi(x, t, t) =
+        b_t(x)` and, while the gap branch is untrained, :math:`X(s, t, x) = x + (t - s)\,b_s(x)`:
+        one Euler step of the teacher.
 
-        The nets' gap embedding vanishes at :math:`t = s` (:class:`~flowmap.nets.TwoTimeEmbedding`),
-        so after the copy :math:`\phi(x, t, t) = v(x, t)` and, while the gap branch is untrained,
-        :math:`X(s, t, x) = x + (t - s)\,v(x, s)`: one Euler step of the teacher.
+        ``teacher`` is a velocity net :math:`v(x, t) = \mathrm{net}(x, t, t)`, or a teacher with
+        one (``sampling_net``: a :class:`~flowmap.training.VelocityModule`'s EMA net). A net
+        with a ``warm_start(teacher)`` of its own copies itself
+        (:class:`~flowmap.teachers.DiffusionStudent`). flowmap's nets have the gap branch built
+        in (:class:`~flowmap.nets.TwoTimeEmbedding`); a one-time network gets it from
+        :class:`~flowmap.nets.TwoTimeAdapter`.
         """
+        own = getattr(self.net, "warm_start", None)
+        if callable(own):
+            own(teacher)
+            return self
+        velocity_net = getattr(teacher, "sampling_net", teacher)
+        if not isinstance(velocity_net, nn.Module) or not list(velocity_net.parameters()):
+            raise ValueError(
+                f"warm_start needs a teacher with a network to copy, and a "
+                f"{type(teacher).__name__} has none; set warm_start: false."
+            )
         try:
             missing, unexpected = self.net.load_state_dict(velocity_net.state_dict(), strict=False)
         except RuntimeError:
@@ -175,10 +190,16 @@ class FlowMap(nn.Module):
         # b(c) at every scale, and training moves it to b^w
         missing = [k for k in missing if not k.startswith("condition.scale.")]
         if missing or unexpected:
+            foreign = hasattr(teacher, "prediction")  # a model trained elsewhere
             raise ValueError(
                 "Warm start needs the student net to have the teacher's architecture (it may add "
-                "guidance_input), but they differ; copy the teacher's `net` config or set "
-                "warm_start: false."
+                "guidance_input), but they differ; "
+                + (
+                    "leave the student's net unset (it is then the teacher's own network) or "
+                    "set warm_start: false."
+                    if foreign
+                    else "copy the teacher's `net` config or set warm_start: false."
+                )
             )
         teacher_buffers = dict(velocity_net.named_buffers())
         for name, buf in self.net.named_buffers():  # e.g. the time features' frequencies

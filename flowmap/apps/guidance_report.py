@@ -81,10 +81,12 @@ def _balanced_reference(dm: Any, split: str, seed: int) -> tuple[Tensor, Tensor]
 
 
 def _run_batched(run: Callable[[Tensor, Tensor], Solution], x0: Tensor, y: Tensor, batch: int):
-    outs, nfe = [], 0
+    from flowmap.apps.report import sampling_device  # (report imports this module lazily)
+
+    outs, nfe, device = [], 0, sampling_device()
     for xs, ys in zip(x0.split(batch), y.split(batch)):
-        sol = run(xs, ys)
-        outs.append(sol.x)
+        sol = run(xs.to(device), ys.to(device))
+        outs.append(sol.x.cpu())
         nfe = max(nfe, sol.nfe)
     return torch.cat(outs), nfe
 

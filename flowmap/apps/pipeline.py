@@ -268,6 +268,12 @@ def recipe_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--flowmap-steps", type=int, default=None, help="override max_steps")
     p.add_argument("--losses", nargs="+", default=list(FLOW_MAP_STAGES), choices=FLOW_MAP_STAGES)
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
+    p.add_argument(
+        "--accelerator",
+        choices=("cpu", "gpu", "auto"),
+        default=None,
+        help="the trainer's accelerator for every stage (default: the recipes', the CPU)",
+    )
     return p
 
 
@@ -282,16 +288,23 @@ def run_recipe(
     tiny_report_args: Sequence[str] = (),
     argv: Sequence[str] | None = None,
     teacher_stage: Callable[[Path], Path] | None = None,
+    tiny_flowmap_overrides: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Apply a recipe's command-line arguments and run :func:`run_pipeline` (``teacher_stage``:
-    see there; it reads ``--tiny`` and ``--teacher-steps`` itself)."""
+    see there; it reads ``--tiny`` and ``--teacher-steps`` itself). ``--tiny`` applies
+    ``tiny_overrides`` to the teacher and ``tiny_flowmap_overrides`` (default: the same) to the
+    flow maps, whose net may be the teacher's own and then takes no net overrides."""
     teacher: list[str] = []
     flowmap: list[str] = []
     report = list(report_args)
     if args.tiny:
         teacher = [*tiny_overrides, f"--trainer.max_steps={tiny_steps[0]}"]
-        flowmap = [*tiny_overrides, f"--trainer.max_steps={tiny_steps[1]}"]
+        tiny_maps = tiny_overrides if tiny_flowmap_overrides is None else tiny_flowmap_overrides
+        flowmap = [*tiny_maps, f"--trainer.max_steps={tiny_steps[1]}"]
         report += list(tiny_report_args)
+    if getattr(args, "accelerator", None):
+        teacher.append(f"--trainer.accelerator={args.accelerator}")
+        flowmap.append(f"--trainer.accelerator={args.accelerator}")
     if args.teacher_steps:
         teacher.append(f"--trainer.max_steps={args.teacher_steps}")
     if args.flowmap_steps:

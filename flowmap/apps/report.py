@@ -275,11 +275,19 @@ def ddim_euler_gap(teacher: Any, x0: Tensor, nfes: Sequence[int]) -> dict[str, f
     return out
 
 
+def sampling_device() -> torch.device:
+    """Where a report generates its samples: the first GPU if there is one (the metrics run on
+    the CPU either way)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _batched(run: Callable[[Tensor], Solution], x0: Tensor, batch: int) -> Solution:
+    """``run`` on ``x0`` in chunks of ``batch``, on :func:`sampling_device`; samples back on the CPU."""
     outs, nfe = [], 0
+    device = sampling_device()
     for chunk in x0.split(batch):
-        sol = run(chunk)
-        outs.append(sol.x)
+        sol = run(chunk.to(device))
+        outs.append(sol.x.cpu())
         nfe = max(nfe, sol.nfe)
     return Solution(torch.cat(outs), nfe)
 
@@ -661,9 +669,12 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         )
     out = Path(cfg.out)
     teacher, ck, sha = _load_report_teacher(cfg)
+    if isinstance(teacher, torch.nn.Module):
+        teacher.to(sampling_device())
     flowmaps: dict[str, tuple[FlowMapModule, str]] = {}
     for spec in cfg.flowmaps:
         label, module, path = _load_flowmap(spec)
+        module.to(sampling_device())
         if label in flowmaps:
             raise ValueError(f"Two flow maps are labelled {label!r}; name them as label=path.")
         flowmaps[label] = (module, path)

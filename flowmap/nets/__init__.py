@@ -1,7 +1,8 @@
 """Networks :math:`\\phi(x, s, t)`; each takes ``(x, s, t)`` so one class serves a teacher and a flow map."""
 
+from flowmap.nets.adapter import TwoTimeAdapter
 from flowmap.nets.embedding import SinusoidalEmbedding, TwoTimeEmbedding
 from flowmap.nets.mlp import MLP
 from flowmap.nets.unet import UNet
 
-__all__ = ["MLP", "UNet", "SinusoidalEmbedding", "TwoTimeEmbedding"]
+__all__ = ["MLP", "UNet", "TwoTimeAdapter", "SinusoidalEmbedding", "TwoTimeEmbedding"]

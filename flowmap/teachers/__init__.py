@@ -6,6 +6,9 @@ r"""Teachers trained elsewhere, converted exactly into flowmap's convention.
 * :class:`EDMDenoiser` — Karras et al.'s preconditioning :math:`D(x;\sigma)` of a raw network.
 * :func:`native_schedule` — the named schedules (linear, cosine, rectified flow, VP cosine,
   discrete DDPM β schedules, EDM σ-time); :class:`FunctionSchedule` for any :math:`a(\tau), g(\tau)`.
+* :class:`DiffusionStudent` — the student that is such a teacher's own network, with the gap
+  :math:`t - s` added at its time embedding (:class:`~flowmap.nets.TwoTimeAdapter`), converted
+  the same way: :math:`\phi(x, t, t) = b_t(x)` before training.
 * :func:`build_teacher` — a teacher from plain data (a ``class_path`` and ``init_args``, as YAML gives it).
 * :mod:`flowmap.teachers.diffusers` (the ``flowmap[diffusers]`` extra) — a diffusers
   ``UNet2DModel`` / ``DiTTransformer2DModel`` folder with its scheduler config, read with safetensors.
@@ -20,10 +23,12 @@ from flowmap.teachers.schedules import (
     native_schedule,
 )
 from flowmap.teachers.spec import build_teacher
+from flowmap.teachers.student import DiffusionStudent, teacher_architecture
 
 __all__ = [
     "PREDICTIONS",
     "SCHEDULES",
+    "DiffusionStudent",
     "DiffusionTeacher",
     "DiscreteVPSchedule",
     "EDMDenoiser",
@@ -32,4 +37,5 @@ __all__ = [
     "build_teacher",
     "data_and_noise",
     "native_schedule",
+    "teacher_architecture",
 ]

@@ -103,11 +103,72 @@ class DiffusersTeacher(DiffusionTeacher):
         folder: the folder diffusers saved (model config, safetensors weights, scheduler config).
         path: the student's path, ``"linear"`` (DDIM = Euler) or ``"cosine"``.
         clip: evaluate student times beyond the schedule's SNR range at its ends (default: yes).
+        model_config, scheduler_config: instead of a folder, the two configs themselves; the model
+            is then built with fresh weights (a flow-map student's architecture, whose weights come
+            from its checkpoint: :meth:`architecture` writes these).
         **kwargs: other :class:`~flowmap.teachers.DiffusionTeacher` arguments (``tau_range``,
             ``integer_timesteps``, ``null_class``, …), which override what the folder says.
     """
 
-    def __init__(self, folder: str, path: str = "linear", clip: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        folder: str | None = None,
+        path: str = "linear",
+        clip: bool = True,
+        model_config: dict[str, Any] | None = None,
+        scheduler_config: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if (folder is None) == (model_config is None or scheduler_config is None):
+            raise ValueError(
+                "A diffusers teacher takes a folder, or both model_config and scheduler_config "
+                "(a student's architecture), not both and not neither."
+            )
+        weights = None
+        if folder is not None:
+            model_config, scheduler_config, weights = self.read_folder(folder)
+        config = dict(model_config)
+        model = self._build_model(config, weights)
+        schedule, prediction, extra = schedule_from_config(scheduler_config)
+        size = config.get("sample_size")
+        size = (size, size) if isinstance(size, int) else tuple(size or ())
+        args: dict[str, Any] = dict(
+            prediction=prediction,
+            schedule=schedule,
+            path=path,
+            clip=clip,
+            data_shape=(config.get("in_channels", 3), *size) if size else None,
+            **extra,
+        )
+        cls_name = config["_class_name"]
+        if cls_name == "DiTTransformer2DModel":
+            k = config.get("num_embeds_ada_norm") or 1000
+            args.update(num_classes=k, null_class=k, label_keyword="class_labels")
+            args["learned_variance"] = config.get("out_channels", 0) == 2 * config.get(
+                "in_channels", 4
+            )
+        elif config.get("num_class_embeds"):
+            args.update(num_classes=config["num_class_embeds"], label_keyword="class_labels")
+        args.update(kwargs)
+        super().__init__(model, **args)
+        self.folder = folder
+        self._configs = (dict(model_config), dict(scheduler_config))
+        self._settings = dict(path=path, clip=clip, **kwargs)
+        if folder is not None:
+            root = Path(folder)
+            model_dir = _find(root, ("config.json",), ("unet", "transformer")).parent
+            sched_file = _find(root, ("scheduler_config.json",), ("scheduler",))
+            #: the files that define this teacher (its identity for reports)
+            self.weight_files = [
+                str(model_dir / WEIGHTS),
+                str(model_dir / "config.json"),
+                str(sched_file),
+            ]
+
+    @staticmethod
+    def read_folder(folder: str) -> tuple[dict[str, Any], dict[str, Any], Path]:
+        """``(model config, scheduler config, weights file)`` of a diffusers folder, each missing
+        piece refused in one sentence (pickle-only weights too)."""
         root = Path(folder)
         if not root.is_dir():
             raise ValueError(
@@ -134,36 +195,23 @@ class DiffusersTeacher(DiffusionTeacher):
                     else "; save the model with save_pretrained."
                 )
             )
-        config = _read_json(config_file)
-        model = self._build_model(config, model_dir / WEIGHTS)
-        schedule, prediction, extra = schedule_from_config(_read_json(sched_file))
-        size = config.get("sample_size")
-        size = (size, size) if isinstance(size, int) else tuple(size or ())
-        args: dict[str, Any] = dict(
-            prediction=prediction,
-            schedule=schedule,
-            path=path,
-            clip=clip,
-            data_shape=(config.get("in_channels", 3), *size) if size else None,
-            **extra,
-        )
-        cls_name = config["_class_name"]
-        if cls_name == "DiTTransformer2DModel":
-            k = config.get("num_embeds_ada_norm") or 1000
-            args.update(num_classes=k, null_class=k, label_keyword="class_labels")
-            args["learned_variance"] = config.get("out_channels", 0) == 2 * config.get(
-                "in_channels", 4
-            )
-        elif config.get("num_class_embeds"):
-            args.update(num_classes=config["num_class_embeds"], label_keyword="class_labels")
-        args.update(kwargs)
-        super().__init__(model, **args)
-        self.folder = str(root)
-        #: the files that define this teacher (its identity for reports)
-        self.weight_files = [str(model_dir / WEIGHTS), str(config_file), str(sched_file)]
+        return _read_json(config_file), _read_json(sched_file), model_dir / WEIGHTS
+
+    def architecture(self) -> dict[str, Any]:
+        """This teacher as plain data without its weights: a ``class_path`` spec that builds the
+        same model (fresh weights) with the same conversion."""
+        model_config, scheduler_config = self._configs
+        return {
+            "class_path": f"{DiffusersTeacher.__module__}.DiffusersTeacher",
+            "init_args": {
+                "model_config": model_config,
+                "scheduler_config": scheduler_config,
+                **self._settings,
+            },
+        }
 
     @staticmethod
-    def _build_model(config: dict[str, Any], weights: Path) -> nn.Module:
+    def _build_model(config: dict[str, Any], weights: Path | None) -> nn.Module:
         name = config.get("_class_name")
         if name not in MODEL_CLASSES:
             raise ValueError(
@@ -172,6 +220,8 @@ class DiffusersTeacher(DiffusionTeacher):
             )
         model_cls = getattr(_diffusers(), name)
         model = model_cls.from_config(config)
+        if weights is None:
+            return model
         state = load_safetensors(weights, f"{name} weights")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -295,8 +295,16 @@ class DiffusionTeacher(nn.Module):
         return (tau * self.timestep_scale).round() / self.timestep_scale
 
     # ----------------------------------------------------------------- the model
-    def _predict(self, x_tau: Tensor, tau: Tensor, dtype: torch.dtype, **labels: Tensor) -> Tensor:
-        """The model's raw prediction at float64 ``x_tau`` and times ``tau`` (run in ``dtype``)."""
+    def _predict(
+        self,
+        x_tau: Tensor,
+        tau: Tensor,
+        dtype: torch.dtype,
+        model: Callable[..., Any] | None = None,
+        **labels: Tensor,
+    ) -> Tensor:
+        """The raw prediction of ``model`` (default: the teacher's) at float64 ``x_tau`` and times
+        ``tau`` (run in ``dtype``)."""
         steps = tau * self.timestep_scale
         if self.integer_timesteps:
             steps = steps.round().long()
@@ -304,7 +312,7 @@ class DiffusionTeacher(nn.Module):
             steps = steps.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
         if labels:
             labels = {self.label_keyword: labels["y"]}
-        out = _as_output(self.model(x_tau.to(dtype), steps, **labels))
+        out = _as_output((self.model if model is None else model)(x_tau.to(dtype), steps, **labels))
         if not isinstance(out, Tensor):
             raise ValueError(
                 f"The teacher's model returned a {type(out).__name__}, not a tensor; wrap it so "
@@ -341,7 +349,9 @@ class DiffusionTeacher(nn.Module):
         r = torch.where(c.sigma >= c.alpha, g / c.sigma, a / c.alpha)
         return expand_like(r, x)
 
-    def _velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def _velocity(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, model: Callable[..., Any] | None = None
+    ) -> Tensor:
         # torchdiffeq's dopri5 probes a little past its end time; outside [0, 1] there is no
         # path, so such a time is evaluated at the nearest end
         t = as_time(t, x).to(_F64).clamp(0.0, 1.0)
@@ -349,7 +359,7 @@ class DiffusionTeacher(nn.Module):
         x64 = x.to(_F64)
         x_tau = self._rescale(t, tau, x64) * x64
         labels = {} if y is None else {"y": self._model_labels(y)}
-        x1, eps = self._convert(self._predict(x_tau, tau, x.dtype, **labels), x_tau, tau)
+        x1, eps = self._convert(self._predict(x_tau, tau, x.dtype, model, **labels), x_tau, tau)
         c = self.path.schedule(t)
         b = expand_like(c.d_alpha, x64) * x1 + expand_like(c.d_sigma, x64) * eps
         return b.to(x.dtype)

@@ -265,7 +265,8 @@ class FlowModuleBase(L.LightningModule):
     @property
     def num_classes(self) -> int | None:
         """The number of classes of a class-conditional net (``None``: unconditional)."""
-        return getattr(getattr(self.net, "condition", None), "num_classes", None)
+        condition = getattr(self.net, "condition", None)  # flowmap's nets; a DiffusionStudent says
+        return getattr(condition, "num_classes", getattr(self.net, "num_classes", None))
 
     def split_batch(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
         """A batch ``x`` or ``(x, y)`` → ``(x, y)``, with the labels checked against the net."""

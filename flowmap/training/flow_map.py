@@ -2,6 +2,7 @@ r"""Flow-map distillation (and self-distillation) of :math:`X(s,t,x) = x + (t-s)
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -22,9 +23,10 @@ from flowmap.losses import FlowMapLoss, LagrangianLoss
 from flowmap.ode import sample_consistency, sample_flow_map
 from flowmap.paths import AffinePath
 from flowmap.protocols import Solution, Velocity, declared_schedule
-from flowmap.teachers.spec import build_teacher, is_plain_data, is_spec
+from flowmap.teachers import DiffusionStudent, DiffusionTeacher
+from flowmap.teachers.spec import build_component, build_teacher, is_plain_data, is_spec
 from flowmap.training.base import FlowModuleBase, fork_rng
-from flowmap.training.teachers import load_teacher
+from flowmap.training.teachers import load_teacher, student_spec
 
 __all__ = ["FlowMapModule"]
 
@@ -33,7 +35,11 @@ class FlowMapModule(FlowModuleBase):
     r"""Trains a flow map :math:`X(s,t,x) = x + (t-s)\phi(x,s,t)` with an injected :class:`FlowMapLoss`.
 
     Args:
-        net: the network :math:`\phi(x, s, t)`.
+        net: the network :math:`\phi(x, s, t)` (a module or its ``class_path`` spec). Unset, the
+            student is the teacher's own network: a flowmap teacher's net config, or for a model
+            trained elsewhere a :class:`~flowmap.teachers.DiffusionStudent` of its architecture
+            (its time embedding given the gap :math:`t - s`); its weights are copied at the warm
+            start, and the spec, plain data, goes in the checkpoint.
         loss: the loss component, e.g. ``LagrangianLoss(form="backprop")`` or in YAML
             ``{class_path: flowmap.losses.EulerianLoss, init_args: {pairs: {eta: 0.25}}}``
             (default: ``LagrangianLoss()``).
@@ -45,7 +51,8 @@ class FlowMapModule(FlowModuleBase):
             (:mod:`flowmap.training.teachers`); or, from Python, any
             :class:`~flowmap.protocols.Velocity`. ``None`` self-distils: the teacher is the
             model's own diagonal :math:`\mathrm{sg}\,\phi(\cdot,t,t)`.
-        warm_start: start the student as a copy of the teacher's net (same architecture needed).
+        warm_start: start the student as a copy of the teacher's network (same architecture
+            needed), so that before training one jump is one Euler step of the teacher.
         schedule: the path's schedule. A distilled map takes the teacher's (giving another is an
             error); self-distillation uses this, ``"linear"`` if unset.
         lr: AdamW learning rate.
@@ -77,7 +84,7 @@ class FlowMapModule(FlowModuleBase):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: nn.Module | dict[str, Any] | None = None,
         loss: FlowMapLoss | None = None,
         teacher: str | dict[str, Any] | Velocity | None = None,
         warm_start: bool = True,
@@ -98,6 +105,7 @@ class FlowMapModule(FlowModuleBase):
             teacher = build_teacher(teacher)
         plain = teacher is None or isinstance(teacher, str) or is_spec(teacher)
         self.save_hyperparameters(ignore=[] if plain else ["teacher"])
+        net = self._student_net(net, teacher, plain)
         self.loss = loss if loss is not None else LagrangianLoss()
         if teacher is not None:  # without one it is checked in setup (a loaded map needs none)
             self.loss.check_teacher(True)
@@ -108,6 +116,33 @@ class FlowMapModule(FlowModuleBase):
         object.__setattr__(self, "_teacher", None if plain else teacher)
         if self._teacher is not None:
             self._adopt_teacher_path()
+
+    def _student_net(
+        self, net: nn.Module | dict[str, Any] | None, teacher: Any, plain: bool
+    ) -> nn.Module:
+        """The student network: ``net`` (built if a spec), else the teacher's own
+        (:func:`~flowmap.training.teachers.student_spec`, recorded as the ``net`` hyperparameter)."""
+        if net is None:
+            if teacher is None:
+                raise ValueError(
+                    "A self-distilled map has no teacher whose network it could copy; give it a "
+                    "net, e.g. net: {class_path: flowmap.nets.UNet, init_args: {...}}."
+                )
+            if not plain:
+                if isinstance(teacher, DiffusionTeacher):
+                    return DiffusionStudent(teacher)
+                own = getattr(teacher, "net", None)
+                if not isinstance(own, nn.Module):
+                    raise ValueError(
+                        f"A {type(teacher).__name__} teacher has no network to copy; give the "
+                        "student a net (and warm_start: false)."
+                    )
+                return copy.deepcopy(own).requires_grad_(True)
+            net = student_spec(teacher)
+            self.hparams["net"] = net
+        if is_spec(net):
+            net = build_component(net)
+        return net
 
     # ----------------------------------------------------------------- conditioning
     def _check_guidance(
@@ -241,13 +276,7 @@ class FlowMapModule(FlowModuleBase):
             self.loss.check_teacher(self._teacher is not None)
             self._check_teacher_classes()
         if self.hparams.warm_start and stage == "fit" and self._teacher is not None:
-            velocity_net = getattr(self._teacher, "sampling_net", None)
-            if velocity_net is None:
-                raise ValueError(
-                    f"warm_start needs a teacher with a network to copy, and a "
-                    f"{type(self._teacher).__name__} has none; set warm_start: false."
-                )
-            self.student.warm_start(velocity_net)  # the EMA copies the net at its first update
+            self.student.warm_start(self._teacher)  # the EMA copies the net at its first update
 
     def _check_teacher_classes(self) -> None:
         """The teacher's classes match the student's, and a guided map's teacher (or, when

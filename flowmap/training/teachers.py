@@ -24,10 +24,12 @@ from torch import nn
 from flowmap.io import file_sha256
 from flowmap.protocols import Velocity
 from flowmap.teachers import build_teacher
-from flowmap.training.checkpoints import CheckpointError, load_module
+from flowmap.teachers.spec import is_spec
+from flowmap.teachers.student import teacher_architecture
+from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
 from flowmap.training.velocity import VelocityModule
 
-__all__ = ["is_module_checkpoint", "load_teacher", "teacher_identity"]
+__all__ = ["is_module_checkpoint", "load_teacher", "student_spec", "teacher_identity"]
 
 _SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -94,3 +96,28 @@ def load_teacher(spec: str | Mapping[str, Any]) -> tuple[Velocity, str]:
             "flowmap.teachers.DiffusionTeacher."
         )
     return teacher, teacher_identity(spec, teacher)
+
+
+def student_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
+    """The ``class_path`` spec of a student that is the teacher's own network (plain data, no
+    weight files: the student's checkpoint rebuilds from it alone): a flowmap checkpoint's
+    ``net`` config, or a foreign teacher's :class:`~flowmap.teachers.DiffusionStudent` of its
+    architecture. Its weights come from the teacher at the warm start."""
+    if is_module_checkpoint(spec):
+        if not Path(spec).is_file():
+            raise CheckpointError(
+                f"Teacher checkpoint {str(spec)!r} does not exist; train a teacher first "
+                "(flowmap fit --config .../teacher.yaml) and pass its .ckpt path."
+            )
+        net = read_checkpoint(spec, expected_kind="VelocityModule")
+        net = net.get("hyper_parameters", {}).get("net")
+        if not is_spec(net):
+            raise ValueError(
+                f"The teacher checkpoint {str(spec)!r} does not say how its net was built; give "
+                "the student a net (its config) explicitly."
+            )
+        return dict(net)
+    return {
+        "class_path": "flowmap.teachers.DiffusionStudent",
+        "init_args": {"teacher": teacher_architecture(spec)},
+    }

@@ -15,12 +15,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from train_ddpm import train  # noqa: E402
 
-TINY = [
-    "--model.net.width=32",
-    "--model.net.depth=1",
-    "--data.batch_size=64",
-    "--trainer.enable_progress_bar=false",
-]
+TINY = ["--data.batch_size=32", "--trainer.enable_progress_bar=false"]  # the maps copy the UNet
 
 
 def main(argv=None):
@@ -28,7 +23,8 @@ def main(argv=None):
 
     def teacher_stage(root: Path) -> Path:
         steps = 20 if args.tiny else args.teacher_steps or 5000
-        return train(root, steps, batch_size=128, lr=5e-4, seed=0, tiny=args.tiny)
+        device = "cuda" if args.accelerator == "gpu" else "cpu"
+        return train(root, steps, batch_size=128, lr=5e-4, seed=0, tiny=args.tiny, device=device)
 
     return run_recipe(
         HERE,

@@ -35,8 +35,10 @@ UNET = dict(
 TINY_UNET = {**UNET, "block_out_channels": (16, 16), "norm_num_groups": 8}
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, tiny: bool) -> Path:
-    """Train and save the model; a finished run with the same settings is reused."""
+def train(
+    out: Path, steps: int, batch_size: int, lr: float, seed: int, tiny: bool, device: str = "cpu"
+) -> Path:
+    """Train and save the model (on ``device``); a finished run with the same settings is reused."""
     settings = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, tiny=tiny)
     done = out / "done.json"
     if done.exists() and json.loads(done.read_text()).get("settings") == settings:
@@ -45,7 +47,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, tiny: bo
     torch.manual_seed(seed)
     data = DigitsDataModule(batch_size=batch_size, seed=seed)
     data.setup("fit")
-    model = UNet2DModel(**(TINY_UNET if tiny else UNET))
+    model = UNet2DModel(**(TINY_UNET if tiny else UNET)).to(device)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon"
     )
@@ -57,9 +59,9 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, tiny: bo
     start, step, losses = time.time(), 0, []
     while step < steps:
         for batch in data.train_dataloader():
-            x = batch[0] if isinstance(batch, list | tuple) else batch
+            x = (batch[0] if isinstance(batch, list | tuple) else batch).to(device)
             noise = torch.randn_like(x)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (x.shape[0],))
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (x.shape[0],), device=device)
             loss = torch.nn.functional.mse_loss(
                 model(scheduler.add_noise(x, noise, t), t).sample, noise
             )
@@ -78,7 +80,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, tiny: bo
             if step == steps:
                 break
     ema.copy_to(model.parameters())
-    model.save_pretrained(out / "unet", safe_serialization=True)
+    model.cpu().save_pretrained(out / "unet", safe_serialization=True)
     scheduler.save_pretrained(out / "scheduler")
     seconds = time.time() - start
     done.write_text(
@@ -103,9 +105,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
 
 
 if __name__ == "__main__":
     a = parser().parse_args()
-    train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.tiny)
+    train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.tiny, a.device)
