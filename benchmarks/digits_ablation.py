@@ -4,7 +4,8 @@ teacher with the recipe (``recipes/digits/<loss>.yaml``) and one change, all in 
 intervals; ``flowmap report``).
 
     python benchmarks/digits_ablation.py --teacher runs/digits/teacher/checkpoints/last.ckpt \\
-        --out runs/digits-ablation [--jobs 4] [--accelerator gpu] [--only lagrangian ...]
+        --out runs/digits-ablation [--baseline runs/digits] [--jobs 4] [--accelerator gpu] \\
+        [--only lagrangian-lr1e-3 ...] [--deadline SECONDS]
 
 The knobs: learning rate, share of diagonal rows (``eta``), adaptive weighting, training length,
 EMA, the semigroup's teacher steps. Runs that finished are reused (each is a ``flowmap fit`` into
@@ -30,7 +31,7 @@ KNOBS: dict[str, list[str]] = {
     "lr1e-3": ["--model.lr=0.001"],
     "eta0.5": ["--model.loss.init_args.pairs.eta=0.5"],
     "adaptive": ["--model.loss.init_args.weighting.kind=adaptive"],
-    "steps4x": ["--trainer.max_steps=6000"],
+    "steps2x": ["--trainer.max_steps=3000"],
     "no-ema": ["--model.ema_decay=null"],
 }
 SEMIGROUP_KNOBS = {"teacher-steps4": ["--model.loss.init_args.teacher_steps=4"]}
@@ -52,6 +53,8 @@ def fit(name: str, loss: str, overrides: list[str], args: argparse.Namespace) ->
     ckpt = root / "checkpoints" / "last.ckpt"
     if (root / "done").exists():
         return ckpt
+    if not overrides and args.baseline is not None:  # the recipe itself, trained by its pipeline
+        return args.baseline / loss / "checkpoints" / "last.ckpt"
     cmd = [
         sys.executable, "-m", "flowmap.apps.cli", "fit",
         "--config", str(ROOT / "recipes" / "digits" / f"{loss}.yaml"),
@@ -87,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--jobs", type=int, default=1, help="fits at a time (1 on a CPU: timings)")
     p.add_argument("--accelerator", default=None)
-    p.add_argument("--only", nargs="+", default=None, help="variant names to run")
+    p.add_argument("--only", nargs="+", default=None, help="variant names to run, in this order")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a digits pipeline's --out whose maps (same teacher) are the recipe rows",
+    )
     p.add_argument("--nfe", nargs="+", default=["1", "2", "4", "8"])
     p.add_argument("--deadline", type=float, default=None, help="seconds for all fits")
     p.add_argument(
@@ -96,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.extra = shlex.split(args.extra)
     args.deadline = time.time() + (args.deadline or float("inf"))
-    todo = {k: v for k, v in variants().items() if args.only is None or k in args.only}
+    every = variants()
+    unknown = sorted(set(args.only or ()) - set(every))
+    if unknown:
+        raise SystemExit(f"Unknown variants {unknown}; choose from {sorted(every)}.")
+    todo = every if args.only is None else {k: every[k] for k in args.only}
     with ThreadPoolExecutor(args.jobs) as pool:
         done = dict(zip(todo, pool.map(lambda kv: fit(kv[0], *kv[1], args), todo.items())))
     flowmaps = [a for k, c in done.items() if c is not None for a in ("--flowmap", f"{k}={c}")]

@@ -48,9 +48,7 @@ def test_recipe_config_parses(config, capsys):
     assert "class_path: flowmap.training." in printed and "max_steps:" in printed
 
 
-DIGITS_TINY = [
-    "--model.net.width=32",
-    "--model.net.depth=1",
+DIGITS_TINY = [  # the flow maps take no net: theirs is the teacher's own
     "--data.batch_size=32",
     "--trainer.enable_progress_bar=false",
     "--trainer.check_val_every_n_epoch=1",
@@ -69,6 +67,7 @@ def test_digits_stages_run_through_the_cli_and_train(tmp_path):
             "--config",
             str(RECIPES / "digits/teacher.yaml"),
             *DIGITS_TINY,
+            "--model.net.channels=8",
             f"--trainer.default_root_dir={teacher}",
             "--trainer.max_steps=5",
         ]
@@ -95,6 +94,7 @@ def test_digits_stages_run_through_the_cli_and_train(tmp_path):
         assert raw["hyper_parameters"]["loss"]["class_path"] == f"flowmap.losses.{name}Loss"
         student = load_module(FlowMapModule, student_ckpt)
         assert isinstance(student.loss, getattr(losses, f"{name}Loss"))
+        assert raw["hyper_parameters"]["net"] == read_checkpoint(ckpt)["hyper_parameters"]["net"]
         # warm-started from the teacher's (EMA) net, then moved by 3 optimiser steps of its own loss
         moved = (
             (_flat_params(student) - torch.cat([p.flatten() for p in t.sampling_net.parameters()]))

@@ -33,6 +33,9 @@ from flowmap.teachers.spec import build_teacher, is_plain_data, is_spec
 
 __all__ = ["DiffusionStudent", "teacher_architecture"]
 
+#: modules that drop class labels at random in train mode (kept in eval mode in a student)
+_OWN_LABEL_DROPOUT = ("LabelEmbedding",)
+
 
 def _without_weights(spec: Any) -> Any:
     """A spec with every ``weights`` entry removed (the architecture alone)."""
@@ -126,6 +129,16 @@ class DiffusionStudent(nn.Module):
         s, t = as_time(s, x), as_time(t, x)
         with self.adapter.gap(t - s):
             return self.conversion._velocity(x, s, y, model=self.adapter)
+
+    def train(self, mode: bool = True) -> DiffusionStudent:
+        """Train mode, except for a network's own label dropout (diffusers' ``LabelEmbedding``
+        drops labels at random in training): flowmap drops labels itself (``label_dropout``),
+        and a label the network dropped unasked would pair a row with another class's target."""
+        super().train(mode)
+        for m in self.adapter.model.modules():
+            if type(m).__name__ in _OWN_LABEL_DROPOUT:
+                m.train(False)
+        return self
 
     @torch.no_grad()
     def warm_start(self, teacher: Any) -> DiffusionStudent:
