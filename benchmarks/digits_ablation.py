@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         help="a digits pipeline's --out whose maps (same teacher) are the recipe rows",
     )
     p.add_argument("--nfe", nargs="+", default=["1", "2", "4", "8"])
+    p.add_argument("--n-samples", default="10000", help="samples per report row")
     p.add_argument("--deadline", type=float, default=None, help="seconds for all fits")
     p.add_argument(
         "--extra", default="", help="overrides for every fit, one string: --extra='--a=1'"
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     flowmaps = [a for k, c in done.items() if c is not None for a in ("--flowmap", f"{k}={c}")]
     cmd = [sys.executable, "-m", "flowmap.apps.cli", "report", "--teacher", str(args.teacher)]
     cmd += [*flowmaps, "--out", str(args.out / "report"), "--nfe", *args.nfe]
-    cmd += ["--solvers", "euler", "--rtol", "1e-4", "--atol", "1e-4"]
+    cmd += ["--solvers", "euler", "--rtol", "1e-4", "--atol", "1e-4", "--n-samples", args.n_samples]
     subprocess.check_call(cmd)
 
 

@@ -18,8 +18,8 @@ LAYERS = [
     "flowmap.flowmap",
     "flowmap.ode",
     "flowmap.oracles",
-    "flowmap.teachers",
     "flowmap.nets",
+    "flowmap.teachers",  # a foreign teacher's student adapts its network (nets.adapter)
     "flowmap.losses",
     "flowmap.presets",
     "flowmap.data",

@@ -21,7 +21,9 @@ from flowmap.training.teachers import load_teacher
 from tests.fakes import VelocityNet
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TINY = [
+TINY = [  # an MLP student of its own (the digits recipes' maps copy the teacher's net)
+    "--model.net=flowmap.nets.MLP",
+    "--model.net.data_shape=[1,8,8]",
     "--model.net.width=16",
     "--model.net.depth=1",
     "--data.batch_size=32",
@@ -101,7 +103,7 @@ def test_the_ddpm_recipe_distils_through_the_cli_reports_ddim_and_samples(tmp_pa
     spec.loader.exec_module(module)
     res = module.main(["--out", str(tmp_path), "--tiny"])
     methods = {(r["method"], r["nfe"]) for r in res["rows"]}
-    assert {("teacher/ddim", 1), ("teacher/ddim", 2), ("teacher/euler", 1)} <= methods
+    assert {("teacher/ddim", 1), ("teacher/ddim", 2), ("teacher/heun", 2)} <= methods
     assert {("flowmap/lagrangian", 1), ("flowmap/semigroup", 2)} <= methods
     assert all(v < 1e-3 for v in res["ddim_vs_euler"].values()), res["ddim_vs_euler"]
     assert "## DDIM and Euler" in (tmp_path / "report.md").read_text()
@@ -131,7 +133,8 @@ def test_the_ddpm_recipe_distils_through_the_cli_reports_ddim_and_samples(tmp_pa
     assert "NFE 3" in capsys.readouterr().out
     fm = load_module(
         FlowMapModule, tmp_path / "eulerian/checkpoints/last.ckpt"
-    )  # no teacher needed
+    )  # no teacher needed: the student is the teacher's own UNet, its architecture in the checkpoint
+    assert type(fm.net).__name__ == "DiffusionStudent" and ck["hyper_parameters"]["warm_start"]
     assert fm.generate(torch.randn(4, 1, 8, 8), 2).x.shape == (4, 1, 8, 8)
     # the folder and a class_path spec naming it are one teacher; another path is another
     folder = str(tmp_path / "teacher")
@@ -285,8 +288,8 @@ def test_a_foreign_teacher_of_another_shape_or_without_data_is_refused_early(tmp
         from flowmap.apps.report import main as report_main
 
         report_main(["--teacher", str(spec), "--out", str(tmp_path / "r")])
-    with pytest.raises(ValueError, match="warm_start needs a teacher with a network to copy"):
-        cli_main(
+    with pytest.raises(ValueError, match="leave the student's net unset"):
+        cli_main(  # an MLP student cannot copy the teacher's VelocityNet
             [
                 "fit",
                 "--config",
@@ -294,6 +297,21 @@ def test_a_foreign_teacher_of_another_shape_or_without_data_is_refused_early(tmp
                 f"--model.teacher={spec}",
                 f"--trainer.default_root_dir={tmp_path / 'fit3'}",
                 *TINY,
+            ]
+        )
+    # no net: the student would be the teacher's own VelocityNet, whose time input is a plain
+    # concatenation (no time module to give the gap): refused, naming the hook
+    with pytest.raises(
+        ValueError, match="Cannot find the time conditioning of VelocityNet.*time_modules"
+    ):
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(RECIPES / "digits/lagrangian.yaml"),
+                f"--model.teacher={spec}",
+                f"--trainer.default_root_dir={tmp_path / 'fit4'}",
+                "--trainer.max_steps=1",
             ]
         )
 

@@ -83,7 +83,9 @@ class DiffusionStudent(nn.Module):
     Args:
         teacher: the teacher's architecture (:func:`teacher_architecture`), or a live
             :class:`~flowmap.teachers.DiffusionTeacher` (copied: a Python student, whose
-            checkpoint then needs the same object to rebuild).
+            checkpoint then needs the same object to rebuild). As a ``FlowMapModule``'s net in
+            YAML, leave it unset: it is filled in from the module's teacher, e.g.
+            ``net: {class_path: flowmap.teachers.DiffusionStudent, init_args: {time_modules: [clock]}}``.
         time_modules: the adapter's hook: the network's submodules whose output is its time
             embedding (default: found, :func:`~flowmap.nets.adapter.find_time_modules`).
         gap_dim, gap_scale: the gap branch's sinusoidal features.
@@ -91,12 +93,17 @@ class DiffusionStudent(nn.Module):
 
     def __init__(
         self,
-        teacher: dict[str, Any] | DiffusionTeacher,
+        teacher: dict[str, Any] | DiffusionTeacher | None = None,
         time_modules: Sequence[str] | None = None,
         gap_dim: int = 64,
         gap_scale: float = 10.0,
     ) -> None:
         super().__init__()
+        if teacher is None:
+            raise ValueError(
+                "A DiffusionStudent needs its teacher's architecture; as a flow map's net, give "
+                "the FlowMapModule its teacher and leave init_args.teacher unset (it is filled in)."
+            )
         if isinstance(teacher, DiffusionTeacher):
             conversion = copy.deepcopy(teacher)
         else:

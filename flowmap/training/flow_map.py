@@ -140,6 +140,12 @@ class FlowMapModule(FlowModuleBase):
                 return copy.deepcopy(own).requires_grad_(True)
             net = student_spec(teacher)
             self.hparams["net"] = net
+        elif is_spec(net) and net["class_path"].endswith("DiffusionStudent") and plain:
+            args = dict(net.get("init_args") or {})
+            if args.get("teacher") is None:  # its settings given (e.g. time_modules), not the teacher
+                args["teacher"] = student_spec(teacher)["init_args"]["teacher"]
+                net = {"class_path": net["class_path"], "init_args": args}
+                self.hparams["net"] = net
         if is_spec(net):
             net = build_component(net)
         return net
