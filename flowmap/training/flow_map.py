@@ -142,7 +142,9 @@ class FlowMapModule(FlowModuleBase):
             self.hparams["net"] = net
         elif is_spec(net) and net["class_path"].endswith("DiffusionStudent") and plain:
             args = dict(net.get("init_args") or {})
-            if args.get("teacher") is None:  # its settings given (e.g. time_modules), not the teacher
+            if (
+                args.get("teacher") is None
+            ):  # its settings given (e.g. time_modules), not the teacher
                 args["teacher"] = student_spec(teacher)["init_args"]["teacher"]
                 net = {"class_path": net["class_path"], "init_args": args}
                 self.hparams["net"] = net
