@@ -52,9 +52,9 @@ class LagrangianLoss(FlowMapLoss):
         tangent_norm: with the regression form, normalise the residual as :math:`r/(\\|r\\| + c)`.
         pairs: the time-pair sampler (:class:`~flowmap.losses.TimePairSampler`).
         weighting: default none. Adaptive weighting :math:`\\ell/\\mathrm{sg}(\\ell + \\varepsilon)`
-            (``LossWeighting("adaptive")``) helps in 2D (exact-teacher one-jump error 3.3% of the
-            data radius against 7.2% at 3000 steps; the toy recipes use it) but hurts on digits
-            (one-step FID 38.1 ± 2.1 with it, 19.0 ± 1.5 without; the teacher's is 5.2).
+            (``LossWeighting("adaptive")``) helps the single jump in 2D (the toy recipes use it)
+            and costs it on digits, with an MLP or the U-Net alike
+            (``benchmarks/results/exact-teacher``, ``benchmarks/results/digits-ablation``).
     """
 
     name = "lagrangian"
