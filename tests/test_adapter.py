@@ -16,6 +16,7 @@ from flowmap.nets import MLP, TwoTimeAdapter, UNet
 from flowmap.ode import solve_adaptive
 from flowmap.oracles import GaussianTarget
 from flowmap.teachers import DiffusionStudent, DiffusionTeacher
+from tests.test_teachers_cli import tiny_unet2d, tiny_unet_folder
 
 F64 = torch.float64
 
@@ -25,21 +26,6 @@ def _perturb(module: nn.Module) -> None:
     for name, p in module.named_parameters():
         if "branches" in name or ".gap." in name:
             p.data.normal_(0, 1.0)
-
-
-def _tiny_unet2d(dtype=torch.float32):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    ).to(dtype)
 
 
 def _tiny_dit():
@@ -100,7 +86,7 @@ def _adapter_checks(adapter: TwoTimeAdapter, call) -> None:
 
 
 def test_the_adapter_finds_a_diffusers_unet_time_embedding():
-    adapter = TwoTimeAdapter(_tiny_unet2d())
+    adapter = TwoTimeAdapter(tiny_unet2d())
     assert adapter.time_modules == ["time_embedding"]
     _adapter_checks(adapter, lambda m, x, tau, **kw: m(x, tau, **kw).sample)
 
@@ -157,7 +143,7 @@ def test_an_ema_copy_of_an_adapted_network_adds_its_own_gap_branch():
 def test_a_foreign_teachers_student_is_the_teacher_and_one_jump_is_one_euler_step(
     prediction, schedule
 ):
-    teacher = DiffusionTeacher(_tiny_unet2d(F64), prediction, schedule, clip=True)
+    teacher = DiffusionTeacher(tiny_unet2d(F64), prediction, schedule, clip=True)
     fm = FlowMap(DiffusionStudent(teacher).double())
     x = torch.randn(5, 1, 8, 8, dtype=F64)
     s = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.9], dtype=F64)
@@ -194,10 +180,8 @@ def test_a_dit_student_is_the_teacher_with_labels_and_keeps_its_own_label_dropou
 
 
 def test_a_students_warm_start_refuses_another_teacher():
-    student = DiffusionStudent(
-        DiffusionTeacher(_tiny_unet2d(), "epsilon", "ddpm_linear", clip=True)
-    )
-    other = DiffusionTeacher(_tiny_unet2d(), "v_prediction", "ddpm_linear", clip=True)
+    student = DiffusionStudent(DiffusionTeacher(tiny_unet2d(), "epsilon", "ddpm_linear", clip=True))
+    other = DiffusionTeacher(tiny_unet2d(), "v_prediction", "ddpm_linear", clip=True)
     with pytest.raises(ValueError, match="converts its network differently.*prediction"):
         student.warm_start(other)
     with pytest.raises(ValueError, match="copies a DiffusionTeacher's network"):
@@ -211,7 +195,6 @@ def test_a_diffusers_students_checkpoint_samples_without_the_teachers_files(tmp_
 
     from flowmap import FlowMapModule, load_module
     from flowmap.data import DigitsDataModule
-    from tests.test_teachers_cli import tiny_unet_folder
 
     folder = tiny_unet_folder(tmp_path / "teacher")
     module = FlowMapModule(teacher=str(folder), lr=1e-3)  # no net: the teacher's own UNet

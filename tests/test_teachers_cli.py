@@ -32,10 +32,11 @@ TINY = [  # an MLP student of its own (the digits recipes' maps copy the teacher
 ]
 
 
-def tiny_unet_folder(root: Path, prediction: str = "epsilon") -> Path:
+def tiny_unet2d(dtype: torch.dtype = torch.float32):
+    """A seeded random diffusers UNet2DModel on 1×8×8 with attention at 4×4 (0.02M parameters)."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
+    return diffusers.UNet2DModel(
         sample_size=8,
         in_channels=1,
         out_channels=1,
@@ -44,7 +45,12 @@ def tiny_unet_folder(root: Path, prediction: str = "epsilon") -> Path:
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
-    )
+    ).to(dtype)
+
+
+def tiny_unet_folder(root: Path, prediction: str = "epsilon") -> Path:
+    diffusers = pytest.importorskip("diffusers")
+    unet = tiny_unet2d()
     unet.save_pretrained(root / "unet", safe_serialization=True)
     diffusers.DDPMScheduler(prediction_type=prediction).save_pretrained(root / "scheduler")
     return root
