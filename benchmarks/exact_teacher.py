@@ -6,7 +6,9 @@ solve. What remains is the student's optimisation and capacity: this separates t
 error. Problems:
 
 * ``ring2d`` — 8 components on a circle of radius 2.5, std 0.15 (2D);
-* ``mix32d`` — 8 components at radius 2.5 in random directions of R^32, std 0.15.
+* ``mix32d`` — 8 components at radius 2.5 in random directions of R^32, std 0.15;
+* ``uneven6`` — 6 components of uneven weight (0.35 down to 0.05) at radii 1 to 2.5, each
+  anisotropic (stds from 0.05 to 0.6 per axis) (2D): a problem the defaults were not tuned on.
 
 The metric is the RMS endpoint error :math:`\\sqrt{E\\|\\hat X_{0\\to1}(x_0) - X_{0\\to 1}(x_0)\\|^2}` at
 1/2/4 jumps over 2048 fixed noise points, as a fraction of the data radius (2.5), with a 95%
@@ -78,7 +80,16 @@ def problem(name: str) -> GaussianMixtureTarget:
         return GaussianMixtureTarget(
             torch.ones(8), means.float(), torch.full_like(means, 0.15).float()
         )
-    raise ValueError(f"Unknown problem {name!r}; choose ring2d or mix32d.")
+    if name == "uneven6":
+        angles = torch.tensor([0.0, 0.9, 2.0, 2.9, 4.1, 5.3])
+        radii = torch.tensor([2.5, 1.0, 2.0, 1.5, 2.5, 1.2])
+        means = torch.stack([radii * angles.cos(), radii * angles.sin()], 1)
+        stds = torch.tensor(
+            [[0.6, 0.1], [0.05, 0.3], [0.2, 0.2], [0.4, 0.05], [0.1, 0.5], [0.3, 0.15]]
+        )
+        weights = torch.tensor([0.35, 0.25, 0.15, 0.1, 0.1, 0.05])
+        return GaussianMixtureTarget(weights, means, stds)
+    raise ValueError(f"Unknown problem {name!r}; choose ring2d, mix32d or uneven6.")
 
 
 @dataclass
