@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowmap.nets.embedding import SinusoidalEmbedding
+from flowmap.nets.embedding import GapBranch, SinusoidalEmbedding
 from flowmap.paths import time_dtype
 
-__all__ = ["TIME_MODULE_NAMES", "GapBranch", "TwoTimeAdapter", "find_time_modules"]
+__all__ = ["TIME_MODULE_NAMES", "TwoTimeAdapter", "find_time_modules"]
 
 #: attribute names that hold a network's time embedding (diffusers' UNets, ADM / guided-diffusion,
 #: DiT and SiT, EDM2); the diffusers class ``TimestepEmbedding`` is found by type wherever it sits
@@ -79,22 +79,18 @@ def _output_dim(name: str, module: nn.Module, model: nn.Module) -> int:
     return linears[-1].out_features
 
 
-class GapBranch(nn.Module):
-    r""":math:`g(\delta) - g(0)` with :math:`g` = Linear(SiLU(Linear(sinusoidal features of
-    :math:`\delta`))), the last layer zero at initialisation; exactly 0 at :math:`\delta = 0`."""
+class _GapTerm(nn.Module):
+    r""":math:`g(t - s) - g(0)` of width ``out_dim`` (:class:`~flowmap.nets.embedding.GapBranch`
+    on sinusoidal features of the gap), in float32."""
 
     def __init__(self, out_dim: int, dim: int = 64, scale: float = 10.0) -> None:
         super().__init__()
         self.features = SinusoidalEmbedding(dim, scale)
-        self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        self.branch = GapBranch(dim, out_dim, out_dim)
 
     def forward(self, gap: Tensor) -> Tensor:
         with torch.autocast(device_type=gap.device.type, enabled=False):
-            gap = gap.to(time_dtype(gap))
-            # g(0) on a batch of the same shape, so diagonal rows cancel bit for bit
-            return self.mlp(self.features(gap)) - self.mlp(self.features(torch.zeros_like(gap)))
+            return self.branch.difference(self.features, gap.to(time_dtype(gap)))
 
 
 class TwoTimeAdapter(nn.Module):
@@ -129,7 +125,7 @@ class TwoTimeAdapter(nn.Module):
         modules = dict(model.named_modules())
         self.branches = nn.ModuleDict(
             {
-                n.replace(".", "__"): GapBranch(
+                n.replace(".", "__"): _GapTerm(
                     _output_dim(n, modules[n], model), gap_dim, gap_scale
                 )
                 for n in self.time_modules
@@ -137,10 +133,7 @@ class TwoTimeAdapter(nn.Module):
         )
         self._gap: Tensor | None = None
         for n in self.time_modules:
-            modules[n].register_forward_hook(self._hook_for(n.replace(".", "__")))
-
-    def _hook_for(self, key: str) -> Any:
-        return _AddGap(self, key)
+            modules[n].register_forward_hook(_AddGap(self, n.replace(".", "__")))
 
     @contextlib.contextmanager
     def gap(self, gap: Tensor | None) -> Iterator[None]:

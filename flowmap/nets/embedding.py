@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from flowmap.paths import time_dtype
 
-__all__ = ["ConditionEmbedding", "SinusoidalEmbedding", "TwoTimeEmbedding"]
+__all__ = ["ConditionEmbedding", "GapBranch", "SinusoidalEmbedding", "TwoTimeEmbedding"]
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -41,6 +41,22 @@ class SinusoidalEmbedding(nn.Module):
             return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
 
 
+class GapBranch(nn.Sequential):
+    r""":math:`g` = Linear(SiLU(Linear(·))) on features of the gap, its last layer zero at
+    initialisation; :meth:`difference` gives :math:`g(\delta) - g(0)`, exactly 0 at
+    :math:`\delta = 0` whatever the weights."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+        nn.init.zeros_(self[-1].weight)
+        nn.init.zeros_(self[-1].bias)
+
+    def difference(self, features: nn.Module, delta: Tensor) -> Tensor:
+        r""":math:`g(\mathrm{features}(\delta)) - g(\mathrm{features}(0))`."""
+        # g(0) on a batch of the same shape, so that the diagonal rows cancel bit for bit
+        return self(features(delta)) - self(features(torch.zeros_like(delta)))
+
+
 class TwoTimeEmbedding(nn.Module):
     r"""Embedding of :math:`(s, t)` as :math:`f(s) + g(t - s) - g(0)`, with :math:`f, g` small MLPs of
     sinusoidal features.
@@ -54,17 +70,13 @@ class TwoTimeEmbedding(nn.Module):
         hidden = hidden or 4 * dim
         self.features = SinusoidalEmbedding(dim, scale)
         self.start = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.gap = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        nn.init.zeros_(self.gap[-1].weight)
-        nn.init.zeros_(self.gap[-1].bias)
+        self.gap = GapBranch(dim, hidden, hidden)
         self.out_dim = hidden
 
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         with torch.autocast(device_type=s.device.type, enabled=False):
             s, t = s.to(time_dtype(s)), t.to(time_dtype(t))
-            # g(0) on a batch of the same shape, so that the diagonal rows cancel bit for bit
-            g = self.gap(self.features(t - s)) - self.gap(self.features(torch.zeros_like(s)))
-            return self.start(self.features(s)) + g
+            return self.start(self.features(s)) + self.gap.difference(self.features, t - s)
 
 
 class ConditionEmbedding(nn.Module):
