@@ -153,6 +153,28 @@ def test_the_ddpm_recipe_distils_through_the_cli_reports_ddim_and_samples(tmp_pa
     assert load_teacher(spec)[1] != ck["flowmap_teacher_sha256"]
 
 
+def test_a_diffusion_student_net_without_its_teacher_takes_the_fits_teacher(tmp_path):
+    """``--model.net=flowmap.teachers.DiffusionStudent`` with settings of its own but no teacher:
+    the CLI writes the fit's teacher's architecture in, as ``FlowMapModule`` does from Python."""
+    folder = tiny_unet_folder(tmp_path / "teacher")
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(RECIPES / "digits_ddpm/lagrangian.yaml"),
+            f"--model.teacher={folder}",
+            "--model.net=flowmap.teachers.DiffusionStudent",
+            "--model.net.gap_dim=16",
+            f"--trainer.default_root_dir={tmp_path / 'fit'}",
+            *TINY[-3:],
+        ]
+    )
+    net = read_checkpoint(cli.trainer.checkpoint_callback.last_model_path)["hyper_parameters"]["net"]
+    assert net["init_args"]["gap_dim"] == 16
+    assert net["init_args"]["teacher"]["init_args"]["model_config"]["sample_size"] == 8
+    assert "folder" not in str(net)  # the architecture inline: the map loads without the folder
+    assert cli.model.net.adapter.branches["time_embedding"].features.freqs.numel() == 8
+
 def plain_teacher_spec(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     net = VelocityNet()

@@ -451,6 +451,19 @@ def _has_progress_bar(callbacks: Any) -> bool:
     return any(isinstance(c, ProgressBar) for c in items)
 
 
+def _fill_student_teacher(model: Any) -> None:
+    """Write the teacher's architecture into a ``DiffusionStudent`` net config that lacks one."""
+    args = getattr(model, "init_args", None)
+    net = getattr(args, "net", None)
+    if not str(getattr(net, "class_path", "")).endswith("DiffusionStudent"):
+        return
+    teacher = getattr(args, "teacher", None)
+    if getattr(net.init_args, "teacher", None) is None and isinstance(teacher, str | dict):
+        from flowmap.training.teachers import student_spec
+
+        net.init_args.teacher = student_spec(teacher)["init_args"]["teacher"]
+
+
 class FlowmapCLI(LightningCLI):
     """LightningCLI over every :class:`FlowModuleBase` and :class:`FlowDataModule`."""
 
@@ -510,7 +523,11 @@ class FlowmapCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but a bad argument surfaces as the model's or data's own one-sentence
-        error instead of jsonargparse's union-type report wrapped around it."""
+        error instead of jsonargparse's union-type report wrapped around it; a
+        ``DiffusionStudent`` net given without its teacher gets the model's teacher's architecture
+        first (as ``FlowMapModule`` fills it in from Python)."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        _fill_student_teacher(cfg.get("model"))
         try:
             super().instantiate_classes()
         except Exception as err:

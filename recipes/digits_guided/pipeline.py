@@ -11,12 +11,7 @@ from pathlib import Path
 from flowmap.apps.pipeline import recipe_parser, run_recipe
 
 HERE = Path(__file__).resolve().parent
-TINY = [
-    "--model.net.width=32",
-    "--model.net.depth=1",
-    "--data.batch_size=64",
-    "--trainer.enable_progress_bar=false",
-]
+TINY = ["--model.net.channels=8", "--data.batch_size=32", "--trainer.enable_progress_bar=false"]
 
 
 def main(argv=None):
