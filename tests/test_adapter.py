@@ -269,4 +269,3 @@ def test_a_short_distillation_of_a_conv_teacher_beats_one_euler_step_by_far():
         loss.backward()
         opt.step()
     assert error(student) < 0.4 * euler, (error(student), euler)
-

@@ -169,11 +169,13 @@ def test_a_diffusion_student_net_without_its_teacher_takes_the_fits_teacher(tmp_
             *TINY[-3:],
         ]
     )
-    net = read_checkpoint(cli.trainer.checkpoint_callback.last_model_path)["hyper_parameters"]["net"]
+    ck = read_checkpoint(cli.trainer.checkpoint_callback.last_model_path)
+    net = ck["hyper_parameters"]["net"]
     assert net["init_args"]["gap_dim"] == 16
     assert net["init_args"]["teacher"]["init_args"]["model_config"]["sample_size"] == 8
     assert "folder" not in str(net)  # the architecture inline: the map loads without the folder
     assert cli.model.net.adapter.branches["time_embedding"].features.freqs.numel() == 8
+
 
 def plain_teacher_spec(tmp_path: Path) -> Path:
     torch.manual_seed(0)
