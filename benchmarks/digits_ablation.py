@@ -31,6 +31,10 @@ KNOBS: dict[str, list[str]] = {
     "lr1e-3": ["--model.lr=0.001"],
     "eta0.5": ["--model.loss.init_args.pairs.eta=0.5"],
     "adaptive": ["--model.loss.init_args.weighting.kind=adaptive"],
+    "adaptive-p0.5": [
+        "--model.loss.init_args.weighting.kind=adaptive",
+        "--model.loss.init_args.weighting.p=0.5",
+    ],
     "steps2x": ["--trainer.max_steps=3000"],
     "no-ema": ["--model.ema_decay=null"],
 }

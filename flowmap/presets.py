@@ -100,7 +100,7 @@ _ALL = [
         "maps via self-distillation (arXiv:2505.18825, 2025)",
         place="Lagrangian residual, the model's own diagonal as teacher, backprop through the "
         "time JVP",
-        loss=_loss(_L, form="backprop", pairs=_UNIFORM_75),
+        loss=_loss(_L, form="backprop", pairs=_UNIFORM_75, weighting={"kind": "none"}),
         needs_teacher=False,
         residual="Lagrangian",
         teacher="own diagonal",
@@ -342,7 +342,9 @@ _ALL = [
         citation="Sabour, Fidler & Kreis (arXiv:2506.14603, 2025)",
         place="Lagrangian residual in regression (stop-gradient) form, from a teacher, with "
         "tangent normalisation",
-        loss=_loss(_L, form="regression", tangent_norm=0.1, pairs={"eta": 0.25}),
+        loss=_loss(
+            _L, form="regression", tangent_norm=0.1, pairs={"eta": 0.25}, weighting={"kind": "none"}
+        ),
         needs_teacher=True,
         residual="Lagrangian",
         teacher="frozen velocity",
