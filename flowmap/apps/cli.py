@@ -46,6 +46,7 @@ from flowmap.training import (
 )
 from flowmap.training.base import check_fit_directory
 from flowmap.training.progress import FlowmapProgressBar
+from flowmap.training.teachers import missing_student_teacher
 
 __all__ = [
     "COMMANDS",
@@ -451,19 +452,6 @@ def _has_progress_bar(callbacks: Any) -> bool:
     return any(isinstance(c, ProgressBar) for c in items)
 
 
-def _fill_student_teacher(model: Any) -> None:
-    """Write the teacher's architecture into a ``DiffusionStudent`` net config that lacks one."""
-    args = getattr(model, "init_args", None)
-    net = getattr(args, "net", None)
-    if not str(getattr(net, "class_path", "")).endswith("DiffusionStudent"):
-        return
-    teacher = getattr(args, "teacher", None)
-    if getattr(net.init_args, "teacher", None) is None and isinstance(teacher, str | dict):
-        from flowmap.training.teachers import student_spec
-
-        net.init_args.teacher = student_spec(teacher)["init_args"]["teacher"]
-
-
 class FlowmapCLI(LightningCLI):
     """LightningCLI over every :class:`FlowModuleBase` and :class:`FlowDataModule`."""
 
@@ -527,7 +515,11 @@ class FlowmapCLI(LightningCLI):
         ``DiffusionStudent`` net given without its teacher gets the model's teacher's architecture
         first (as ``FlowMapModule`` fills it in from Python)."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        _fill_student_teacher(cfg.get("model"))
+        args = getattr(cfg.get("model"), "init_args", None)
+        if args is not None and args.get("net") is not None:
+            arch = missing_student_teacher(args.net, args.get("teacher"))
+            if arch is not None:
+                args.net.init_args.teacher = arch
         try:
             super().instantiate_classes()
         except Exception as err:

@@ -26,7 +26,7 @@ from flowmap.protocols import Solution, Velocity, declared_schedule
 from flowmap.teachers import DiffusionStudent, DiffusionTeacher
 from flowmap.teachers.spec import build_component, build_teacher, is_plain_data, is_spec
 from flowmap.training.base import FlowModuleBase, fork_rng
-from flowmap.training.teachers import load_teacher, student_spec
+from flowmap.training.teachers import load_teacher, missing_student_teacher, student_spec
 
 __all__ = ["FlowMapModule"]
 
@@ -140,14 +140,13 @@ class FlowMapModule(FlowModuleBase):
                 return copy.deepcopy(own).requires_grad_(True)
             net = student_spec(teacher)
             self.hparams["net"] = net
-        elif is_spec(net) and net["class_path"].endswith("DiffusionStudent") and plain:
-            args = dict(net.get("init_args") or {})
-            if (
-                args.get("teacher") is None
-            ):  # its settings given (e.g. time_modules), not the teacher
-                args["teacher"] = student_spec(teacher)["init_args"]["teacher"]
-                net = {"class_path": net["class_path"], "init_args": args}
-                self.hparams["net"] = net
+        elif is_spec(net) and plain and (arch := missing_student_teacher(net, teacher)):
+            # a DiffusionStudent given its settings (e.g. time_modules), not its teacher
+            net = {
+                "class_path": net["class_path"],
+                "init_args": {**net["init_args"], "teacher": arch},
+            }
+            self.hparams["net"] = net
         if is_spec(net):
             net = build_component(net)
         return net

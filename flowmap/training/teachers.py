@@ -29,7 +29,13 @@ from flowmap.teachers.student import teacher_architecture
 from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
 from flowmap.training.velocity import VelocityModule
 
-__all__ = ["is_module_checkpoint", "load_teacher", "student_spec", "teacher_identity"]
+__all__ = [
+    "is_module_checkpoint",
+    "load_teacher",
+    "missing_student_teacher",
+    "student_spec",
+    "teacher_identity",
+]
 
 _SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -96,6 +102,19 @@ def load_teacher(spec: str | Mapping[str, Any]) -> tuple[Velocity, str]:
             "flowmap.teachers.DiffusionTeacher."
         )
     return teacher, teacher_identity(spec, teacher)
+
+
+def missing_student_teacher(net: Any, teacher: Any) -> dict[str, Any] | None:
+    """The teacher architecture to write into ``net``, a ``DiffusionStudent`` spec (a dict or a
+    parsed config) given its settings but not its teacher; ``None`` for any other net, or without
+    a teacher."""
+    if not isinstance(teacher, str | Path | Mapping):
+        return None
+    if not str(net.get("class_path", "")).endswith("DiffusionStudent"):
+        return None
+    if (net.get("init_args") or {}).get("teacher") is not None:
+        return None
+    return student_spec(teacher)["init_args"]["teacher"]
 
 
 def student_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
