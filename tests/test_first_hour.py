@@ -198,3 +198,43 @@ def test_the_readme_fit_commands_parse_as_written():
         assert exc.value.code in (0, None), argv
         roots |= {a for a in argv if a.startswith("--trainer.default_root_dir=")}
     assert len(roots) >= 3  # each example writes into its own directory
+
+
+# --------------------------------------------------------------------------- round three (2/7)
+def test_a_resume_that_finds_no_checkpoint_is_refused_and_writes_nothing(tmp_path, capsys):
+    root = tmp_path / "typo"
+    common = ["fit", "--config", TEACHER, f"--trainer.default_root_dir={root}", *TINY_NET, *TINY]
+    line = fails(capsys, *common, "--ckpt_path=last", "--trainer.max_steps=2")
+    assert "--ckpt_path last found no checkpoint to resume in" in line and str(root) in line
+    line = fails(capsys, *common, f"--ckpt_path={tmp_path / 'nope.ckpt'}")
+    assert "nope.ckpt does not exist" in line
+    assert not root.exists()
+
+
+def test_a_fit_says_where_its_checkpoint_went(tmp_path, capsys):
+    root = tmp_path / "run"
+    fit_cli(TEACHER, root, "--trainer.max_steps=3", *TINY)
+    err = capsys.readouterr().err
+    last = root / "checkpoints" / "last.ckpt"
+    assert f"flowmap: saved {last} at step 3" in err
+    assert f"--config {root / 'checkpoints' / 'config.yaml'} --ckpt_path last" in err
+    assert "weights_only" not in err
+
+
+def test_distilling_a_teacher_of_another_dataset_is_refused_before_the_first_step(
+    toy_teacher, tmp_path, capsys
+):
+    line = fails(
+        capsys,
+        "fit",
+        "--config",
+        "recipes/toy2d/lagrangian.yaml",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--model.teacher={toy_teacher[1]}",
+        "--data.name=checkerboard",  # the teacher saw 8gaussians: same shape, other data
+        *TINY_NET,
+        *TINY,
+    )
+    assert "was trained on Toy2DDataModule(name='8gaussians')" in line
+    assert "this fit's data is Toy2DDataModule(name='checkerboard')" in line
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -1,6 +1,7 @@
 """Interruptions, resume, unsafe and broken files, non-finite losses, bad configs, offline W&B."""
 
 import csv
+import logging
 import os
 import signal
 from pathlib import Path
@@ -51,8 +52,17 @@ class _StopAt(L.Callback):
                 raise KeyboardInterrupt
 
 
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
-def test_interrupted_fit_resumes_step_for_step(tmp_path, how):
+def test_interrupted_fit_resumes_step_for_step(tmp_path, how, capsys):
     full, part = tmp_path / "full", tmp_path / "part"
     cli_main([*FIT, f"--trainer.default_root_dir={full}", "--trainer.max_steps=22"])
     cli = cli_main(
@@ -60,11 +70,22 @@ def test_interrupted_fit_resumes_step_for_step(tmp_path, how):
     )
     cli.trainer.callbacks.append(_StopAt(13, how))
     handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(SystemExit):
-        cli.trainer.fit(cli.model, cli.datamodule)
+    lightning_log, lines = logging.getLogger("lightning.pytorch"), _Lines()
+    lightning_log.addHandler(lines)
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit):
+            cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        lightning_log.removeHandler(lines)
     signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C after a graceful stop
     last = part / "checkpoints" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 13
+    said = capsys.readouterr().err
+    assert f"flowmap: interrupted; saved {last} at step 13; resume with `flowmap fit" in said
+    assert "--ckpt_path last`" in said
+    # Lightning's "`weights_only` was not set" (about what a save holds) reads as unsafe loading
+    assert not [ln for ln in lines.lines if "weights_only" in ln], lines.lines
     cli_main(
         [*FIT, f"--trainer.default_root_dir={part}", "--trainer.max_steps=22", "--ckpt_path=last"]
     )
@@ -179,8 +200,12 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoi
         run=False,
     )
     cli.trainer.callbacks.append(_NaNAfter(7))
-    with pytest.raises(NonFiniteLossError, match=r"Non-finite loss at step 7: .*'loss'"):
+    with pytest.raises(NonFiniteLossError, match=r"Non-finite loss at step 7: .*'loss'") as err:
         cli.trainer.fit(cli.model, cli.datamodule)
+    # what it says is true of this run: the checkpoint exists, and clipping is already on
+    said = str(err.value)
+    assert f"The last good checkpoint is {tmp_path / 'checkpoints' / 'last.ckpt'};" in said
+    assert "lower --model.lr in a new run" in said and "clipping at 1 is already on" in said
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["last.ckpt", "step5.ckpt"]
     good = load_module(FlowMapModule, tmp_path / "checkpoints" / "last.ckpt")

@@ -60,7 +60,7 @@ from flowmap.training import (
     load_module,
     read_checkpoint,
 )
-from flowmap.training.base import config_differences
+from flowmap.training.base import dataset_differences
 from flowmap.training.teachers import is_module_checkpoint, load_teacher
 
 matplotlib.use("Agg")
@@ -159,7 +159,7 @@ def check_same_origin(
     ck = read_checkpoint(path, expected_kind="FlowMapModule")
     want = dataset_identity(teacher_ckpt.get("datamodule_hyper_parameters"))
     got = dataset_identity(ck.get("datamodule_hyper_parameters"))
-    if want and got and config_differences(want, got):
+    if dataset_differences(want, got):
         raise ValueError(
             f"The flow map {label!r} ({path}) was trained on {describe_dataset(got)} but the "
             f"teacher {teacher_path} on {describe_dataset(want)}; report checkpoints of one dataset."

@@ -25,6 +25,7 @@ __all__ = [
     "NonFiniteLossError",
     "build",
     "check_fit_directory",
+    "dataset_differences",
     "fork_rng",
     "lr_factor",
     "LR_SCHEDULES",
@@ -94,11 +95,14 @@ def resume_differences(
         f"model.{d}" for d in config_differences(checkpoint.get("hyper_parameters", {}), model)
     ]
     saved = checkpoint.get("datamodule_hyper_parameters")
-    if data is not None and saved is not None:
-        diffs += [
-            f"data.{d}" for d in config_differences(dataset_identity(saved), dataset_identity(data))
-        ]
-    return diffs
+    return diffs + [f"data.{d}" for d in dataset_differences(saved, data)]
+
+
+def dataset_differences(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> list[str]:
+    """:func:`config_differences` of two DataModules' hyperparameters as datasets
+    (:func:`~flowmap.data.base.dataset_identity`); none when either is unknown."""
+    want, got = dataset_identity(dict(a or {})), dataset_identity(dict(b or {}))
+    return config_differences(want, got) if want and got else []
 
 
 def _resume_message(path: Any, diffs: list[str]) -> str:
@@ -142,8 +146,20 @@ def check_fit_directory(
                 )
         return
     path = _last_checkpoint(dirpath) if ckpt_path == "last" else str(ckpt_path)
-    if path is None or not os.path.isfile(path):
-        return  # Lightning says what it does with a missing checkpoint
+    if path is None:  # Lightning would train from step 0 and exit 0
+        where = f"in {dirpath}" if dirpath else "(this fit saves no checkpoints)"
+        raise CheckpointError(
+            f"--ckpt_path last found no checkpoint to resume {where}; check "
+            "--trainer.default_root_dir (a run keeps its checkpoints in <root>/checkpoints), or "
+            "drop --ckpt_path to start a fresh run."
+        )
+    if ckpt_path in ("best", "hpc", "registry"):
+        return  # Lightning's other names: it resolves them
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"--ckpt_path {path} does not exist; give the .ckpt file of the run to resume "
+            "(<root>/checkpoints/last.ckpt), or drop --ckpt_path to start a fresh run."
+        )
     diffs = resume_differences(read_checkpoint(path), model, data)
     if diffs:
         raise CheckpointError(_resume_message(path, diffs))
@@ -336,6 +352,8 @@ class FlowModuleBase(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng_state = checkpoint.get("torch_rng_state")
+        #: the hyperparameters of the data this module was trained on (``None``: not recorded)
+        self.trained_on = checkpoint.get("datamodule_hyper_parameters")
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == "fit":
             self._check_resume(checkpoint, trainer)
@@ -362,9 +380,27 @@ class FlowModuleBase(L.LightningModule):
         if bad:
             raise NonFiniteLossError(
                 f"Non-finite loss at step {self.global_step}: {bad}; training stopped before the "
-                "optimiser step, so the last saved checkpoint still holds good weights "
-                "(lower the learning rate or enable gradient clipping, then resume)."
+                f"optimiser step. {self._divergence_advice()}"
             )
+
+    def _divergence_advice(self) -> str:
+        """Where the last good weights are and what to change, as far as the trainer says."""
+        trainer = self._trainer
+        ckpt = getattr(getattr(trainer, "checkpoint_callback", None), "dirpath", None)
+        last = _last_checkpoint(ckpt)
+        clip = getattr(trainer, "gradient_clip_val", None)
+        where = (
+            f"The last good checkpoint is {last}" if last else "No checkpoint was saved before it"
+        )
+        fresh = "lower --model.lr in a new run (another --trainer.default_root_dir)"
+        if clip:
+            return f"{where}; {fresh} (gradient clipping at {clip:g} is already on)."
+        if last:
+            return (
+                f"{where}; resume it with --ckpt_path last --trainer.gradient_clip_val=1.0, or "
+                f"{fresh}."
+            )
+        return f"{where}; set --trainer.gradient_clip_val=1.0 or {fresh}."
 
     def log_terms(self, prefix: str, terms: Mapping[str, Tensor], **kw: Any) -> None:
         for k, v in terms.items():

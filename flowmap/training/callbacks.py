@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import lightning as L
@@ -19,18 +20,49 @@ __all__ = ["InterruptCheckpoint", "ConfigBesideCheckpoints", "SampleQuality"]
 
 
 class InterruptCheckpoint(L.Callback):
-    """On Ctrl-C (``KeyboardInterrupt``) or SIGTERM, save ``last.ckpt`` so that
-    ``--ckpt_path last`` resumes the run. Any other exception (a non-finite loss, a bug) saves
-    nothing, so the last good checkpoint stays as it was."""
+    """Where the run's checkpoint is, said once at the end: after a fit, the path of
+    ``last.ckpt`` and how to continue; on Ctrl-C (``KeyboardInterrupt``) or SIGTERM, ``last.ckpt``
+    is saved first so that ``--ckpt_path last`` resumes the run. Any other exception (a non-finite
+    loss, a bug) saves nothing, so the last good checkpoint stays as it was."""
 
     def __init__(self, checkpoint: ModelCheckpoint) -> None:
         self.checkpoint = checkpoint
 
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.checkpoint.dirpath, self.checkpoint.CHECKPOINT_NAME_LAST + ".ckpt")
+
+    def _resume_hint(self) -> str:
+        config = os.path.join(self.checkpoint.dirpath, "config.yaml")
+        given = f"--config {config}" if os.path.isfile(config) else "the same --config"
+        return f"`flowmap fit {given} --ckpt_path last`"
+
+    @staticmethod
+    def _say(trainer: L.Trainer, line: str) -> None:
+        if trainer.is_global_zero:
+            sys.stderr.write(f"flowmap: {line}\n")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if os.path.isfile(self.last_path):
+            self._say(
+                trainer,
+                f"saved {self.last_path} at step {trainer.global_step}; train it further "
+                f"with {self._resume_hint()} and a larger --trainer.max_steps.",
+            )
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, err: BaseException):
-        if isinstance(err, KeyboardInterrupt | SIGTERMException) and trainer.global_step > 0:
-            dirpath = self.checkpoint.dirpath
-            path = os.path.join(dirpath, self.checkpoint.CHECKPOINT_NAME_LAST + ".ckpt")
-            trainer.save_checkpoint(path)
+        if not isinstance(err, KeyboardInterrupt | SIGTERMException):
+            return
+        if trainer.global_step == 0:
+            self._say(trainer, "interrupted before the first step; no checkpoint saved.")
+            return
+        # weights_only=False: save the optimiser and loop state too (not torch.load's flag)
+        trainer.save_checkpoint(self.last_path, weights_only=False)
+        self._say(
+            trainer,
+            f"interrupted; saved {self.last_path} at step {trainer.global_step}; resume "
+            f"with {self._resume_hint()}.",
+        )
 
 
 class ConfigBesideCheckpoints(SaveConfigCallback):

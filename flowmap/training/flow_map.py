@@ -18,6 +18,7 @@ from flowmap.conditioning import (
     check_scale_law,
     sample_scales,
 )
+from flowmap.data.base import dataset_identity, describe_dataset
 from flowmap.flowmap import FlowMap
 from flowmap.losses import FlowMapLoss, LagrangianLoss
 from flowmap.ode import sample_consistency, sample_flow_map
@@ -25,7 +26,7 @@ from flowmap.paths import AffinePath
 from flowmap.protocols import Solution, Velocity, declared_schedule
 from flowmap.teachers import DiffusionStudent, DiffusionTeacher
 from flowmap.teachers.spec import build_component, build_teacher, is_plain_data, is_spec
-from flowmap.training.base import FlowModuleBase, fork_rng
+from flowmap.training.base import FlowModuleBase, dataset_differences, fork_rng
 from flowmap.training.teachers import load_teacher, missing_student_teacher, student_spec
 
 __all__ = ["FlowMapModule"]
@@ -268,15 +269,7 @@ class FlowMapModule(FlowModuleBase):
             # loaded here, not in __init__: a trained student loads (to sample) without its
             # teacher; its identity goes in the checkpoint
             teacher, self._teacher_sha256 = load_teacher(spec)
-            shape = getattr(teacher, "data_shape", None)
-            if shape is not None and self.data_shape is not None:
-                if tuple(shape) != tuple(self.data_shape):
-                    name = spec if isinstance(spec, str) else spec["class_path"]
-                    raise ValueError(
-                        f"The teacher {name!r} was trained on data of shape {list(shape)} but "
-                        f"this data has shape {list(self.data_shape)}; use the teacher trained "
-                        "on this dataset."
-                    )
+            self._check_teacher_data(teacher, spec if isinstance(spec, str) else spec["class_path"])
             object.__setattr__(self, "_teacher", teacher)
             self._adopt_teacher_path()
         if stage == "fit":  # before the first step: e.g. self-distillation with no diagonal
@@ -284,6 +277,26 @@ class FlowMapModule(FlowModuleBase):
             self._check_teacher_classes()
         if self.hparams.warm_start and stage == "fit" and self._teacher is not None:
             self.student.warm_start(self._teacher)  # the EMA copies the net at its first update
+
+    def _check_teacher_data(self, teacher: Any, name: str) -> None:
+        """The teacher was trained on this fit's data: its shape and, for a flowmap checkpoint,
+        its dataset (as ``flowmap report`` checks a map against its teacher)."""
+        shape = getattr(teacher, "data_shape", None)
+        if shape is not None and self.data_shape is not None:
+            if tuple(shape) != tuple(self.data_shape):
+                raise ValueError(
+                    f"The teacher {name!r} was trained on data of shape {list(shape)} but "
+                    f"this data has shape {list(self.data_shape)}; use the teacher trained "
+                    "on this dataset."
+                )
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        trained, data = getattr(teacher, "trained_on", None), getattr(dm, "hparams", None)
+        if dataset_differences(trained, data):
+            raise ValueError(
+                f"The teacher {name!r} was trained on {describe_dataset(dataset_identity(trained))} "
+                f"but this fit's data is {describe_dataset(dataset_identity(dict(data)))}; distil "
+                "with the teacher trained on this data, or fit on the teacher's data."
+            )
 
     def _check_teacher_classes(self) -> None:
         """The teacher's classes match the student's, and a guided map's teacher (or, when
