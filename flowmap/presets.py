@@ -19,12 +19,13 @@ written from this module by ``scripts/write_presets.py`` (a test keeps them equa
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
 from flowmap.losses import FlowMapLoss
 
-__all__ = ["Preset", "PRESETS", "build_loss", "preset"]
+__all__ = ["Preset", "PRESETS", "build_loss", "loss_config", "preset"]
 
 _L, _E, _S, _M = (
     f"flowmap.losses.{n}"
@@ -70,12 +71,49 @@ class Preset:
 
     def build_loss(self) -> FlowMapLoss:
         """A fresh :class:`FlowMapLoss` built from :attr:`loss` (as ``flowmap fit`` builds it)."""
-        from jsonargparse import ArgumentParser  # only when a preset is built
+        parser = _loss_parser()
+        return parser.instantiate_classes(parser.parse_object({"loss": self.loss})).loss
 
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_argument("--loss", type=FlowMapLoss)
-        cfg = parser.parse_object({"loss": self.loss})
-        return parser.instantiate_classes(cfg).loss
+
+def _loss_parser() -> Any:
+    from jsonargparse import ArgumentParser  # only when a loss is built from a config
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--loss", type=FlowMapLoss)
+    return parser
+
+
+def loss_config(name: str) -> dict[str, Any]:
+    """The complete ``class_path`` config (every argument, defaults filled in) of a preset's loss
+    or of a loss class (``EulerianLoss`` or ``flowmap.losses.EulerianLoss``): what
+    ``flowmap fit --model.loss=NAME`` trains with. Anything else is a one-sentence ``ValueError``."""
+    import yaml
+
+    given = PRESETS[name].loss if name in PRESETS else {"class_path": name}
+    parser = _loss_parser()
+    try:
+        cfg = parser.parse_object({"loss": given})
+    except Exception:  # jsonargparse's report of an unknown class: answered by name below
+        losses = sorted(c.__name__ for c in _loss_classes())
+        close = difflib.get_close_matches(name, [*PRESETS, *losses], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"--model.loss={name} is not known; {hint}it takes a preset"
+            f" ({', '.join(sorted(PRESETS))}) or a loss class ({', '.join(losses)}); see "
+            "`flowmap fit --help`."
+        ) from None
+    return yaml.safe_load(parser.dump(cfg, skip_none=False))["loss"]
+
+
+def _loss_classes() -> list[type]:
+    import flowmap.losses as losses
+
+    found = (getattr(losses, n) for n in losses.__all__)
+    return [
+        c
+        for c in found
+        if isinstance(c, type) and issubclass(c, FlowMapLoss) and c is not FlowMapLoss
+    ]
 
 
 _UNIFORM_75 = {"eta": 0.75}

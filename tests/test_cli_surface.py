@@ -4,6 +4,7 @@ describes flowmap's own options, honest output names, a quiet console with a lab
 import argparse
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -295,7 +296,7 @@ def test_fit_help_leads_with_flowmap_components_and_is_short(capsys, command):
     main([command, "--help"])
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert len(lines) < 100
+    assert len(lines) < 200  # flowmap's own options only (Lightning's: --help-all)
     assert lines[0].startswith(f"usage: flowmap {command} --config RECIPE.yaml")
     for name in (
         "flowmap.training.VelocityModule",
@@ -310,11 +311,13 @@ def test_fit_help_leads_with_flowmap_components_and_is_short(capsys, command):
     ):
         assert name in out
     # options with their docstring descriptions and defaults
-    assert any("--model.net.width" in ln and "hidden width" in ln and "256" in ln for ln in lines)
-    assert any("--model.loss.teacher_max_gap" in ln and "0.125" in ln for ln in lines)
-    assert any("--model.ema_decay" in ln and "EMA of the net" in ln for ln in lines)
+    flat = " ".join(out.split())  # an option's description may wrap onto more lines
+    assert "--model.net.width hidden width [MLP: 256]" in flat
+    assert re.search(r"--model\.loss\.teacher_max_gap [^\[]* \[Eulerian: 0\.125\]", flat)
+    assert "--model.ema_decay EMA of the net" in flat
     assert f"flowmap {command} --help-all" in out and "--model.help" in out
     assert "DESIGN" not in out and ":math:" not in out and "``" not in out
+    assert "…" not in out  # descriptions wrap, never cut
 
 
 def test_help_all_prints_lightnings_full_help(capsys):

@@ -238,3 +238,34 @@ def test_distilling_a_teacher_of_another_dataset_is_refused_before_the_first_ste
     assert "was trained on Toy2DDataModule(name='8gaussians')" in line
     assert "this fit's data is Toy2DDataModule(name='checkerboard')" in line
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def _resolved_loss(capsys, *argv: str) -> dict:
+    import yaml
+
+    from flowmap.apps.cli import cli_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", "recipes/toy2d/lagrangian.yaml", *argv, "--print_config"])
+    assert exc.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["loss"]
+
+
+def test_a_preset_or_loss_class_named_on_the_command_line_starts_from_its_own_defaults(capsys):
+    from flowmap.apps.help import command_help
+    from flowmap.presets import PRESETS
+
+    loss = _resolved_loss(capsys, "--model.loss=meanflow")
+    assert loss["class_path"] == PRESETS["meanflow"].loss["class_path"]
+    assert loss["init_args"]["pairs"]["init_args"]["distribution"] == "logit_normal"
+    # the recipe's LagrangianLoss trains both ways; EulerianLoss named alone does not inherit it
+    swap = _resolved_loss(capsys, "--model.loss=EulerianLoss")
+    assert swap["class_path"].endswith("EulerianLoss") and swap["init_args"]["pairs"] is None
+    after = _resolved_loss(
+        capsys, "--model.loss", "EulerianLoss", "--model.loss.init_args.pairs.backward_fraction=0.5"
+    )
+    assert after["init_args"]["pairs"]["init_args"]["backward_fraction"] == 0.5
+    line = fails(capsys, "fit", "--config", "recipes/toy2d/lagrangian.yaml", "--model.loss=meanflw")
+    assert "did you mean 'meanflow'?" in line and "improved_meanflow" in line
+    assert "preset by name, e.g. --model.loss=meanflow" in " ".join(command_help("fit").split())

@@ -445,6 +445,32 @@ def _nested_nulls_as_config(args: list[str]) -> list[str]:
     return out
 
 
+_LOSS_KEYS = ("--model.loss", "--model.init_args.loss")
+
+
+def _named_losses(args: list[str]) -> list[str]:
+    """``--model.loss=meanflow`` (a preset) or ``--model.loss=EulerianLoss`` (a class) →
+    ``--model.loss=<its complete config>``: the loss named starts from the preset or the class's
+    defaults, so no setting of the recipe's loss carries over unseen; options given after it
+    (``--model.loss.init_args.…``) change it as usual. A JSON or YAML mapping is left as given."""
+    from flowmap.presets import loss_config
+
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        key, eq, value = args[i].partition("=")
+        step = 1
+        if key in _LOSS_KEYS and not eq and i + 1 < len(args):
+            value, step = args[i + 1], 2
+        if key in _LOSS_KEYS and value and not value.lstrip().startswith(("{", "class_path")):
+            out.append(f"{key}={json.dumps(loss_config(value.strip()))}")
+            i += step
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
 def _has_progress_bar(callbacks: Any) -> bool:
     if callbacks is None:
         return False
@@ -612,7 +638,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FlowmapCLI:
             },
             save_config_callback=ConfigBesideCheckpoints,
             save_config_kwargs={"overwrite": True},
-            args=_nested_nulls_as_config(argv),
+            args=_nested_nulls_as_config(_named_losses(argv)),
             run=run,
             auto_configure_optimizers=False,
         )

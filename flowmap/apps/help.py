@@ -136,10 +136,6 @@ def _default(value: Any) -> str:
     return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
 
 
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: max(0, width - 1)].rstrip() + "…"
-
-
 def _short(cls: type, group: _Group) -> str:
     """A class's name without the suffix its whole group shares (``FlowMap`` for FlowMapModule)."""
     names = [c.__name__ for c in group.classes]
@@ -161,7 +157,18 @@ def _group_lines(group: _Group, width: int) -> list[str]:
         pad = max(len(_class_path(c)) for c in group.classes) + 2
         for cls in group.classes:
             summary = _first_sentence(inspect.getdoc(cls) or "")
-            lines.append(_clip(f"  {_class_path(cls):<{pad}}{summary}", width))
+            lines += _wrap(f"  {_class_path(cls):<{pad}}{summary}", width, " " * (pad + 2))
+        if key == "model.loss":
+            from flowmap.presets import PRESETS
+
+            lines += _wrap(
+                f"  or a preset by name, e.g. --{key}=meanflow: {', '.join(sorted(PRESETS))} "
+                f"(recipes/presets/NAME.yaml). A loss named on the command line starts from "
+                f"its own defaults (the recipe's loss settings do not carry over); options "
+                f"after it change it.",
+                width,
+                " " * 4,
+            )
     takes: dict[str, dict[str, str]] = {}
     docs: dict[tuple[str, ...], str] = {}
     for cls in group.classes:
@@ -193,9 +200,8 @@ def _group_lines(group: _Group, width: int) -> list[str]:
     pad = min(max(len(r[0]) for r in rows), 30) + 2
     for option, text, default in rows:
         head = f"    {option:<{pad}}" if len(option) < pad else f"    {option}  "
-        room = width - len(head) - len(default) - 1
-        text = _clip(text, room) + " " if text and room > 8 else ""
-        lines.append(_clip(f"{head}{text}{default}", width))
+        body = f"{text} {default}" if text else default
+        lines += _wrap(head + body, width, " " * (4 + pad))
     return lines
 
 
