@@ -159,6 +159,14 @@ class FlowMap(nn.Module):
         return FlowMapJVP(X=x + gap * value, dX=dX, phi=value, dphi=dphi)
 
     @torch.no_grad()
+    def has_net_to_copy(self, teacher: Any) -> bool:
+        """Whether :meth:`warm_start` has something to copy: a net that copies itself, or a
+        teacher with a network (a function teacher, e.g. an analytic oracle, has none)."""
+        if callable(getattr(self.net, "warm_start", None)):
+            return True
+        velocity_net = getattr(teacher, "sampling_net", teacher)
+        return isinstance(velocity_net, nn.Module) and bool(list(velocity_net.parameters()))
+
     def warm_start(self, teacher: Any) -> FlowMap:
         r"""Start :math:`\phi` as a copy of the teacher's network, so that :math:`\phi(x, t, t) =
         b_t(x)` and, while the gap branch is untrained, :math:`X(s, t, x) = x + (t - s)\,b_s(x)`:
@@ -176,7 +184,7 @@ class FlowMap(nn.Module):
             own(teacher)
             return self
         velocity_net = getattr(teacher, "sampling_net", teacher)
-        if not isinstance(velocity_net, nn.Module) or not list(velocity_net.parameters()):
+        if not self.has_net_to_copy(teacher):
             raise ValueError(
                 f"warm_start needs a teacher with a network to copy, and a "
                 f"{type(teacher).__name__} has none; set warm_start: false."

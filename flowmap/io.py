@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["UnsafeFileError", "PICKLE_SUFFIXES", "file_sha256", "load_safetensors", "safe_load"]
+__all__ = [
+    "UnsafeFileError",
+    "PICKLE_SUFFIXES",
+    "file_sha256",
+    "load_safetensors",
+    "read_npz",
+    "safe_load",
+]
 
 #: files that carry pickles (torch.save, pickle): never read from a foreign weights folder
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -119,3 +126,24 @@ def load_safetensors(
             f"Could not read the {what} {str(p)!r} as safetensors ({err}); use an intact "
             ".safetensors file."
         ) from None
+
+
+def read_npz(path: str | os.PathLike[str], what: str, hint: str) -> Any:
+    """``np.load(path, allow_pickle=False)`` of an ``.npz`` archive (an ``NpzFile``: use it in a
+    ``with``), with one-sentence errors that name ``what`` it should be and ``hint`` (where a
+    good one comes from); numpy's own advice to allow pickles is never passed on."""
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist; check the path.")
+    try:
+        z = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        raise ValueError(
+            f"{what} {str(p)!r} is not a readable .npz archive (damaged, or another kind of "
+            f"file); {hint}."
+        ) from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise ValueError(f"{what} {str(p)!r} is a single array, not an .npz archive; {hint}.")
+    return z

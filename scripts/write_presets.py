@@ -57,7 +57,7 @@ def config(p: Preset) -> dict[str, Any]:
             "callbacks": [
                 {
                     "class_path": "flowmap.training.SampleQuality",
-                    "init_args": {"nfe": [1, 2, 4, 8], "n": 1000},
+                    "init_args": {"nfe": [1, 2, 4, 8]},
                 }
             ],
             "default_root_dir": f"runs/presets/{p.name}",

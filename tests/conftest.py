@@ -5,6 +5,9 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# torch's threads fixed for the whole run (flowmap would follow the machine's load, and this very
+# process's earlier tests raise it): the same count in every test, whatever ran before
+os.environ.setdefault("FLOWMAP_THREADS", str(torch.get_num_threads()))
 
 from flowmap.oracles import GaussianTarget  # noqa: E402
 

@@ -269,7 +269,7 @@ def test_torchvision_fake_cifar10(tmp_path: Path) -> None:
 def test_torchvision_md5_check_rejects_fake_with_a_hint(tmp_path: Path) -> None:
     make_fake_cifar10(tmp_path)
     dm = TorchvisionDataModule("cifar10", str(tmp_path))  # files present: constructor passes
-    with pytest.raises(RuntimeError, match="--data.check_integrity=false"):
+    with pytest.raises(ValueError, match="--data.check_integrity=false"):
         dm.setup("fit")
 
 

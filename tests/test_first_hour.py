@@ -269,3 +269,104 @@ def test_a_preset_or_loss_class_named_on_the_command_line_starts_from_its_own_de
     line = fails(capsys, "fit", "--config", "recipes/toy2d/lagrangian.yaml", "--model.loss=meanflw")
     assert "did you mean 'meanflow'?" in line and "improved_meanflow" in line
     assert "preset by name, e.g. --model.loss=meanflow" in " ".join(command_help("fit").split())
+
+
+def test_the_thread_rule_takes_the_cores_other_processes_leave_free():
+    from flowmap.training.threads import busy_elsewhere, choose_threads
+
+    assert choose_threads(2, 0.0) == 2 and choose_threads(2, 0.3) == 2
+    assert choose_threads(2, 1.2) == 1  # one busy process on a 2-core machine
+    assert choose_threads(2, 7.0) == 1 and choose_threads(16, 3.0) == 13
+    # a load of 3 while this process used 2 cores' worth of CPU: one core is busy elsewhere
+    assert busy_elsewhere(3.0, own_cpu_s=120.0, wall_s=60.0) == 1.0
+    assert busy_elsewhere(1.5, own_cpu_s=120.0, wall_s=60.0) == 0.0
+
+
+def test_set_threads_follows_the_load_says_why_and_leaves_a_users_choice_alone(monkeypatch):
+    from flowmap.training import threads
+
+    before = torch.get_num_threads()
+    said: list[str] = []
+    for var in threads.THREADS_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(threads, "_cores", lambda: 4)
+    monkeypatch.setattr(threads, "_busy_now", lambda: 0.2)
+    try:
+        assert threads.set_threads(said.append) == 4 == torch.get_num_threads() and not said
+        monkeypatch.setattr(threads, "_busy_now", lambda: 2.2)
+        assert threads.set_threads(said.append) == 2 == torch.get_num_threads()
+        assert "keep 2.2 of the 4 cores busy" in said[0] and "FLOWMAP_THREADS" in said[0]
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert threads.set_threads(said.append) == 3 and len(said) == 1
+        monkeypatch.setenv("FLOWMAP_THREADS", "1")
+        assert threads.set_threads(said.append) == 1 and len(said) == 1
+        monkeypatch.setenv("FLOWMAP_THREADS", "many")
+        with pytest.raises(ValueError, match="FLOWMAP_THREADS must be a number of threads"):
+            threads.set_threads(said.append)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_fit_lowers_its_threads_when_other_work_arrives(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from flowmap.training import threads
+
+    before = torch.get_num_threads()
+    for var in threads.THREADS_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(threads, "_cores", lambda: 2)
+    callback, trainer = threads.ThreadsForLoad(every_s=0.0), SimpleNamespace(world_size=1)
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(threads, "_busy_now", lambda: 0.1)
+        callback.on_train_batch_end(trainer)
+        assert torch.get_num_threads() == 2 and not capsys.readouterr().err
+        monkeypatch.setattr(threads, "_busy_now", lambda: 1.1)  # another job started
+        callback.on_train_batch_end(trainer)
+        assert torch.get_num_threads() == 1
+        assert "keep 1.1 of the 2 cores busy" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_function_teacher_distils_with_the_default_warm_start():
+    """A teacher with no network (an analytic velocity) leaves nothing to copy: the default
+    warm_start=True starts the student as built, where it used to refuse the fit."""
+    teacher = GaussianTarget(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.5]))
+    module = FlowMapModule(MLP((2,), width=16, depth=1), LagrangianLoss(), teacher=teacher)
+    before = [p.detach().clone() for p in module.net.parameters()]
+    module.setup("fit")
+    assert all(torch.equal(a, b) for a, b in zip(before, module.net.parameters(), strict=True))
+    with pytest.raises(ValueError, match="needs a teacher with a network to copy"):
+        module.student.warm_start(teacher)  # asked for outright, it still says why not
+
+
+def test_a_damaged_samples_file_is_refused_without_advice_to_unpickle(tmp_path, capsys):
+    bad = tmp_path / "samples.npz"
+    bad.write_bytes(b"this is not a numpy archive at all")
+    line = fails(capsys, "report", "--from-samples", str(bad), "--out", str(tmp_path / "r"))
+    assert "is not a readable .npz archive" in line and "--save-samples" in line
+    assert "pickle" not in line.lower()
+
+
+def test_a_run_folder_or_its_config_given_as_a_checkpoint_names_the_checkpoint(
+    toy_teacher, tmp_path, capsys
+):
+    root, last = toy_teacher
+    for given in (root, last.parent / "config.yaml"):
+        line = fails(capsys, "sample", "--ckpt", str(given), "--out", str(tmp_path / "s.npz"))
+        assert f"did you mean {str(last)!r}?" in line, line
+        line = fails(
+            capsys,
+            "fit",
+            "--config",
+            "recipes/toy2d/lagrangian.yaml",
+            f"--model.teacher={given}",
+            f"--trainer.default_root_dir={tmp_path / 'fm'}",
+            "--data.name=8gaussians",
+            *TINY_NET,
+            *TINY,
+        )
+        assert f"did you mean {str(last)!r}?" in line, line

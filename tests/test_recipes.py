@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from flowmap import losses
-from flowmap.apps.cli import cli_main
+from flowmap.apps.cli import cli_main, run_command
 from flowmap.training import FlowMapModule, VelocityModule, load_module, read_checkpoint
 from tests.fakes import make_fake_cifar10
 
@@ -178,7 +178,7 @@ def test_toy_pipeline_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatc
     console = capsys.readouterr().out
     assert "flow map, lagrangian" in console and "Files: runs/toy2d/report.md" in console
     assert "Inversion, round trip" in console  # the toy recipes train both directions
-    for name in ("report.md", "fid_vs_steps.png", "results.json", "samples.npz"):
+    for name in ("report.md", "w2_vs_steps.png", "results.json", "samples.npz"):
         assert (out / name).stat().st_size > 0
     res = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in res["rows"]}
@@ -211,6 +211,12 @@ def test_toy_pipeline_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatc
     # ... and other flags into the same --out are refused, saying which input changed
     with pytest.raises(ValueError, match=r"--data.name=moons now\); pass another --out"):
         module.main(["--out", str(out), "--tiny", "--dataset", "moons"])
+    # as a script (`python recipes/toy2d/pipeline.py …`) the refusal is one line, no traceback
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        run_command(lambda: module.main(["--out", str(out), "--tiny", "--dataset", "moons"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert refused.value.code == 2 and len(err) == 1 and "pass another --out" in err[0]
     assert json.loads((out / "results.json").read_text())["dataset"] == "checkerboard"
 
     # the README's Python snippets run as written against this run's checkpoints

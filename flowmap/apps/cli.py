@@ -27,7 +27,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -47,6 +47,7 @@ from flowmap.training import (
 from flowmap.training.base import check_fit_directory
 from flowmap.training.progress import FlowmapProgressBar
 from flowmap.training.teachers import missing_student_teacher
+from flowmap.training.threads import ThreadsForLoad, set_threads
 
 __all__ = [
     "COMMANDS",
@@ -60,6 +61,7 @@ __all__ = [
     "make_logger",
     "one_sentence",
     "quiet_console",
+    "run_command",
 ]
 
 LOGGERS = ("csv", "wandb", "none")
@@ -524,7 +526,8 @@ class FlowmapCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Before the fit writes anything: refuse a fresh fit into a directory with checkpoints
-        and a resume under another model config or dataset (:func:`check_fit_directory`)."""
+        and a resume under another model config or dataset (:func:`check_fit_directory`); then
+        choose torch's threads for the machine's load (:func:`~flowmap.training.threads.set_threads`)."""
         cfg = self.config[self.subcommand]
         ckpt = self.trainer.checkpoint_callback
         check_fit_directory(
@@ -534,6 +537,10 @@ class FlowmapCLI(LightningCLI):
             self._given["data"],
             writes_checkpoints=not self.trainer.fast_dev_run,
         )
+        set_threads()
+
+    def before_validate(self) -> None:
+        set_threads()
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but a bad argument surfaces as the model's or data's own one-sentence
@@ -583,6 +590,7 @@ class FlowmapCLI(LightningCLI):
             if ckpt.dirpath is None:  # one place per run root, so `--ckpt_path last` finds it
                 ckpt.dirpath = os.path.join(root, "checkpoints")
             trainer.callbacks.append(InterruptCheckpoint(ckpt))
+        trainer.callbacks.append(ThreadsForLoad())
         return trainer
 
 
@@ -690,14 +698,21 @@ def _dispatch(args: list[str]) -> None:
         )
 
 
+def run_command(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` as a command: a mistake the user can fix (:data:`USER_ERRORS`) ends in one line
+    through :func:`fail`, with no traceback; anything else is a bug and keeps its traceback. The
+    ``flowmap`` command and the recipe scripts (``python recipes/<data>/pipeline.py``) use it."""
+    try:
+        return fn()
+    except USER_ERRORS as err:
+        fail(str(err))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``flowmap`` console script: every command goes through one handler."""
     args = list(sys.argv[1:] if argv is None else argv)
     quiet_console()
-    try:
-        _dispatch(args)
-    except USER_ERRORS as err:  # one sentence, no traceback, for what the user can fix
-        fail(str(err))
+    run_command(lambda: _dispatch(args))
     return None  # the console script exits with main()'s value
 
 

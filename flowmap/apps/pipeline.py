@@ -15,15 +15,12 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from io import StringIO
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from flowmap.apps.cli import cli_main
 from flowmap.apps.report import main as report_main
+from flowmap.apps.summary import headline
 from flowmap.io import file_sha256
 
 __all__ = ["fit_stage", "run_pipeline", "recipe_parser", "run_recipe"]
@@ -149,7 +146,8 @@ def run_pipeline(
         times[stage] = json.loads((out / stage / "done.json").read_text())["seconds"]
     t0 = time.time()
     results = report_main(
-        ["--teacher", str(teacher), *flowmaps, "--out", str(out), "--save-samples", *report_args]
+        ["--teacher", str(teacher), *flowmaps, "--out", str(out), "--save-samples", *report_args],
+        quiet=True,
     )
     times["report"] = time.time() - t0
     cmd = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv))
@@ -162,102 +160,8 @@ def run_pipeline(
             + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
             + ".\n"
         )
-    print(headline(results, out), end="")
+    print(headline(results, out, stages=True), end="")
     return results
-
-
-def _pm(e: dict[str, Any] | None, ratio: dict[str, Any] | None = None) -> str:
-    if e is None:
-        return "-"
-    text = f"{e['value']:.3g} ± {0.5 * (e['ci_high'] - e['ci_low']):.2g}"
-    if ratio is not None:
-        text += f" ({ratio['value']:.2f}×)"
-    return text
-
-
-def guidance_headline(results: dict[str, Any], out: Path) -> str:
-    """A guidance report's last words: per scale, the teacher's adaptive solve and each flow map
-    at 1 NFE (FID and class accuracy, 95% intervals), and where the files are."""
-    table = Table(
-        title=f"FID and class accuracy on {results['dataset']} against the guidance scale "
-        f"({results['n_samples']} samples per row, ± = half-width of the 95% interval)",
-        title_justify="left",
-    )
-    table.add_column("w", justify="right")
-    table.add_column("method")
-    table.add_column("NFE", justify="right")
-    table.add_column("FID", justify="right")
-    table.add_column("class accuracy", justify="right")
-    for r in results["rows"]:
-        if r["method"].endswith("dopri5") or (r["method"].startswith("flowmap/") and r["nfe"] == 1):
-            acc = r["metrics"].get("class_accuracy")
-            table.add_row(
-                f"{r['guidance']:g}",
-                r["method"],
-                str(r["nfe"]),
-                _pm(r, r.get("ratio_to_teacher")),
-                _pm(acc),
-            )
-    buf = StringIO()
-    console = Console(file=buf, width=120, force_terminal=False)
-    console.print(table)
-    console.print(
-        f"Files: {out / 'report.md'} (every row, metric and goal), "
-        f"{out / 'quality_vs_guidance.png'}, {out}/classes_w*.png, {out / 'results.json'}; "
-        f"checkpoints under {out}/<stage>/."
-    )
-    return buf.getvalue()
-
-
-def headline(results: dict[str, Any], out: Path, nfes: Sequence[int] = (1, 2, 4)) -> str:
-    """The main job's last words: quality at 1, 2 and 4 steps per method with 95% intervals (and
-    the ratio to the teacher's adaptive solve), the inversion round trip, and where the files are."""
-    if results.get("kind") == "guidance":
-        return guidance_headline(results, out)
-    table = Table(
-        title=f"{results['metric'].upper()} on {results['dataset']} "
-        f"({results['n_samples']} samples per row, ± = half-width of the 95% interval)",
-        title_justify="left",
-    )
-    table.add_column("method")
-    for n in nfes:
-        table.add_column(f"{n} step{'s' if n > 1 else ''}", justify="right")
-    rows: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in results["rows"]:
-        rows.setdefault(r["method"], {})[r["nfe"]] = r
-    ref = next((r for m, by in rows.items() if m.endswith("dopri5") for r in by.values()), None)
-    if ref is not None:
-        table.add_row(f"teacher, adaptive solve (NFE {ref['nfe']})", _pm(ref), "", "")
-    table.add_row("floor: held-out data (noise level)", _pm(results.get("floor")), "", "")
-    for method, by in rows.items():
-        if (
-            method.endswith("dopri5")
-            or method not in ("teacher/euler",)
-            and "flowmap/" not in method
-        ):
-            continue
-        cells = [_pm(by.get(n), by.get(n, {}).get("ratio_to_teacher")) for n in nfes]
-        table.add_row(
-            method.replace("flowmap/", "flow map, ").replace("teacher/euler", "teacher, Euler"),
-            *cells,
-        )
-    rt = results.get("round_trip") or {}
-    buf = StringIO()
-    console = Console(file=buf, width=120, force_terminal=False)
-    console.print(table)
-    if rt.get("rows"):
-        two = {r["method"]: r for r in rt["rows"] if r["nfe"] == 2}
-        console.print(
-            "Inversion, round trip noise -> data -> noise at 2 jumps each way (mean distance): "
-            + ", ".join(f"{m.split('/')[-1]} {_pm(r)}" for m, r in two.items())
-            + f"; the teacher's {rt['teacher']['method']} at NFE {rt['teacher']['nfe']}: "
-            + _pm(rt["teacher"])
-        )
-    console.print(
-        f"Files: {out / 'report.md'} (every row and metric), {out / 'fid_vs_steps.png'}, "
-        f"{out / 'samples_grid.png'}, {out / 'results.json'}; checkpoints under {out}/<stage>/."
-    )
-    return buf.getvalue()
 
 
 def recipe_parser(doc: str) -> argparse.ArgumentParser:

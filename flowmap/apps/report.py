@@ -10,7 +10,8 @@ data measured exactly like a method. Every row is measured by one
 samples are cut into ``G`` groups that serve as independent replicates, each metric gets a 95%
 interval, and ratios to the teacher's adaptive solve are taken per group on the same noise.
 
-Files: ``report.md`` (tables with intervals, the pictures embedded), ``fid_vs_steps.png`` (error
+Files: ``report.md`` (tables with intervals, the pictures embedded), ``fid_vs_steps.png`` or
+``w2_vs_steps.png`` (error
 bars), ``samples_grid.png`` (every method and NFE from the same noise), ``results.json`` and, with
 ``--save-samples``, ``samples.npz`` (every row's samples, the reference, the floor set and a JSON
 index), from which ``flowmap report --from-samples samples.npz --out DIR2`` recomputes the whole
@@ -42,14 +43,16 @@ from rich.progress import Progress
 from torch import Tensor
 
 from flowmap.apps.pictures import grid_picture, quality_vs_steps_plot
+from flowmap.apps.summary import headline as headline_table
+from flowmap.apps.summary import plot_name
 from flowmap.data.base import (
     REFERENCE_SPLITS,
     FlowDataModule,
     dataset_identity,
     describe_dataset,
 )
-from flowmap.io import file_sha256
-from flowmap.metrics.evaluation import Evaluator, Measurement
+from flowmap.io import file_sha256, read_npz
+from flowmap.metrics.evaluation import W2_GROUP_SIZE, Evaluator, Measurement
 from flowmap.metrics.intervals import Replicates, t_interval
 from flowmap.ode import STAGES, solve_ode
 from flowmap.protocols import Sampler, Solution, declared_schedule
@@ -62,6 +65,7 @@ from flowmap.training import (
 )
 from flowmap.training.base import dataset_differences
 from flowmap.training.teachers import is_module_checkpoint, load_teacher
+from flowmap.training.threads import set_threads
 
 matplotlib.use("Agg")
 
@@ -77,7 +81,7 @@ __all__ = [
 DEFAULT_NFE = (1, 2, 4, 8, 16, 32)
 #: Default samples per row and replicate groups: images (FID needs thousands of samples at once)
 #: and vector data (exact W2 is computed per group, so groups are smaller and more numerous).
-DEFAULT_SIZES = {"image": (10_000, 20), "vector": (10_000, 10)}
+DEFAULT_SIZES = {"image": (10_000, 20), "vector": (10_000, 10_000 // W2_GROUP_SIZE)}
 #: The half-width the defaults aim at, relative to the value (issue 2/7): W2 2%, FID 5%.
 TARGET_HALF_WIDTH = {"w2": 0.02, "fid": 0.05}
 ADAPTIVE = "teacher/dopri5"
@@ -438,7 +442,7 @@ def _markdown(results: dict[str, Any], skipped: list[str]) -> str:
         "",
         "![samples: rows = methods, columns = NFE, same noise](samples_grid.png)",
         "",
-        f"![{name} vs NFE](fid_vs_steps.png)",
+        f"![{name} vs NFE]({plot_name(metric)})",
     ]
     if skipped:
         lines += ["", "Not run (below one step of the solver): " + "; ".join(skipped) + "."]
@@ -522,7 +526,7 @@ def _write_outputs(
 ) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(_markdown(results, skipped))
-    quality_vs_steps_plot(results, out / "fid_vs_steps.png")
+    quality_vs_steps_plot(results, out / plot_name(results["metric"]))
     shown = 2000 if reference.dim() == 2 else 64
     panels: dict[str, dict[int, Tensor]] = {}
     for method, nfe, key in keys:
@@ -578,8 +582,13 @@ def _save_samples(
 
 # --------------------------------------------------------------------------- main loop
 def _sizes(image: bool, n: int | None, groups: int | None) -> tuple[int, int]:
+    """Samples and groups: the defaults, and on vector data with ``--n-samples`` alone as many
+    groups of :data:`W2_GROUP_SIZE` as fit (at least 2), so W2 keeps its scale."""
     dn, dg = DEFAULT_SIZES["image" if image else "vector"]
-    return int(n or dn), int(groups or dg)
+    n = int(n or dn)
+    if groups is None and not image:
+        groups = max(2, n // W2_GROUP_SIZE)
+    return n, int(groups or dg)
 
 
 #: the teacher's fixed-step solve whose round trip is the yardstick of a flow map's inversion
@@ -668,6 +677,7 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
             f"{', '.join(REFERENCE_SPLITS)}."
         )
     out = Path(cfg.out)
+    set_threads()
     teacher, ck, sha = _load_report_teacher(cfg)
     if isinstance(teacher, torch.nn.Module):
         teacher.to(sampling_device())
@@ -821,10 +831,7 @@ def report_from_samples(cfg: ReportConfig) -> dict[str, Any]:
     reference and the floor set are in it; the metrics are measured again here."""
     start = time.time()
     path = Path(cfg.from_samples or "")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"Cannot read {path} as a report's samples.npz ({e}).") from None
+    z = read_npz(path, "--from-samples", "pass the samples.npz of `flowmap report --save-samples`")
     with z:
         if "index" not in z.files:
             raise ValueError(
@@ -891,7 +898,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="flowmap report",
         description="FID (images) or W2 (2D data) against the number of sampling steps, with 95% "
         "intervals: the teacher's solvers, its adaptive solve, every flow map and the data's own "
-        "floor, measured on the same noise. Writes report.md, fid_vs_steps.png, samples_grid.png "
+        "floor, measured on the same noise. Writes report.md, fid_vs_steps.png (w2_vs_steps.png on "
+        "2D data), samples_grid.png "
         "and results.json into --out; a killed run resumes from --out/rows/.",
     )
     p.add_argument(
@@ -941,7 +949,8 @@ def _parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         help="disjoint groups of samples used as replicates for the 95%% intervals (None: "
-        f"{DEFAULT_SIZES['image'][1]} on images, {DEFAULT_SIZES['vector'][1]} on vector data)",
+        f"{DEFAULT_SIZES['image'][1]} on images; on vector data groups of {W2_GROUP_SIZE} points, "
+        "at least 2, since exact W2 depends on the group size)",
     )
     p.add_argument(
         "--reference-split",
@@ -998,9 +1007,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``flowmap report`` / ``python benchmarks/fid_vs_steps.py``. A problem the user can fix
-    raises :class:`ValueError` or :class:`CheckpointError` (one sentence) before any work."""
+def main(argv: Sequence[str] | None = None, quiet: bool = False) -> dict[str, Any]:
+    """``flowmap report`` / ``python benchmarks/fid_vs_steps.py``: the report, then its headline
+    table (unless ``quiet``: a pipeline prints its own). A problem the user can fix raises
+    :class:`ValueError` or :class:`CheckpointError` (one sentence) before any work."""
     from flowmap.apps.cli import check_writable_dir
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1009,5 +1019,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cmd = "flowmap report " + " ".join(shlex.quote(a) for a in argv)
     cfg = ReportConfig(command=cmd, **vars(args))
     results = run_report(cfg)
-    print(Path(cfg.out) / "report.md")
+    if not quiet:
+        print(headline_table(results, Path(cfg.out)), end="")
     return results

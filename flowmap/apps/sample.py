@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from flowmap.apps.cli import CommandParser, check_writable_file, positive_int
+from flowmap.io import read_npz
 from flowmap.training import (
     CheckpointError,
     FlowMapModule,
@@ -32,6 +33,7 @@ from flowmap.training import (
     read_checkpoint,
 )
 from flowmap.training.teachers import is_module_checkpoint, load_teacher
+from flowmap.training.threads import set_threads
 
 __all__ = ["main", "output_paths"]
 
@@ -183,6 +185,7 @@ def _load(ckpt: str) -> tuple[Any, str]:
             "by `flowmap fit`."
         )
     module = load_module(cls, ckpt)
+    set_threads()
     if module.data_shape is None:
         raise CheckpointError(f"{ckpt!r} does not record its data shape; retrain it.")
     return module, kind
@@ -206,19 +209,7 @@ def _read_data(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _read_npz(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``samples`` (checked against ``shape``) and, if saved, their ``labels``."""
-    try:
-        z = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"--data-npz {str(path)!r} does not exist; check the path."
-        ) from None
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot read --data-npz {str(path)!r} as an .npz ({err}).") from None
-    if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
-        raise ValueError(
-            f"--data-npz {str(path)!r} is a single array, not an .npz with a 'samples' array; "
-            "pass the .npz that `flowmap sample` wrote."
-        )
+    z = read_npz(path, "--data-npz", "pass the .npz that `flowmap sample` wrote")
     with z:
         if "samples" not in z.files:
             raise ValueError(f"--data-npz {str(path)!r} has no 'samples' array to invert.")

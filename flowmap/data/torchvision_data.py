@@ -163,12 +163,12 @@ class TorchvisionDataModule(FiniteFlowDataModule):
         cls = CIFAR10 if self.check_integrity else _UncheckedCIFAR10
         try:
             return cls(self.root, train=train, download=download)
-        except RuntimeError as e:
-            raise RuntimeError(
+        except RuntimeError as e:  # a user's files, not a bug: one sentence, no traceback
+            raise ValueError(
                 f"torchvision rejected the CIFAR-10 files in {_folder(self.name, self.root)} "
                 f"({e}); replace them with the official files, or pass "
                 f"--data.check_integrity=false if they are a deliberately different copy."
-            ) from e
+            ) from None
 
     def prepare_data(self) -> None:
         """Download both splits when ``download=True`` (called on one process only)."""

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -372,6 +373,16 @@ class FlowModuleBase(L.LightningModule):
         if state is not None:  # restored here, after the data loaders have drawn their seeds
             torch.set_rng_state(state)
             self._pending_rng_state = None
+
+    def teardown(self, stage: str) -> None:
+        """A rank started by ``ddp_spawn`` leaves its process group before its process exits: a
+        gloo group still alive at interpreter exit can abort the rank ("terminate called without
+        an active exception") after a successful run. Lightning destroys only NCCL groups."""
+        super().teardown(stage)
+        launcher = getattr(getattr(self._trainer, "strategy", None), "launcher", None)
+        spawned = isinstance(launcher, _MultiProcessingLauncher)
+        if spawned and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     # ----------------------------------------------------------------- guards and optimiser
     def check_finite(self, terms: Mapping[str, Tensor]) -> None:

@@ -11,8 +11,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from flowmap.metrics.evaluation import Evaluator
+from flowmap.metrics.evaluation import W2_GROUP_SIZE, Evaluator
 from flowmap.ode import STAGES
 from flowmap.protocols import Sampler
 
@@ -100,7 +101,7 @@ class SampleQuality(L.Callback):
     def __init__(
         self,
         nfe: tuple[int, ...] = (1, 2, 4),
-        n: int = 1000,
+        n: int | None = None,
         solver: str = "euler",
         seed: int = 0,
         groups: int = 5,
@@ -112,11 +113,26 @@ class SampleQuality(L.Callback):
         self.groups, self.feature = groups, feature
         self._evaluator: Evaluator | None = None
 
+    def sample_count(self, dm: Any) -> int:
+        """``n``; unset, 1000 images, or for vector data ``groups`` groups of the report's
+        :data:`~flowmap.metrics.evaluation.W2_GROUP_SIZE` points (exact W2 depends on the group
+        size, so only then is ``val/w2`` the report's W2 at fewer groups)."""
+        if self.n is not None:
+            return int(self.n)
+        return 1000 if getattr(dm, "is_image", False) else self.groups * W2_GROUP_SIZE
+
     def evaluator(self, dm: Any) -> Evaluator:
         """The evaluator for ``dm`` (built once): the one ``flowmap report`` builds."""
         if self._evaluator is None:
+            n = self.sample_count(dm)
+            if not getattr(dm, "is_image", False) and n // self.groups != W2_GROUP_SIZE:
+                rank_zero_warn(
+                    f"SampleQuality measures W2 over groups of {n // self.groups} points and "
+                    f"`flowmap report` over groups of {W2_GROUP_SIZE}; exact W2 grows as groups "
+                    "shrink, so the two do not compare (leave n unset to match the report)."
+                )
             self._evaluator = Evaluator.for_datamodule(
-                dm, self.n, groups=self.groups, split="train", seed=self.seed, feature=self.feature
+                dm, n, groups=self.groups, split="train", seed=self.seed, feature=self.feature
             )
         return self._evaluator
 
@@ -131,11 +147,11 @@ class SampleQuality(L.Callback):
         shape = tuple(dm.data_shape)
         if getattr(dm, "is_image", False) and shape != (1, 8, 8) and self.feature is None:
             return
-        evaluator = self.evaluator(dm)
+        evaluator, n = self.evaluator(dm), self.sample_count(dm)
         g = torch.Generator().manual_seed(self.seed)
-        x0 = torch.randn(self.n, *shape, generator=g).to(module.device)
+        x0 = torch.randn(n, *shape, generator=g).to(module.device)
         k = getattr(module, "num_classes", None)
-        labels = {} if k is None else {"y": (torch.arange(self.n) % k).to(module.device)}
+        labels = {} if k is None else {"y": (torch.arange(n) % k).to(module.device)}
         for nfe in self.nfe:
             if nfe % stages:  # not a whole number of solver steps
                 continue

@@ -27,6 +27,7 @@ from flowmap.protocols import Solution, Velocity, declared_schedule
 from flowmap.teachers import DiffusionStudent, DiffusionTeacher
 from flowmap.teachers.spec import build_component, build_teacher, is_plain_data, is_spec
 from flowmap.training.base import FlowModuleBase, dataset_differences, fork_rng
+from flowmap.training.checkpoints import refuse_run_folder
 from flowmap.training.teachers import load_teacher, missing_student_teacher, student_spec
 
 __all__ = ["FlowMapModule"]
@@ -53,7 +54,8 @@ class FlowMapModule(FlowModuleBase):
             :class:`~flowmap.protocols.Velocity`. ``None`` self-distils: the teacher is the
             model's own diagonal :math:`\mathrm{sg}\,\phi(\cdot,t,t)`.
         warm_start: start the student as a copy of the teacher's network (same architecture
-            needed), so that before training one jump is one Euler step of the teacher.
+            needed), so that before training one jump is one Euler step of the teacher; a
+            function teacher (no network) leaves the student as built.
         schedule: the path's schedule. A distilled map takes the teacher's (giving another is an
             error); self-distillation uses this, ``"linear"`` if unset.
         lr: AdamW learning rate.
@@ -101,6 +103,7 @@ class FlowMapModule(FlowModuleBase):
         guidance_law: str = "fixed",
     ) -> None:
         super().__init__()
+        refuse_run_folder(teacher)  # a run's folder or config.yaml where its checkpoint belongs
         # a Python teacher is not a hyperparameter: checkpoints hold plain data only
         if is_spec(teacher) and not is_plain_data(teacher):  # built in Python: not a hyperparameter
             teacher = build_teacher(teacher)
@@ -275,8 +278,10 @@ class FlowMapModule(FlowModuleBase):
         if stage == "fit":  # before the first step: e.g. self-distillation with no diagonal
             self.loss.check_teacher(self._teacher is not None)
             self._check_teacher_classes()
-        if self.hparams.warm_start and stage == "fit" and self._teacher is not None:
-            self.student.warm_start(self._teacher)  # the EMA copies the net at its first update
+        teacher = self._teacher
+        if self.hparams.warm_start and stage == "fit" and teacher is not None:
+            if self.student.has_net_to_copy(teacher):  # a function teacher has none: nothing to do
+                self.student.warm_start(teacher)  # the EMA copies the net at its first update
 
     def _check_teacher_data(self, teacher: Any, name: str) -> None:
         """The teacher was trained on this fit's data: its shape and, for a flowmap checkpoint,

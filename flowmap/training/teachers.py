@@ -26,7 +26,12 @@ from flowmap.protocols import Velocity
 from flowmap.teachers import build_teacher
 from flowmap.teachers.spec import is_spec
 from flowmap.teachers.student import teacher_architecture
-from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
+from flowmap.training.checkpoints import (
+    CheckpointError,
+    load_module,
+    read_checkpoint,
+    refuse_run_folder,
+)
 from flowmap.training.velocity import VelocityModule
 
 __all__ = [
@@ -93,6 +98,7 @@ def load_teacher(spec: str | Mapping[str, Any]) -> tuple[Velocity, str]:
             )
         teacher: Any = load_module(VelocityModule, spec)
     else:
+        refuse_run_folder(spec)
         teacher = build_teacher(spec)
     if isinstance(teacher, nn.Module):
         teacher.requires_grad_(False)
@@ -136,6 +142,7 @@ def student_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
                 "the student a net (its config) explicitly."
             )
         return dict(net)
+    refuse_run_folder(spec)
     return {
         "class_path": "flowmap.teachers.DiffusionStudent",
         "init_args": {"teacher": teacher_architecture(spec)},

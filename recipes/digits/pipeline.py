@@ -7,6 +7,7 @@ whole train split, 95% intervals from 20 groups; floor = the test split against 
 
 from pathlib import Path
 
+from flowmap.apps.cli import run_command
 from flowmap.apps.pipeline import recipe_parser, run_recipe
 
 HERE = Path(__file__).resolve().parent
@@ -32,4 +33,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)  # a mistake the user can fix: one line, no traceback

@@ -8,6 +8,7 @@ network evaluations, with 95% intervals, against a class-balanced reference.
 
 from pathlib import Path
 
+from flowmap.apps.cli import run_command
 from flowmap.apps.pipeline import recipe_parser, run_recipe
 
 HERE = Path(__file__).resolve().parent
@@ -28,4 +29,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)  # a mistake the user can fix: one line, no traceback

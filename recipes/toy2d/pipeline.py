@@ -2,11 +2,12 @@
 
     python recipes/toy2d/pipeline.py --out runs/toy2d [--dataset moons]
 
-Writes report.md, fid_vs_steps.png, results.json and samples.npz into --out.
+Writes report.md, w2_vs_steps.png, results.json and samples.npz into --out.
 """
 
 from pathlib import Path
 
+from flowmap.apps.cli import run_command
 from flowmap.apps.pipeline import recipe_parser, run_recipe
 from flowmap.data.toy2d import TOY2D_NAMES
 
@@ -38,4 +39,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)  # a mistake the user can fix: one line, no traceback

@@ -1,0 +1,116 @@
+"""How many CPU threads torch uses: as many as the cores other processes leave free.
+
+torch starts one intra-op thread per core. On an idle machine that is right, even for the toy
+networks (``benchmarks/results/threads``); but when another process keeps a core busy, torch's
+threads wait for the one that lost its core, and a step takes several times longer (100 times
+with two such processes on 2 cores). So a command takes :func:`choose_threads` threads at its
+start (:func:`set_threads`), and a fit re-checks the load as it runs (:class:`ThreadsForLoad`),
+lowering the count, with one line that says so, when other work arrives.
+
+``FLOWMAP_THREADS`` (or ``OMP_NUM_THREADS``) fixes the count; flowmap then leaves it alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+
+__all__ = ["THREADS_ENV_VARS", "ThreadsForLoad", "busy_elsewhere", "choose_threads", "set_threads"]
+
+#: Environment variables that fix the thread count; flowmap then leaves it alone.
+THREADS_ENV_VARS = ("FLOWMAP_THREADS", "OMP_NUM_THREADS")
+
+
+def choose_threads(cores: int, busy: float) -> int:
+    """The intra-op threads on ``cores`` cores of which other processes keep ``busy`` busy: the
+    free cores, at least 1."""
+    return max(1, min(cores, cores - round(busy)))
+
+
+def busy_elsewhere(load: float, own_cpu_s: float, wall_s: float) -> float:
+    """The cores other processes keep busy: the load average less this process's own share
+    (its CPU seconds over the wall seconds of the same stretch)."""
+    return max(0.0, load - own_cpu_s / max(wall_s, 1e-9))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+#: (wall, CPU) seconds of this process when its own share of the load was last taken out
+_mark = (time.monotonic(), time.process_time())
+
+
+def _busy_now() -> float:
+    """The cores other processes keep busy now: the 1-minute load average less this process's
+    own CPU rate since the last look (or since flowmap was imported)."""
+    global _mark
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    now = (time.monotonic(), time.process_time())
+    busy = busy_elsewhere(load, now[1] - _mark[1], now[0] - _mark[0])
+    if now[0] - _mark[0] > 10.0:  # a stretch long enough to average over
+        _mark = now
+    return busy
+
+
+def _fixed() -> bool:
+    """Whether the user fixed the thread count (``FLOWMAP_THREADS`` applied here)."""
+    text = os.environ.get("FLOWMAP_THREADS")
+    if text:
+        if not text.strip().isdigit() or int(text) < 1:
+            raise ValueError(
+                f"FLOWMAP_THREADS must be a number of threads (1 or more), got {text!r}."
+            )
+        torch.set_num_threads(int(text))
+    return any(os.environ.get(v) for v in THREADS_ENV_VARS)
+
+
+def _say(cores: int, busy: float, threads: int, say: Callable[[str], object]) -> None:
+    say(
+        f"flowmap: other processes keep {busy:.1f} of the {cores} cores busy (load average), so "
+        f"torch uses {threads} thread(s); set FLOWMAP_THREADS to choose.\n"
+    )
+
+
+def set_threads(say: Callable[[str], object] = sys.stderr.write) -> int:
+    """At a command's start: take :func:`choose_threads` threads for the load of the other
+    processes, saying so when that is fewer than the cores; returns them."""
+    if _fixed():
+        return torch.get_num_threads()
+    cores, busy = _cores(), _busy_now()
+    threads = choose_threads(cores, busy)
+    if threads < cores:
+        _say(cores, busy, threads, say)
+    torch.set_num_threads(threads)
+    return threads
+
+
+class ThreadsForLoad(L.Callback):
+    """During a single-process fit, every ``every_s`` seconds: if other processes now keep
+    cores busy, lower torch's threads to :func:`choose_threads` and say so (never raised again
+    within the fit, so a fit changes its count at most a few times)."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._last = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if time.monotonic() - self._last < self.every_s or trainer.world_size > 1:
+            return
+        self._last = time.monotonic()
+        if _fixed():
+            return
+        cores, busy = _cores(), _busy_now()
+        threads = choose_threads(cores, busy)
+        if threads < torch.get_num_threads():
+            _say(cores, busy, threads, sys.stderr.write)
+            torch.set_num_threads(threads)
