@@ -184,9 +184,13 @@ def test_a_yaml_syntax_error_names_the_file_and_the_line(capsys, tmp_path):
     bad = tmp_path / "teacher.yaml"
     text = Path("recipes/toy2d/teacher.yaml").read_text()
     bad.write_text(text.replace("max_steps: 3000", "max_steps: [3000"))
-    line = 1 + text.splitlines().index("  gradient_clip_val: 1.0")
+    line = 1 + text.splitlines().index("  max_steps: 3000")  # the line to fix, not the next
     err = one_line_error(capsys, ["fit", "--config", str(bad)], f"{bad}: YAML syntax error at line")
-    assert f"line {line}," in err and "did not find expected ',' or ']'" in err
+    assert f"line {line}, column 14 (noticed at line {line + 1})" in err
+    assert "did not find expected ',' or ']'" in err
+    bad.write_text(text.replace("max_steps: 3000", "max_steps 3000"))  # a missing colon
+    err = one_line_error(capsys, ["fit", "--config", str(bad)], f"{bad}: YAML syntax error at line")
+    assert f"at line {line}, column 3" in err and "could not find expected ':'" in err
 
 
 def test_fit_without_a_recipe_says_what_it_needs(capsys):

@@ -219,6 +219,9 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoi
         (["--model.lrr=1"], "lrr"),
         (["--data.name=swissroll"], "Unknown toy 2D dataset 'swissroll'"),
         (["--model.ema_decay=1.5"], "ema_decay must lie in"),
+        (["--model.ema_decay=inf"], "ema_decay: expected a finite number or null, got 'inf'"),
+        (["--model.lr=nan"], "lr: must be a finite number, got nan"),
+        (["--model.lr=.nan"], "The learning rate must be a positive number, got nan"),
         (
             ["--model.time_distribution=beta"],
             "time_distribution: Expected a typing.Literal['uniform', 'logit_normal']. Got value: beta",

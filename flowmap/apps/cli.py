@@ -292,8 +292,31 @@ def _yaml_sentence(text: str) -> str:
     body = body.replace("Problems parsing config:", "").strip()
     parts = [p.strip() for p in body.splitlines() if p.strip()]
     problem = parts[-1] if parts else body
-    where = f"line {marks[-1][1]}, column {marks[-1][2]}" if marks else ""
+    # PyYAML notices a missing ':' or ']' on a later line; its first mark is where the
+    # construct in trouble starts, the line to fix
+    where = f"line {marks[0][1]}, column {marks[0][2]}" if marks else ""
+    if len(marks) > 1 and marks[-1][1] != marks[0][1]:
+        where += f" (noticed at line {marks[-1][1]})"
     return f"YAML syntax error at {where}: {problem}" if where else f"YAML syntax error: {problem}"
+
+
+_TYPE_WORDS = {"float": "a number", "int": "a whole number", "NoneType": "null", "str": "text"}
+
+
+def _union_sentence(text: str, given: str) -> str:
+    """jsonargparse's "Does not validate against any of the Union subtypes Subtypes: [<class
+    'float'>, <class 'NoneType'>] Errors:" → "expected a number or null, got 'inf'" (YAML reads
+    nan and inf as text: no option of flowmap takes them)."""
+    union = re.search(
+        r"Does not validate against any of the Union subtypes\s*Subtypes: \[(.*?)\]", text
+    )
+    if not union:
+        return text
+    kinds = [t.rpartition(".")[2] for t in re.findall(r"<class '([\w.]+)'>", union.group(1))]
+    words = [_TYPE_WORDS.get(k, k) for k in kinds]
+    if "a number" in words and re.fullmatch(r"[+-]?(nan|inf\w*)", given, re.I):
+        words[words.index("a number")] = "a finite number"
+    return text[: union.start()] + f"expected {' or '.join(words)}, got {given!r}"
 
 
 def one_sentence(message: str) -> str:
@@ -315,6 +338,8 @@ def one_sentence(message: str) -> str:
                 break
             detail.append(ln.rstrip(":") if ln.startswith("Parser key") else ln)
         text = " ".join(detail) or lines[-1]
+        given = next((ln for ln in lines[start + 1 :] if ln.startswith("Given value:")), "")
+        text = _union_sentence(text, given.partition(":")[2].strip())
         where = f"{key} ({class_path})" if key else class_path
     else:
         text, where = " ".join(lines[:2]), None
@@ -325,6 +350,9 @@ def one_sentence(message: str) -> str:
         )
     if "Problems parsing config" in text:  # a YAML file given as the value of a nested key
         text = _yaml_sentence(text[text.index("Problems parsing config") :])
+    nan = re.search(r"Expected a <class 'float'>\. Got value: ([+-]?(?:nan|inf)\w*)", text, re.I)
+    if nan:
+        text = text[: nan.start()] + f"must be a finite number, got {nan.group(1)}"
     text = re.sub(r'Parser key "([^"]+)":?', r"\1:", text)
     text = text.replace("::", ":")
     missing = re.match(r"config: File does not exist: (.*)", text)

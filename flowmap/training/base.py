@@ -250,8 +250,8 @@ class FlowModuleBase(L.LightningModule):
         data_shape: Sequence[int] | None,
         lr_schedule: str = "constant",
     ) -> None:
-        if lr <= 0:
-            raise ValueError(f"The learning rate must be positive, got {lr}.")
+        if not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"The learning rate must be a positive number, got {lr}.")
         lr_factor(0, 0, None, lr_schedule)  # the one check of the schedule's name, raised early
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(
