@@ -370,3 +370,11 @@ def test_a_run_folder_or_its_config_given_as_a_checkpoint_names_the_checkpoint(
             *TINY,
         )
         assert f"did you mean {str(last)!r}?" in line, line
+
+
+def test_a_sample_picture_names_the_run_not_last_ckpt(tmp_path):
+    from flowmap.apps.sample import run_label
+
+    ckpt = tmp_path / "runs" / "toy2d" / "lagrangian" / "checkpoints" / "last.ckpt"
+    assert run_label(str(ckpt)) == "lagrangian/last.ckpt"
+    assert run_label(str(tmp_path / "mine" / "model.ckpt")) == "mine/model.ckpt"

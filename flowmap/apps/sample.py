@@ -35,7 +35,7 @@ from flowmap.training import (
 from flowmap.training.teachers import is_module_checkpoint, load_teacher
 from flowmap.training.threads import set_threads
 
-__all__ = ["main", "output_paths"]
+__all__ = ["main", "output_paths", "run_label"]
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     check_writable_file(picture, "--out")
     if args.invert and args.data_npz is None:
         raise ValueError("--invert needs --data-npz, the data to map to noise.")
+    set_threads()
     module, kind = _load(args.ckpt)
     if args.invert:
         if not hasattr(module, "invert"):
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     with open(npz, "wb") as f:  # a file object: numpy adds no second suffix
         np.savez(f, **arrays)
     what = "noise from the data" if args.invert else "samples"
-    title = f"{Path(args.ckpt).name}: NFE {sol.nfe}"
+    title = f"{run_label(args.ckpt)} ({kind}): NFE {sol.nfe}"
     if args.guidance is not None:
         title += f", guidance {args.guidance:g}"
     if labels is not None and not args.invert and args.label is None:
@@ -165,6 +166,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
         samples_picture(sol.x, picture, title)
     print(f"{npz}: {len(sol.x)} {what}, NFE {sol.nfe}; picture {picture}")
     return npz
+
+
+def run_label(ckpt: str) -> str:
+    """What a picture calls a checkpoint: its run's folder with the file,
+    ``runs/toy2d/lagrangian/checkpoints/last.ckpt`` → ``lagrangian/last.ckpt`` (a folder: its name)."""
+    p = Path(ckpt).resolve()
+    if p.is_dir():
+        return p.name
+    run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return f"{run.name}/{p.name}" if run.name else p.name
 
 
 def _load(ckpt: str) -> tuple[Any, str]:
@@ -185,7 +196,6 @@ def _load(ckpt: str) -> tuple[Any, str]:
             "by `flowmap fit`."
         )
     module = load_module(cls, ckpt)
-    set_threads()
     if module.data_shape is None:
         raise CheckpointError(f"{ckpt!r} does not record its data shape; retrain it.")
     return module, kind
