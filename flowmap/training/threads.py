@@ -12,6 +12,7 @@ lowering the count, with one line that says so, when other work arrives.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -21,7 +22,14 @@ from typing import Any
 import lightning as L
 import torch
 
-__all__ = ["THREADS_ENV_VARS", "ThreadsForLoad", "busy_elsewhere", "choose_threads", "set_threads"]
+__all__ = [
+    "LOAD_WINDOW_S",
+    "THREADS_ENV_VARS",
+    "ThreadsForLoad",
+    "choose_threads",
+    "own_load",
+    "set_threads",
+]
 
 #: Environment variables that fix the thread count; flowmap then leaves it alone.
 THREADS_ENV_VARS = ("FLOWMAP_THREADS", "OMP_NUM_THREADS")
@@ -33,10 +41,16 @@ def choose_threads(cores: int, busy: float) -> int:
     return max(1, min(cores, cores - round(busy)))
 
 
-def busy_elsewhere(load: float, own_cpu_s: float, wall_s: float) -> float:
-    """The cores other processes keep busy: the load average less this process's own share
-    (its CPU seconds over the wall seconds of the same stretch)."""
-    return max(0.0, load - own_cpu_s / max(wall_s, 1e-9))
+#: the time constant of the 1-minute load average, in seconds
+LOAD_WINDOW_S = 60.0
+
+
+def own_load(previous: float, cpu_s: float, wall_s: float) -> float:
+    r"""This process's share of the 1-minute load average after ``wall_s`` seconds in which it
+    used ``cpu_s`` CPU seconds: the average's own update
+    :math:`\ell \leftarrow \ell\,e^{-\Delta/60} + (c/\Delta)(1 - e^{-\Delta/60})`."""
+    decay = math.exp(-wall_s / LOAD_WINDOW_S)
+    return previous * decay + cpu_s / max(wall_s, 1e-9) * (1.0 - decay)
 
 
 def _cores() -> int:
@@ -46,20 +60,19 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-#: (wall, CPU) seconds of this process when its own share of the load was last taken out
-_mark = (time.monotonic(), time.process_time())
+#: (wall, CPU) seconds of this process when last looked at, and its share of the load then
+_own = (time.monotonic(), time.process_time(), 0.0)
 
 
 def _busy_now() -> float:
     """The cores other processes keep busy now: the 1-minute load average less this process's
-    own CPU rate since the last look (or since flowmap was imported)."""
-    global _mark
+    own share (:func:`own_load`, followed since flowmap was imported)."""
+    global _own
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    now = (time.monotonic(), time.process_time())
-    busy = busy_elsewhere(load, now[1] - _mark[1], now[0] - _mark[0])
-    if now[0] - _mark[0] > 10.0:  # a stretch long enough to average over
-        _mark = now
-    return busy
+    wall, cpu = time.monotonic(), time.process_time()
+    mine = own_load(_own[2], cpu - _own[1], wall - _own[0])
+    _own = (wall, cpu, mine)
+    return max(0.0, load - mine)
 
 
 def _fixed() -> bool:
@@ -75,9 +88,10 @@ def _fixed() -> bool:
 
 
 def _say(cores: int, busy: float, threads: int, say: Callable[[str], object]) -> None:
+    plural = "s" if threads > 1 else ""
     say(
-        f"flowmap: other processes keep {busy:.1f} of the {cores} cores busy (load average), so "
-        f"torch uses {threads} thread(s); set FLOWMAP_THREADS to choose.\n"
+        f"flowmap: other processes load the {cores} cores with {busy:.1f} (1-minute load "
+        f"average), so torch uses {threads} thread{plural}; set FLOWMAP_THREADS=N to choose.\n"
     )
 
 
