@@ -384,3 +384,30 @@ def test_a_sample_picture_names_the_run_not_last_ckpt(tmp_path):
     ckpt = tmp_path / "runs" / "toy2d" / "lagrangian" / "checkpoints" / "last.ckpt"
     assert run_label(str(ckpt)) == "lagrangian/last.ckpt"
     assert run_label(str(tmp_path / "mine" / "model.ckpt")) == "mine/model.ckpt"
+
+
+def test_validation_and_report_measure_w2_on_the_same_group_size(toy_teacher):
+    """Exact W2 grows as its groups shrink: the training callback and the report both use
+    groups of W2_GROUP_SIZE, so a checkpoint's val/w2 and its report's W2 agree."""
+    from flowmap.apps.report import _sizes, build_datamodule
+    from flowmap.metrics.evaluation import W2_GROUP_SIZE, Evaluator
+    from flowmap.training import SampleQuality, VelocityModule, load_module, read_checkpoint
+
+    teacher = load_module(VelocityModule, toy_teacher[1])
+    dm = build_datamodule(read_checkpoint(toy_teacher[1])["datamodule_hyper_parameters"])
+    callback = SampleQuality(nfe=(4,))
+    n_val = callback.sample_count(dm)
+    assert n_val // callback.groups == W2_GROUP_SIZE
+    assert _sizes(False, None, None) == (10_000, 10) and _sizes(False, 2000, None) == (2000, 2)
+
+    def w2(evaluator: Evaluator, n: int) -> float:
+        x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            x = teacher.generate(x0, 4, "euler").x
+        return evaluator.measure(x).estimates()["w2"].value
+
+    val = w2(callback.evaluator(dm), n_val)
+    report = w2(Evaluator.for_datamodule(dm, 4000, groups=4, split="train", seed=3), 4000)
+    small = w2(Evaluator.for_datamodule(dm, 1000, groups=5, split="train", seed=3), 1000)
+    assert abs(val - report) < 0.05 * report, (val, report)  # measured: 0.500 and 0.498
+    assert small > 1.15 * report, (small, report)  # groups of 200 (the old validation's): 0.63
