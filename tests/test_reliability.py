@@ -259,7 +259,10 @@ def test_bad_config_fails_early_with_a_clear_message(tmp_path, capsys, args, mat
             "did you mean 'eta'?",
         ),
         ("--model.loss.form=regresion", "Got value: regresion"),
-        ("--model.loss=flowmap.losses.NoSuchLoss", "has no attribute 'NoSuchLoss'"),
+        (
+            "--model.loss=flowmap.losses.NoSuchLoss",
+            "--model.loss=flowmap.losses.NoSuchLoss is not known",
+        ),
         ("--model.loss.weighting.kind=focal", "Got value: focal"),
     ],
 )

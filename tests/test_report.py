@@ -40,7 +40,7 @@ def test_report_writes_its_files_with_the_right_rows(toy_teacher, toy_flowmap, t
     res = _run(toy_teacher, toy_flowmap, tmp_path, "--save-samples")
     for name in (
         "report.md",
-        "fid_vs_steps.png",
+        "w2_vs_steps.png",
         "samples_grid.png",
         "results.json",
         "samples.npz",
