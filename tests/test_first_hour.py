@@ -277,8 +277,8 @@ def test_a_preset_or_loss_class_named_on_the_command_line_starts_from_its_own_de
 def test_the_thread_rule_takes_the_cores_other_processes_leave_free():
     from flowmap.training.threads import choose_threads, own_load
 
-    assert choose_threads(2, 0.0) == 2 and choose_threads(2, 0.3) == 2
-    assert choose_threads(2, 1.2) == 1  # one busy process on a 2-core machine
+    assert choose_threads(2, 0.0) == 2 and choose_threads(2, 0.6) == 2
+    assert choose_threads(2, 0.8) == choose_threads(2, 1.2) == 1  # one busy process, 2 cores
     assert choose_threads(2, 7.0) == 1 and choose_threads(16, 3.0) == 13
     # this process's share of the 1-minute load average follows the average's own update: 5 s
     # of imports at one core barely count, 10 minutes on 2 threads count as 2
@@ -314,7 +314,7 @@ def test_set_threads_follows_the_load_says_why_and_leaves_a_users_choice_alone(m
         torch.set_num_threads(before)
 
 
-def test_a_fit_lowers_its_threads_when_other_work_arrives(monkeypatch, capsys):
+def test_a_fit_follows_the_load_when_other_work_comes_and_goes(monkeypatch, capsys):
     from types import SimpleNamespace
 
     from flowmap.training import threads
@@ -333,6 +333,9 @@ def test_a_fit_lowers_its_threads_when_other_work_arrives(monkeypatch, capsys):
         callback.on_train_batch_end(trainer)
         assert torch.get_num_threads() == 1
         assert "load the 2 cores with 1.1" in capsys.readouterr().err
+        monkeypatch.setattr(threads, "_busy_now", lambda: 0.2)  # it finished
+        callback.on_train_batch_end(trainer)
+        assert torch.get_num_threads() == 2 and "uses 2 threads" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
 

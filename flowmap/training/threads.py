@@ -4,8 +4,8 @@ torch starts one intra-op thread per core. On an idle machine that is right, eve
 networks (``benchmarks/results/threads``); but when another process keeps a core busy, torch's
 threads wait for the one that lost its core, and a step takes several times longer (100 times
 with two such processes on 2 cores). So a command takes :func:`choose_threads` threads at its
-start (:func:`set_threads`), and a fit re-checks the load as it runs (:class:`ThreadsForLoad`),
-lowering the count, with one line that says so, when other work arrives.
+start (:func:`set_threads`), and a fit re-checks the load every minute (:class:`ThreadsForLoad`),
+with one line that says so whenever the count changes.
 
 ``FLOWMAP_THREADS`` (or ``OMP_NUM_THREADS``) fixes the count; flowmap then leaves it alone.
 """
@@ -37,8 +37,9 @@ THREADS_ENV_VARS = ("FLOWMAP_THREADS", "OMP_NUM_THREADS")
 
 def choose_threads(cores: int, busy: float) -> int:
     """The intra-op threads on ``cores`` cores of which other processes keep ``busy`` busy: the
-    free cores, at least 1."""
-    return max(1, min(cores, cores - round(busy)))
+    free cores, at least 1; a core counts as taken from 0.75 of one (this process's own share of
+    the load is an estimate, and a neighbour that spins takes a whole core)."""
+    return max(1, min(cores, cores - int(busy + 0.25)))
 
 
 #: the time constant of the 1-minute load average, in seconds
@@ -109,9 +110,9 @@ def set_threads(say: Callable[[str], object] = sys.stderr.write) -> int:
 
 
 class ThreadsForLoad(L.Callback):
-    """During a single-process fit, every ``every_s`` seconds: if other processes now keep
-    cores busy, lower torch's threads to :func:`choose_threads` and say so (never raised again
-    within the fit, so a fit changes its count at most a few times)."""
+    """During a single-process fit, every ``every_s`` seconds: take :func:`choose_threads` threads
+    for the load other processes make now, and say so when the count changes (fewer when other
+    work arrives; more once it has gone, which the 1-minute average shows a minute or two late)."""
 
     def __init__(self, every_s: float = 60.0) -> None:
         self.every_s = every_s
@@ -125,6 +126,6 @@ class ThreadsForLoad(L.Callback):
             return
         cores, busy = _cores(), _busy_now()
         threads = choose_threads(cores, busy)
-        if threads < torch.get_num_threads():
+        if threads != torch.get_num_threads():
             _say(cores, busy, threads, sys.stderr.write)
             torch.set_num_threads(threads)
