@@ -345,3 +345,30 @@ def test_ddp_guided_flow_map_gradients_match_single_process(
     ranks, ref = _ddp_and_single(module, tmp_path, full=_conditional_batch())
     assert "net.condition.scale.3.weight" in ref and "net.condition.label.weight" in ref
     _assert_same(ranks, ref)
+
+
+def test_flowmap_fit_runs_under_ddp_spawn_and_writes_its_files(tmp_path):
+    """The CLI's callbacks travel to spawned ranks (the config saver used to lose its parser and
+    crash the fit): checkpoint and config.yaml are written, the step count is the budget."""
+    from flowmap.apps.cli import cli_main
+    from flowmap.training.checkpoints import read_checkpoint
+
+    cli_main(
+        [
+            "fit",
+            "--config",
+            "recipes/toy2d/teacher.yaml",
+            "--model.net.width=16",
+            "--model.net.depth=1",
+            "--data.batch_size=32",
+            "--trainer.strategy=ddp_spawn",
+            "--trainer.devices=2",
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--logger=none",
+        ]
+    )
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
+    config = (tmp_path / "checkpoints" / "config.yaml").read_text()
+    assert "strategy: ddp_spawn" in config and "width: 16" in config

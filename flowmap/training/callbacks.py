@@ -77,8 +77,25 @@ class ConfigBesideCheckpoints(SaveConfigCallback):
             path = os.path.join(ckpt.dirpath, self.config_filename)
             self.parser.save(self.config, path, skip_none=False, overwrite=True)
 
-    def __getstate__(self) -> dict[str, Any]:  # the parser is not picklable (ddp_spawn)
-        return {k: v for k, v in self.__dict__.items() if k not in ("parser",)}
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``ddp_spawn``: the parser is not picklable, so a spawned rank gets the config it
+        would write, written out already (:class:`_WrittenConfig`)."""
+        state = dict(self.__dict__)
+        parser = state.pop("parser", None)
+        if parser is not None and not isinstance(parser, _WrittenConfig):
+            state["parser"] = _WrittenConfig(parser.dump(self.config, skip_none=False))
+        return state
+
+
+class _WrittenConfig:
+    """Stands in for the CLI's parser in a spawned rank: ``save`` writes the config's YAML."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def save(self, cfg: Any, path: str, **kwargs: Any) -> None:
+        with open(path, "w") as f:
+            f.write(self.text)
 
 
 class SampleQuality(L.Callback):
