@@ -36,8 +36,12 @@ def _run(toy_teacher, toy_flowmap, out, *extra):
     )
 
 
-def test_report_writes_its_files_with_the_right_rows(toy_teacher, toy_flowmap, tmp_path):
+def test_report_writes_its_files_with_the_right_rows(toy_teacher, toy_flowmap, tmp_path, capsys):
+    capsys.readouterr()
     res = _run(toy_teacher, toy_flowmap, tmp_path, "--save-samples")
+    said = capsys.readouterr().out  # a standalone report ends with its headline table
+    assert "W2 on 8gaussians (200 samples per row in 4 groups of 50" in said
+    assert "flow map, lagrangian" in said and f"Files: {tmp_path / 'report.md'}" in said
     for name in (
         "report.md",
         "w2_vs_steps.png",
