@@ -269,6 +269,7 @@ def test_a_preset_or_loss_class_named_on_the_command_line_starts_from_its_own_de
         capsys, "--model.loss", "EulerianLoss", "--model.loss.init_args.pairs.backward_fraction=0.5"
     )
     assert after["init_args"]["pairs"]["init_args"]["backward_fraction"] == 0.5
+    assert _resolved_loss(capsys, "--model.loss=null") is None  # the module's default loss
     line = fails(capsys, "fit", "--config", "recipes/toy2d/lagrangian.yaml", "--model.loss=meanflw")
     assert "did you mean 'meanflow'?" in line and "improved_meanflow" in line
     assert "preset by name, e.g. --model.loss=meanflow" in " ".join(command_help("fit").split())

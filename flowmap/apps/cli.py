@@ -482,7 +482,8 @@ def _named_losses(args: list[str]) -> list[str]:
     """``--model.loss=meanflow`` (a preset) or ``--model.loss=EulerianLoss`` (a class) →
     ``--model.loss=<its complete config>``: the loss named starts from the preset or the class's
     defaults, so no setting of the recipe's loss carries over unseen; options given after it
-    (``--model.loss.init_args.…``) change it as usual. A JSON or YAML mapping is left as given."""
+    (``--model.loss.init_args.…``) change it as usual. A JSON or YAML mapping, or null (the
+    default loss), is left as given."""
     from flowmap.presets import loss_config
 
     out: list[str] = []
@@ -492,7 +493,8 @@ def _named_losses(args: list[str]) -> list[str]:
         step = 1
         if key in _LOSS_KEYS and not eq and i + 1 < len(args):
             value, step = args[i + 1], 2
-        if key in _LOSS_KEYS and value and not value.lstrip().startswith(("{", "class_path")):
+        named = value.strip() and value.strip() not in _NULLS
+        if key in _LOSS_KEYS and named and not value.lstrip().startswith(("{", "class_path")):
             out.append(f"{key}={json.dumps(loss_config(value.strip()))}")
             i += step
             continue
