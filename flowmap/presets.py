@@ -23,7 +23,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from flowmap.losses import FlowMapLoss
+from flowmap.losses import LOSSES, FlowMapLoss
 
 __all__ = ["Preset", "PRESETS", "build_loss", "loss_config", "preset"]
 
@@ -94,7 +94,7 @@ def loss_config(name: str) -> dict[str, Any]:
     try:
         cfg = parser.parse_object({"loss": given})
     except Exception:  # jsonargparse's report of an unknown class: answered by name below
-        losses = sorted(c.__name__ for c in _loss_classes())
+        losses = sorted(c.__name__ for c in LOSSES)
         close = difflib.get_close_matches(name, [*PRESETS, *losses], n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
@@ -103,17 +103,6 @@ def loss_config(name: str) -> dict[str, Any]:
             "`flowmap fit --help`."
         ) from None
     return yaml.safe_load(parser.dump(cfg, skip_none=False))["loss"]
-
-
-def _loss_classes() -> list[type]:
-    import flowmap.losses as losses
-
-    found = (getattr(losses, n) for n in losses.__all__)
-    return [
-        c
-        for c in found
-        if isinstance(c, type) and issubclass(c, FlowMapLoss) and c is not FlowMapLoss
-    ]
 
 
 _UNIFORM_75 = {"eta": 0.75}

@@ -58,11 +58,7 @@ def component_groups() -> list[_Group]:
     return [
         _Group("Models", "model", _concrete(flowmap.training, FlowModuleBase)),
         _Group("Networks", "model.net", nets),
-        _Group(
-            "Losses (FlowMapModule)",
-            "model.loss",
-            _concrete(flowmap.losses, flowmap.losses.FlowMapLoss),
-        ),
+        _Group("Losses (FlowMapModule)", "model.loss", list(flowmap.losses.LOSSES)),
         _Group("Time pairs of a loss", "model.loss.pairs", [flowmap.losses.TimePairSampler]),
         _Group("Loss weighting", "model.loss.weighting", [flowmap.losses.LossWeighting]),
         _Group("Data", "data", _concrete(flowmap.data, FlowDataModule)),

@@ -21,7 +21,11 @@ from flowmap.losses.pairs import OneTimePairSampler, TimePairs, TimePairSampler,
 from flowmap.losses.semigroup import SemigroupLoss, semigroup_residual, semigroup_target
 from flowmap.losses.weighting import LossWeighting
 
+#: The flow-map losses flowmap ships (what ``--model.loss=NAME`` and ``flowmap fit --help`` list).
+LOSSES: tuple[type[FlowMapLoss], ...] = (LagrangianLoss, EulerianLoss, SemigroupLoss, MeanFlowLoss)
+
 __all__ = [
+    "LOSSES",
     "FlowMapLoss",
     "LagrangianLoss",
     "EulerianLoss",

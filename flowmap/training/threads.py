@@ -76,16 +76,17 @@ def _busy_now() -> float:
     return max(0.0, load - mine)
 
 
-def _fixed() -> bool:
-    """Whether the user fixed the thread count (``FLOWMAP_THREADS`` applied here)."""
+def _user_threads() -> int | None:
+    """The count the user fixed: ``FLOWMAP_THREADS`` (checked), or torch's own under
+    ``OMP_NUM_THREADS``; ``None`` when neither is set."""
     text = os.environ.get("FLOWMAP_THREADS")
     if text:
         if not text.strip().isdigit() or int(text) < 1:
             raise ValueError(
                 f"FLOWMAP_THREADS must be a number of threads (1 or more), got {text!r}."
             )
-        torch.set_num_threads(int(text))
-    return any(os.environ.get(v) for v in THREADS_ENV_VARS)
+        return int(text)
+    return torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else None
 
 
 def _say(cores: int, busy: float, threads: int, say: Callable[[str], object]) -> None:
@@ -99,12 +100,12 @@ def _say(cores: int, busy: float, threads: int, say: Callable[[str], object]) ->
 def set_threads(say: Callable[[str], object] = sys.stderr.write) -> int:
     """At a command's start: take :func:`choose_threads` threads for the load of the other
     processes, saying so when that is fewer than the cores; returns them."""
-    if _fixed():
-        return torch.get_num_threads()
-    cores, busy = _cores(), _busy_now()
-    threads = choose_threads(cores, busy)
-    if threads < cores:
-        _say(cores, busy, threads, say)
+    threads = _user_threads()
+    if threads is None:
+        cores, busy = _cores(), _busy_now()
+        threads = choose_threads(cores, busy)
+        if threads < cores:
+            _say(cores, busy, threads, say)
     torch.set_num_threads(threads)
     return threads
 
@@ -122,7 +123,7 @@ class ThreadsForLoad(L.Callback):
         if time.monotonic() - self._last < self.every_s or trainer.world_size > 1:
             return
         self._last = time.monotonic()
-        if _fixed():
+        if _user_threads() is not None:
             return
         cores, busy = _cores(), _busy_now()
         threads = choose_threads(cores, busy)
