@@ -180,8 +180,7 @@ def _fid_rank(rank: int, world: int, port: int, out: str, real, fake) -> None:
 
     import torch.distributed as dist
 
-    from flowmap.metrics.digits_extractor import DigitsFeatures
-    from flowmap.metrics.fid import make_torchmetrics_fid
+    from tests.fid_oracles import DigitsFeatures, make_torchmetrics_fid
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -199,8 +198,7 @@ def test_torchmetrics_fid_states_reduce_across_ranks(tmp_path):
     import torch.multiprocessing as mp
 
     from flowmap.data import load_digits_split, to_uint8
-    from flowmap.metrics.digits_extractor import DigitsFeatures
-    from flowmap.metrics.fid import make_torchmetrics_fid
+    from tests.fid_oracles import DigitsFeatures, make_torchmetrics_fid
 
     x_train, _, x_test, _ = load_digits_split()
     real, fake = to_uint8(x_train[:200]), to_uint8((x_test[:200] + 0.2).clamp(-1, 1))

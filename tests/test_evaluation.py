@@ -9,14 +9,16 @@ from flowmap.data.base import to_uint8
 from flowmap.data.digits import load_digits_split
 from flowmap.data.toy2d import Toy2DDataModule
 from flowmap.metrics import (
+    FEATURE_EXTRACTORS,
     Evaluator,
-    fid_torch_fidelity,
-    frechet_distance,
+    FeatureExtractor,
+    default_feature_extractor,
     jackknife_interval,
     kernel_distance,
     precision_recall,
     t_interval,
 )
+from tests.fid_oracles import DigitsFeatures, fid_torch_fidelity, frechet_distance
 
 
 def _fid_to_standard_normal(x: np.ndarray) -> float:
@@ -158,3 +160,25 @@ def test_digits_evaluator_fid_matches_torch_fidelity_and_caches_reference_featur
     assert list(tmp_path.glob("reference-flowmap-digits-*.npz")) == cached
     Evaluator(to_uint8(torch.zeros(300, 1, 8, 8)), groups=4, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("reference-flowmap-digits-*.npz"))) == 2
+
+
+def test_feature_extractor_registry_names_loads_and_refuses():
+    assert set(FEATURE_EXTRACTORS) == {"flowmap-digits", "inception-v3-compat"}
+    assert default_feature_extractor((1, 8, 8)) == "flowmap-digits"
+    assert default_feature_extractor((3, 32, 32)) == "inception-v3-compat"
+    with pytest.raises(ValueError, match="Unknown feature extractor 'nope'; use 'flowmap-digits'"):
+        FeatureExtractor("nope")
+    with pytest.raises(ValueError, match="Unknown feature extractor"):
+        Evaluator(torch.zeros(20, 1, 8, 8, dtype=torch.uint8), groups=2, feature="nope")
+    # the registered digits extractor gives the oracle's features of the same images
+    images = to_uint8(load_digits_split()[2][:50])
+    digits = FeatureExtractor("flowmap-digits")
+    assert digits.layer == "features"
+    feats = digits(images)
+    assert feats.dtype == torch.float64 and feats.shape == (50, 128)
+    torch.testing.assert_close(feats, DigitsFeatures()(images).double(), rtol=1e-5, atol=1e-5)
+    # the apps' former name of the digits classifier loader still imports
+    from flowmap.metrics import load_digits_classifier
+    from flowmap.metrics.digits_extractor import load_digits_extractor
+
+    assert load_digits_extractor is load_digits_classifier

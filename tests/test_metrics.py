@@ -1,4 +1,4 @@
-"""Tests of flowmap.metrics: 2D distances, FID routes and their agreement, extractor weights.
+"""Tests of flowmap.metrics: 2D distances, FID oracles and their agreement, extractor weights.
 
 Everything runs offline on CPU. Inception-v3 is exercised with randomly initialised weights
 (wiring only); the digits classifier is the shipped one.
@@ -23,28 +23,36 @@ from flowmap.data.base import to_uint8
 from flowmap.data.digits import load_digits_split
 from flowmap.io import UnsafeFileError
 from flowmap.metrics import (
-    DIGITS_FEATURE_EXTRACTOR_NAME,
     INCEPTION_ENV_VAR,
+    load_digits_classifier,
+    mmd_rbf,
+    sliced_wasserstein2,
+    teacher_endpoint_error,
+    wasserstein2,
+)
+from flowmap.metrics import digits_extractor as digits_module
+from flowmap.metrics.digits_extractor import (
+    DIGITS_FEATURE_EXTRACTOR_NAME,
+    DIGITS_WEIGHTS_PATH,
+    digits_classifier_accuracy,
+    register_digits_feature_extractor,
+)
+from flowmap.metrics.extractors import UInt8ImageDataset
+from flowmap.metrics.inception import (
+    INCEPTION_WEIGHTS_FILENAME,
+    check_weights_file,
+    resolve_inception_weights,
+)
+from tests.fid_oracles import (
     DigitsFeatures,
     FeatureStatistics,
     fid_from_features,
     fid_of_generator,
     fid_torch_fidelity,
     frechet_distance,
-    load_digits_extractor,
     make_torchmetrics_fid,
-    mmd_rbf,
-    register_digits_feature_extractor,
-    resolve_inception_weights,
     save_random_inception_weights,
-    sliced_wasserstein2,
-    teacher_endpoint_error,
-    wasserstein2,
 )
-from flowmap.metrics import digits_extractor as digits_module
-from flowmap.metrics.digits_extractor import DIGITS_WEIGHTS_PATH, digits_classifier_accuracy
-from flowmap.metrics.fid import UInt8ImageDataset
-from flowmap.metrics.inception import INCEPTION_WEIGHTS_FILENAME, check_weights_file
 
 FID_KEY = "frechet_inception_distance"
 #: Relative tolerance at which torch-fidelity, torchmetrics and ``frechet_distance`` agree on
@@ -211,7 +219,7 @@ def test_shipped_digits_weights_load_safely_and_reach_stated_accuracy():
     assert {"seed", "test_accuracy", "torch_version", "command"} <= set(meta)
     assert meta["command"].split(" --")[0] == "python scripts/train_digits_classifier.py"
     assert meta["test_accuracy"] >= 0.97
-    model = load_digits_extractor()
+    model = load_digits_classifier()
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     _, _, x_test, y_test = load_digits_split()
     accuracy = digits_classifier_accuracy(model, x_test, y_test)
@@ -228,7 +236,7 @@ def test_digits_training_is_seeded_and_cli_writes_weights(tmp_path):
     assert meta["command"].startswith("python scripts/train_digits_classifier.py ")
     model, accuracy = script.train_digits_classifier(seed=0, epochs=1)
     assert accuracy == meta["test_accuracy"]
-    loaded = load_digits_extractor(out)
+    loaded = load_digits_classifier(out)
     assert loaded.feature_dim == 128
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
@@ -428,7 +436,7 @@ def test_weights_file_with_pickle_payload_is_refused(tmp_path, digits_uint8):
             digits_uint8[1], digits_uint8[1], "flowmap-digits", feature_extractor_weights_path=bad
         )
     with pytest.raises(UnsafeFileError, match="never unpickles"):
-        load_digits_extractor(bad)
+        load_digits_classifier(bad)
     assert not marker.exists()
     # the payload is live: an unrestricted load (what torch-fidelity itself does) runs it
     with warnings.catch_warnings():

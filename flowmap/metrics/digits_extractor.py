@@ -9,20 +9,18 @@ regenerates it (the training program lives outside the package, in ``scripts/``)
 
     python scripts/train_digits_classifier.py --out flowmap/metrics/weights/digits_cnn.pt
 
-Two adapters expose the frozen network to the FID libraries:
-
-* :class:`DigitsFeatureExtractor`, a torch-fidelity ``FeatureExtractorBase`` registered as
-  ``"flowmap-digits"`` by :func:`register_digits_feature_extractor` (uint8 ``N×3×H×W`` input);
-* :class:`DigitsFeatures`, an ``nn.Module`` for ``torchmetrics``'
-  ``FrechetInceptionDistance(feature=DigitsFeatures())``.
+:class:`DigitsFeatureExtractor` exposes the frozen network to torch-fidelity as
+``"flowmap-digits"`` (registered by :func:`register_digits_feature_extractor`, uint8
+``N×3×H×W`` input); :mod:`flowmap.metrics.extractors` lists it. :func:`load_digits_classifier`
+gives the network itself (its logits classify, e.g. for class accuracy).
 
 Floor (torch-fidelity, shipped weights): FID(train split, test split) = 17.33 with 1438 vs 359
 images; two disjoint 719-image halves of the train split give 4.9 and 359 vs 359 subsets
 16–26. FID of 128-d features is strongly biased upward at these sample sizes, so always
 compare against the data floor at the *same* sample sizes.
 
-Both map uint8 pixels ``p`` back to model space with ``p / 127.5 − 1`` (the exact inverse of
-:func:`flowmap.data.base.to_uint8`) and use channel 0 of RGB input.
+The extractor maps uint8 pixels ``p`` back to model space with ``p / 127.5 − 1`` (the exact
+inverse of :func:`flowmap.data.base.to_uint8`) and uses channel 0 of RGB input.
 """
 
 from __future__ import annotations
@@ -44,8 +42,8 @@ __all__ = [
     "DIGITS_WEIGHTS_PATH",
     "DigitsClassifier",
     "DigitsFeatureExtractor",
-    "DigitsFeatures",
     "digits_classifier_accuracy",
+    "load_digits_classifier",
     "load_digits_extractor",
     "register_digits_feature_extractor",
 ]
@@ -129,7 +127,7 @@ def digits_classifier_accuracy(
     return correct / len(x)
 
 
-def load_digits_extractor(path: str | Path | None = None) -> DigitsClassifier:
+def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
     """Load a :class:`DigitsClassifier` state_dict (default: the shipped weights), frozen, eval.
 
     The file is read with :func:`flowmap.io.safe_load` (``torch.load(..., weights_only=True)``),
@@ -159,6 +157,10 @@ def load_digits_extractor(path: str | Path | None = None) -> DigitsClassifier:
     return model
 
 
+#: The former name of :func:`load_digits_classifier`, kept while ``flowmap.apps`` imports it.
+load_digits_extractor = load_digits_classifier
+
+
 def _channel0(x: Tensor) -> Tensor:
     """Channel 0 ``(N, 1, 8, 8)`` of images ``(N, C, 8, 8)`` with ``C ∈ {1, 3}``."""
     if x.dim() != 4 or x.shape[1] not in (1, 3) or tuple(x.shape[2:]) != (_IMAGE_SIZE,) * 2:
@@ -166,54 +168,6 @@ def _channel0(x: Tensor) -> Tensor:
             f"Digits features expect images of shape (N, 1 or 3, 8, 8), got {tuple(x.shape)}."
         )
     return x[:, :1]
-
-
-class DigitsFeatures(nn.Module):
-    """Digits-classifier features for ``torchmetrics.image.fid.FrechetInceptionDistance``.
-
-    Use as ``FrechetInceptionDistance(feature=DigitsFeatures())``. Input ``(N, C, 8, 8)`` with
-    ``C ∈ {1, 3}`` (channel 0 is used): uint8 pixels (torchmetrics' ``normalize=False``
-    convention) map through ``p / 127.5 − 1``; float images are taken to lie in ``float_range``
-    (default ``(0, 1)``, torchmetrics' ``normalize=True`` convention; pass ``(-1, 1)`` for model
-    space) and are mapped affinely to ``[-1, 1]``. Output ``(N, num_features)`` in the dtype of
-    the module's parameters (float64 after ``metric.set_dtype(torch.float64)``). The network is
-    frozen and stays in eval mode even if a parent calls ``.train()``.
-    """
-
-    def __init__(
-        self,
-        model: DigitsClassifier | None = None,
-        weights_path: str | Path | None = None,
-        float_range: tuple[float, float] = (0.0, 1.0),
-    ) -> None:
-        super().__init__()
-        if model is not None and weights_path is not None:
-            raise ValueError("Pass either a model or a weights_path to DigitsFeatures, not both.")
-        lo, hi = float(float_range[0]), float(float_range[1])
-        if not hi > lo:
-            raise ValueError(f"float_range must be (low, high) with high > low, got {float_range}.")
-        self.float_range = (lo, hi)
-        self.model = model if model is not None else load_digits_extractor(weights_path)
-        self.model.eval()
-        self.model.requires_grad_(False)
-        self.num_features: int = self.model.feature_dim
-
-    def train(self, mode: bool = True) -> DigitsFeatures:
-        """Stay in eval mode whatever ``mode`` is (the extractor is frozen)."""
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        """Features ``(N, num_features)`` of uint8 or float images ``(N, 1|3, 8, 8)``."""
-        if x.dtype == torch.uint8:
-            x = from_uint8(_channel0(x))
-        elif x.is_floating_point():
-            lo, hi = self.float_range
-            x = (_channel0(x) - lo) * (2.0 / (hi - lo)) - 1.0
-        else:
-            raise TypeError(f"DigitsFeatures expects uint8 or float images, got {x.dtype}.")
-        param = next(self.model.parameters())
-        return self.model.features(x.to(device=param.device, dtype=param.dtype))
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):
@@ -235,7 +189,7 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         **kwargs: object,
     ) -> None:
         super().__init__(name, list(features_list))
-        self.classifier = load_digits_extractor(feature_extractor_weights_path)
+        self.classifier = load_digits_classifier(feature_extractor_weights_path)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:

@@ -40,21 +40,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from flowmap.data.base import from_uint8, to_uint8
-from flowmap.io import file_sha256
-from flowmap.metrics.digits_extractor import (
-    DIGITS_FEATURE_EXTRACTOR_NAME,
-    DIGITS_WEIGHTS_PATH,
-    register_digits_feature_extractor,
-)
-from flowmap.metrics.fid import UInt8ImageDataset
-from flowmap.metrics.inception import INCEPTION_FEATURE_EXTRACTOR_NAME, verified_inception_weights
+from flowmap.metrics.extractors import FeatureExtractor, default_feature_extractor
+from flowmap.metrics.fid import fid_from_statistics, fid_statistics
 from flowmap.metrics.intervals import Estimate, Replicates
 from flowmap.metrics.two_d import wasserstein2
 
@@ -65,7 +56,6 @@ __all__ = [
     "Measurement",
     "kernel_distance",
     "precision_recall",
-    "default_feature_extractor",
     "reference_features",
 ]
 
@@ -81,48 +71,6 @@ KID_SUBSET_SIZE = 1000
 W2_GROUP_SIZE = 1000
 
 
-def default_feature_extractor(data_shape: tuple[int, ...]) -> str:
-    """``"flowmap-digits"`` for 8×8 grey digits, ``"inception-v3-compat"`` for other images."""
-    return (
-        DIGITS_FEATURE_EXTRACTOR_NAME
-        if tuple(data_shape) == (1, 8, 8)
-        else INCEPTION_FEATURE_EXTRACTOR_NAME
-    )
-
-
-class _Features:
-    """A torch-fidelity feature extractor at its FID layer, built offline (weights checked)."""
-
-    def __init__(self, name: str, weights: str | None, batch_size: int) -> None:
-        if name == DIGITS_FEATURE_EXTRACTOR_NAME:
-            register_digits_feature_extractor()
-            weights_file = weights or str(DIGITS_WEIGHTS_PATH)
-        elif name == INCEPTION_FEATURE_EXTRACTOR_NAME:
-            weights_file = str(verified_inception_weights(weights))  # one sentence offline
-        else:
-            raise ValueError(
-                f"Unknown feature extractor {name!r}; use {DIGITS_FEATURE_EXTRACTOR_NAME!r} "
-                f"(8×8 digits) or {INCEPTION_FEATURE_EXTRACTOR_NAME!r}."
-            )
-        self.name, self.batch_size = name, batch_size
-        self.layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
-        self.weights_digest = file_sha256(weights_file)
-        self.extractor = create_feature_extractor(
-            name,
-            [self.layer],
-            cuda=False,
-            verbose=False,
-            feature_extractor_weights_path=weights_file,
-        )
-
-    def __call__(self, images: Tensor) -> Tensor:
-        """Float64 features ``(N, d)`` of uint8 images ``(N, C, H, W)``."""
-        feats = get_featuresdict_from_dataset(
-            UInt8ImageDataset(images), self.extractor, self.batch_size, False, True, False
-        )[self.layer]
-        return feats.to(torch.float64)
-
-
 def _cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
@@ -130,7 +78,7 @@ def _cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def reference_features(
-    images: Tensor, features: _Features, cache_dir: str | os.PathLike[str] | None = None
+    images: Tensor, features: FeatureExtractor, cache_dir: str | os.PathLike[str] | None = None
 ) -> Tensor:
     """Features of the uint8 reference ``images``, computed once and cached by content hash.
 
@@ -183,8 +131,9 @@ class Evaluator:
             data: ``(N, d)``, compared group by group with ``N`` samples; images:
             ``(M, C, H, W)``, the one set every group is compared with.
         groups: ``G``, the number of disjoint replicate groups (at least 2).
-        feature: images only, the torch-fidelity feature extractor (default by shape:
-            :func:`default_feature_extractor`).
+        feature: images only, a name in
+            :data:`~flowmap.metrics.extractors.FEATURE_EXTRACTORS` (default by shape:
+            :func:`~flowmap.metrics.extractors.default_feature_extractor`).
         weights: images only, the extractor's weights file (default: the shipped digits CNN,
             or the Inception weights resolved by :mod:`flowmap.metrics.inception`).
         kid_subsets: KID subsets per group (torch-fidelity's subset estimator); with the default
@@ -219,9 +168,9 @@ class Evaluator:
         if self.image:
             self.feature = feature or default_feature_extractor(self.data_shape)
             self.reference = _as_uint8(reference, "reference")
-            self._features = _Features(self.feature, weights, batch_size)
+            self._features = FeatureExtractor(self.feature, weights, batch_size)
             feats = reference_features(self.reference, self._features, cache_dir)
-            self._ref_stats = fid_features_to_statistics(feats)
+            self._ref_stats = fid_statistics(feats)
             if len(feats) > max_reference:
                 g = torch.Generator().manual_seed(self.seed)
                 feats = feats[torch.randperm(len(feats), generator=g)[:max_reference]]
@@ -342,10 +291,7 @@ class Evaluator:
         }
 
     def _fid(self, feats: Tensor) -> float:
-        stats = fid_features_to_statistics(feats)
-        return float(
-            fid_statistics_to_metric(stats, self._ref_stats, False)["frechet_inception_distance"]
-        )
+        return fid_from_statistics(fid_statistics(feats), self._ref_stats)
 
 
 def kernel_distance(generated: Tensor, real: Tensor, subsets: int = 10, seed: int = 0) -> float:

@@ -1,8 +1,8 @@
 """Inception-v3 (torch-fidelity's ``inception-v3-compat``) for FID on natural images, offline.
 
 The weights (``weights-inception-2015-12-05-6726825d.pth``, the TF-1 FID network converted by
-torch-fidelity) cannot be downloaded here, so every builder first calls
-:func:`verified_inception_weights`, which
+torch-fidelity) cannot be downloaded here, so the extractor registry
+(:mod:`flowmap.metrics.extractors`) first calls :func:`verified_inception_weights`, which
 
 1. resolves the file (:func:`resolve_inception_weights`): an explicit path, else the
    environment variable ``FLOWMAP_INCEPTION_WEIGHTS``, else the torch hub cache file
@@ -10,23 +10,21 @@ torch-fidelity) cannot be downloaded here, so every builder first calls
    raises ``FileNotFoundError`` at once instead of a ``URLError`` deep inside torch;
 2. checks that it is a plain tensor ``state_dict`` by loading it with
    :func:`flowmap.io.safe_load` (``torch.load(path, weights_only=True)``;
-   :func:`check_weights_file`). This matters because torch-fidelity (and torchmetrics through
-   it) later loads the same file with ``torch.load(weights_only=False)``, which would execute
-   any pickle payload in it.
+   :func:`check_weights_file`). This matters because torch-fidelity later loads the same
+   file with ``torch.load(weights_only=False)``, which would execute any pickle payload in it.
 
 The resolved path is then passed *explicitly* (``feature_extractor_weights_path``) to
-torch-fidelity / torchmetrics, so neither ever tries the network.
+torch-fidelity, so it never tries the network.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch_fidelity import FeatureExtractorInceptionV3
 
 from flowmap.io import UnsafeFileError, safe_load
 
@@ -34,10 +32,8 @@ __all__ = [
     "INCEPTION_ENV_VAR",
     "INCEPTION_FEATURE_EXTRACTOR_NAME",
     "INCEPTION_WEIGHTS_FILENAME",
-    "build_inception_extractor",
     "check_weights_file",
     "resolve_inception_weights",
-    "save_random_inception_weights",
     "verified_inception_weights",
 ]
 
@@ -110,54 +106,3 @@ def check_weights_file(path: str | os.PathLike[str], what: str = "Inception-v3 w
 def verified_inception_weights(path: str | os.PathLike[str] | None = None) -> Path:
     """:func:`resolve_inception_weights` then :func:`check_weights_file`; call before building."""
     return check_weights_file(resolve_inception_weights(path))
-
-
-def build_inception_extractor(
-    weights_path: str | os.PathLike[str] | None = None,
-    features: Sequence[str] = ("2048",),
-    internal_dtype: str | None = None,
-) -> torch.nn.Module:
-    """torch-fidelity's ``FeatureExtractorInceptionV3`` (frozen, eval, CPU) from local weights.
-
-    ``features`` ⊂ ``{"64", "192", "768", "2048", "logits_unbiased", "logits"}``; the module maps
-    uint8 ``N×3×H×W`` to a tuple of features in that order. The weights file is resolved and
-    checked (:func:`verified_inception_weights`) first, so a missing or unsafe file fails here.
-    """
-    path = verified_inception_weights(weights_path)
-    return FeatureExtractorInceptionV3(
-        INCEPTION_FEATURE_EXTRACTOR_NAME,
-        list(features),
-        feature_extractor_weights_path=str(path),
-        feature_extractor_internal_dtype=internal_dtype,
-    )
-
-
-def save_random_inception_weights(path: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write a randomly initialised ``FeatureExtractorInceptionV3`` state_dict to ``path``.
-
-    For wiring tests only (the features are meaningless): the file has exactly the keys and
-    shapes of the real weights (~95 MB), so torch-fidelity and torchmetrics accept it. The
-    module is built without touching the network by overriding ``load_state_dict`` while a
-    placeholder (empty) weights file is "loaded"; initialisation is seeded with ``seed``.
-    """
-
-    class _Unloaded(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[override]
-            return None
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    placeholder = out.with_name(out.name + ".empty")
-    torch.save({}, placeholder)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            module = _Unloaded(
-                INCEPTION_FEATURE_EXTRACTOR_NAME,
-                ["2048"],
-                feature_extractor_weights_path=str(placeholder),
-            )
-    finally:
-        placeholder.unlink(missing_ok=True)
-    torch.save(module.state_dict(), out)
-    return out
