@@ -13,7 +13,7 @@ from flowmap.ode import (
     time_grid,
 )
 from flowmap.oracles import GaussianMixtureTarget, GaussianTarget
-from flowmap.paths import AffinePath, get_schedule
+from flowmap.paths import AffinePath, data_and_noise, get_schedule
 from tests.helpers import ExactPhi
 
 
@@ -40,15 +40,41 @@ def test_interpolant_endpoints_and_conversions(name):
     sample = path.sample(x0, x1, t)
     x_t, v = sample.x_t, sample.dx_t
     assert sample.x0 is x0 and sample.x1 is x1 and sample.t is t
-    assert torch.allclose(path.velocity_to_data(v, x_t, t), x1)
-    assert torch.allclose(path.velocity_to_noise(v, x_t, t), x0)
-    assert torch.allclose(path.data_to_velocity(x1, x_t, t), v)
-    assert torch.allclose(path.noise_to_velocity(x0, x_t, t), v)
+    # the one converter between predictions, on the student's own path
+    c = path.coefficients(t, x_t)
+    k = (c.alpha, c.sigma, c.d_alpha, c.d_sigma)
+    data, noise = data_and_noise("velocity", v, x_t, *k)  # velocity -> data, velocity -> noise
+    assert torch.allclose(data, x1)
+    assert torch.allclose(noise, x0)
+    data, noise = data_and_noise("sample", x1, x_t, *k)  # data -> velocity
+    assert torch.allclose(c.d_alpha * data + c.d_sigma * noise, v)
+    data, noise = data_and_noise("epsilon", x0, x_t, *k)  # noise -> velocity
+    assert torch.allclose(c.d_alpha * data + c.d_sigma * noise, v)
 
 
 def test_unknown_schedule_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown schedule 'sigmoid'"):
         get_schedule("sigmoid")
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_log_snr_inverse_inverts_log_snr_and_matches_bisection(name):
+    sch = get_schedule(name)
+    t = torch.linspace(0.01, 0.99, 33, dtype=torch.float64)
+    lam = sch.log_snr(t)
+    assert bool((lam.diff() > 0).all())  # noise (low SNR) at t = 0
+    torch.testing.assert_close(sch.log_snr_inverse(lam), t, rtol=0, atol=1e-12)
+    # the closed form agrees with the family's default inverse (bisection)
+    bisected = super(type(sch), sch).log_snr_inverse(lam)
+    torch.testing.assert_close(bisected, t, rtol=0, atol=1e-12)
+    assert (sch.tau_noise, sch.tau_data) == (0.0, 1.0)
+
+
+def test_a_path_must_run_from_noise_at_zero_to_data_at_one():
+    from flowmap.teachers import native_schedule
+
+    with pytest.raises(ValueError, match="noise at t = 0 to data at t = 1.*vp_cosine"):
+        AffinePath(native_schedule("vp_cosine"))
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

@@ -169,7 +169,7 @@ def test_a_schedule_change_leaves_the_exact_odes_endpoint_unchanged():
         x = solve_adaptive(teacher, x0, t1=t_end, **tol).x
         ends.append(x / teacher.path.schedule(torch.tensor(t_end, dtype=F64)).sigma)
     s = native_schedule("vp_cosine")
-    tau_end = s.tau_at(lam).item()
+    tau_end = s.log_snr_inverse(lam).item()
     model = oracle("vp_cosine", "velocity")  # the model's own ODE: dx/dτ = ȧ x̂1 + ġ ε̂
     x = solve_adaptive(model, x0, t0=1.0, t1=tau_end, **tol).x
     ends.append(x / s.coefficients(torch.tensor(tau_end, dtype=F64))[1])
@@ -190,6 +190,31 @@ def test_a_schedule_change_leaves_the_exact_odes_endpoint_unchanged():
     assert (mid[0] - mid[1]).abs().max() > 0.1
 
 
+def test_one_schedule_family_foreign_schedules_reuse_flowmaps_linear_and_cosine():
+    from flowmap.paths import CosineSchedule, LinearSchedule, Schedule
+
+    assert type(native_schedule("linear")) is LinearSchedule
+    assert type(native_schedule("cosine")) is CosineSchedule
+    # rectified flow (SD3, T = 1000) is the linear schedule run from data to noise
+    rf = native_schedule("rectified_flow", num_train_timesteps=1000)
+    tau = torch.linspace(0, 1000, 11, dtype=F64)
+    a, g = rf.coefficients(tau)
+    assert torch.equal(a, 1 - tau / 1000) and torch.equal(g, tau / 1000)
+    assert (rf.tau_noise, rf.tau_data) == (1000.0, 0.0)
+    # v-diffusion's VP cosine is the cosine schedule run the same way
+    vp = native_schedule("vp_cosine")
+    u = tau / 1000
+    a, g = vp.coefficients(u)
+    assert torch.equal(a, torch.cos(math.pi / 2 * u)) and torch.equal(g, torch.sin(math.pi / 2 * u))
+    for s, inner in ((rf, tau[1:-1]), (vp, u[1:-1])):
+        # closed-form derivatives and inverse agree with the family's defaults (autograd, bisection)
+        for mine, default in zip(s.derivatives(tau), Schedule.derivatives(s, tau), strict=True):
+            torch.testing.assert_close(mine, default, rtol=1e-12, atol=0)
+        lam = s.log_snr(inner)
+        torch.testing.assert_close(s.log_snr_inverse(lam), inner, rtol=0, atol=1e-9)
+        torch.testing.assert_close(Schedule.log_snr_inverse(s, lam), inner, rtol=0, atol=1e-9)
+
+
 def test_discrete_schedules_match_diffusers():
     diffusers = pytest.importorskip("diffusers")
     for name, kw in [
@@ -206,7 +231,7 @@ def test_discrete_schedules_match_diffusers():
         a, g = ours.coefficients(k)
         torch.testing.assert_close(a**2, ours.alphas_cumprod, rtol=1e-12, atol=0)
         torch.testing.assert_close(
-            ours.tau_at(ours.log_snr(k + 0.3).clamp(max=float(ours.log_snr(k[:1])))),
+            ours.log_snr_inverse(ours.log_snr(k + 0.3).clamp(max=float(ours.log_snr(k[:1])))),
             (k + 0.3).clamp(max=999),
             rtol=0,
             atol=1e-9,

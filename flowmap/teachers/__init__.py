@@ -5,7 +5,9 @@ r"""Teachers trained elsewhere, converted exactly into flowmap's convention.
   (:mod:`flowmap.teachers.diffusion` has the equations).
 * :class:`EDMDenoiser` — Karras et al.'s preconditioning :math:`D(x;\sigma)` of a raw network.
 * :func:`native_schedule` — the named schedules (linear, cosine, rectified flow, VP cosine,
-  discrete DDPM β schedules, EDM σ-time); :class:`FunctionSchedule` for any :math:`a(\tau), g(\tau)`.
+  discrete DDPM β schedules, EDM σ-time), all of the one family :class:`flowmap.paths.Schedule`;
+  :class:`FunctionSchedule` for any :math:`a(\tau), g(\tau)`.
+* :mod:`flowmap.teachers.ddim` — deterministic DDIM in the model's own variables (``teacher.ddim``).
 * :class:`DiffusionStudent` — the student that is such a teacher's own network, with the gap
   :math:`t - s` added at its time embedding (:class:`~flowmap.nets.TwoTimeAdapter`), converted
   the same way: :math:`\phi(x, t, t) = b_t(x)` before training.
@@ -14,12 +16,13 @@ r"""Teachers trained elsewhere, converted exactly into flowmap's convention.
   ``UNet2DModel`` / ``DiTTransformer2DModel`` folder with its scheduler config, read with safetensors.
 """
 
-from flowmap.teachers.diffusion import PREDICTIONS, DiffusionTeacher, EDMDenoiser, data_and_noise
+from flowmap.paths import PREDICTIONS, data_and_noise
+from flowmap.teachers.diffusion import DiffusionTeacher, EDMDenoiser
 from flowmap.teachers.schedules import (
     SCHEDULES,
     DiscreteVPSchedule,
     FunctionSchedule,
-    NativeSchedule,
+    ReversedSchedule,
     native_schedule,
 )
 from flowmap.teachers.spec import build_teacher
@@ -33,7 +36,7 @@ __all__ = [
     "DiscreteVPSchedule",
     "EDMDenoiser",
     "FunctionSchedule",
-    "NativeSchedule",
+    "ReversedSchedule",
     "build_teacher",
     "data_and_noise",
     "native_schedule",

@@ -35,7 +35,7 @@ The student follows flowmap's path :math:`x_t = \alpha_t x_1 + \sigma_t x_0` (:m
 Since :math:`(\hat x_1, \hat\varepsilon)` do not depend on the path, a diffusion model and its
 converted velocity share one ODE: DDIM's step :math:`x_{\tau'} = a_{\tau'}\hat x_1 + g_{\tau'}\hat\varepsilon`
 is, rescaled, the Euler step of :math:`b` on the linear path between the matching student times
-(:meth:`DiffusionTeacher.ddim`). The conversion runs in float64; the model in its own dtype. It is
+(:mod:`flowmap.teachers.ddim`). The conversion runs in float64; the model in its own dtype. It is
 FastGen's ``convert_model_output`` (the data estimate as the pivot) combined with the time change
 of Meta flow_matching's ``ScheduleTransformedModel`` (SNR matching and rescaling), in one step.
 
@@ -44,7 +44,12 @@ noise or clean data; EDM runs from :math:`\sigma_{min}` to :math:`\sigma_{max}`)
 :math:`t` near 0 or 1. That is an error unless ``clip=True``: then a student time beyond an end is
 evaluated at that end's :math:`\tau` (with :math:`x_\tau = r x`, :math:`r = g_\tau/\sigma_t` near
 noise and :math:`a_\tau/\alpha_t` near data), as DDPM and DDIM samplers start from pure noise at
-their last step.
+their last step (:func:`~flowmap.teachers.schedules.check_coverage`).
+
+The teacher's jobs, each with one owner: the schedules and their log-SNR (:mod:`flowmap.paths`,
+:mod:`flowmap.teachers.schedules`), the prediction converter (:func:`flowmap.paths.data_and_noise`),
+coverage (:func:`~flowmap.teachers.schedules.check_coverage`), DDIM (:mod:`flowmap.teachers.ddim`);
+here the time change, the rescaling, the model call and its labels.
 """
 
 from __future__ import annotations
@@ -64,59 +69,22 @@ from flowmap.conditioning import (
     guided_velocity,
 )
 from flowmap.ode import FIXED_STEP_METHODS, solve_at_cost
-from flowmap.paths import AffinePath, as_path, as_time, expand_like
+from flowmap.paths import (
+    AffinePath,
+    Schedule,
+    as_path,
+    as_time,
+    check_prediction,
+    data_and_noise,
+    expand_like,
+)
 from flowmap.protocols import Solution
-from flowmap.teachers.schedules import FunctionSchedule, NativeSchedule, native_schedule
+from flowmap.teachers import ddim as _ddim
+from flowmap.teachers.schedules import check_coverage, resolve_schedule, schedule_identity
 
-__all__ = ["PREDICTIONS", "DiffusionTeacher", "EDMDenoiser", "data_and_noise"]
+__all__ = ["DiffusionTeacher", "EDMDenoiser"]
 
 _F64 = torch.float64
-#: the predictions a model may make (diffusers' names where it has one)
-PREDICTIONS = ("epsilon", "sample", "v_prediction", "velocity", "score")
-#: a log-SNR beyond this is an end of the path (SNR e^30: coefficients below float64 resolution)
-_INFINITE = 30.0
-#: predictions that cannot give (data, noise) at zero SNR (the noise end) or infinite SNR (data end)
-_SINGULAR_AT_NOISE = ("epsilon", "score")
-_SINGULAR_AT_DATA = ("sample", "score")
-
-
-def check_prediction(prediction: str) -> str:
-    """The prediction name, or a one-sentence error naming the known ones."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(
-            f"Unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)} "
-            "(diffusers' prediction_type names, plus velocity and score)."
-        )
-    return prediction
-
-
-def data_and_noise(
-    prediction: str,
-    out: Tensor,
-    x_tau: Tensor,
-    a: Tensor,
-    g: Tensor,
-    da: Tensor | None = None,
-    dg: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    r"""The model's data and noise estimates :math:`(\hat x_1, \hat\varepsilon)` from its
-    ``prediction`` ``out`` at :math:`x_\tau` with coefficients :math:`a_\tau, g_\tau` (and
-    :math:`\dot a_\tau, \dot g_\tau` for ``"velocity"``), broadcast against ``x_tau``: the module
-    docstring's equations, which all satisfy :math:`x_\tau = a\hat x_1 + g\hat\varepsilon`."""
-    if prediction == "epsilon":
-        return (x_tau - g * out) / a, out
-    if prediction == "sample":
-        return out, (x_tau - a * out) / g
-    if prediction == "score":
-        eps = -g * out
-        return (x_tau - g * eps) / a, eps
-    if prediction == "v_prediction":
-        n = a**2 + g**2
-        return (a * x_tau - g * out) / n, (g * x_tau + a * out) / n
-    if prediction == "velocity":
-        det = a * dg - g * da
-        return (dg * x_tau - g * out) / det, (a * out - da * x_tau) / det
-    raise ValueError(check_prediction(prediction))
 
 
 def _as_output(out: Any) -> Tensor:
@@ -137,7 +105,7 @@ class DiffusionTeacher(nn.Module):
             own times; an ``nn.Module`` is held (frozen, in eval mode) as a submodule.
         prediction: ``"epsilon"``, ``"sample"``, ``"v_prediction"``, ``"velocity"`` or ``"score"``.
         schedule: a named schedule (:data:`~flowmap.teachers.schedules.SCHEDULES`) or a
-            :class:`~flowmap.teachers.schedules.NativeSchedule`; or give ``alpha`` and ``sigma``.
+            :class:`~flowmap.paths.Schedule`; or give ``alpha`` and ``sigma``.
         alpha, sigma: the model's path :math:`x_\tau = \alpha(\tau)\,\mathrm{data} + \sigma(\tau)\,
             \mathrm{noise}` as functions of a float64 tensor (the direction of time is read from them).
         schedule_args: keyword arguments of a named schedule (e.g. ``num_train_timesteps``).
@@ -161,7 +129,7 @@ class DiffusionTeacher(nn.Module):
         self,
         model: Callable[..., Any],
         prediction: str,
-        schedule: str | NativeSchedule | None = None,
+        schedule: str | Schedule | None = None,
         alpha: Callable[[Tensor], Tensor] | None = None,
         sigma: Callable[[Tensor], Tensor] | None = None,
         schedule_args: Mapping[str, Any] | None = None,
@@ -178,21 +146,9 @@ class DiffusionTeacher(nn.Module):
     ) -> None:
         super().__init__()
         self.prediction = check_prediction(prediction)
-        if (alpha is None) != (sigma is None) or (alpha is not None and schedule is not None):
-            raise ValueError(
-                "Give the model's schedule either by name (schedule=...) or as both alpha= and "
-                "sigma= functions of its time, not both."
-            )
-        if alpha is not None:
-            lo, hi = tau_range or (0.0, 1.0)
-            self.schedule = FunctionSchedule(alpha, sigma, lo, hi)
-        elif schedule is None:
-            raise ValueError(
-                "The teacher needs the model's schedule: schedule='ddpm_linear', 'edm', "
-                "'rectified_flow', ... or alpha= and sigma= functions of its time."
-            )
-        else:
-            self.schedule = native_schedule(schedule, **dict(schedule_args or {}))
+        self.schedule, self.tau_noise, self.tau_data = resolve_schedule(
+            schedule, alpha, sigma, schedule_args, tau_range
+        )
         if isinstance(model, nn.Module):
             model.eval().requires_grad_(False)
         self.model = model
@@ -202,92 +158,31 @@ class DiffusionTeacher(nn.Module):
         self.label_keyword, self.learned_variance = label_keyword, bool(learned_variance)
         self.data_shape = None if data_shape is None else tuple(int(d) for d in data_shape)
         self.timestep_scale = float(timestep_scale)
-        s = self.schedule
-        self.tau_noise, self.tau_data = s.tau_noise, s.tau_data
-        if tau_range is not None and alpha is None:
-            lo, hi = sorted(float(v) for v in tau_range)
-            if lo < s.tau_min or hi > s.tau_max:
-                raise ValueError(
-                    f"tau_range {list(tau_range)} lies outside the {s.name} schedule's times "
-                    f"[{s.tau_min:g}, {s.tau_max:g}]; narrow it."
-                )
-            self.tau_noise, self.tau_data = (lo, hi) if s.tau_noise < s.tau_data else (hi, lo)
-        self._student_time = native_schedule(self.path.name)  # student's t from a log-SNR
-        ends = s.log_snr(torch.tensor([self.tau_noise, self.tau_data], dtype=_F64)).tolist()
-        self.log_snr_range = (ends[0], ends[1])
-        self._check_coverage()
-
-    # ----------------------------------------------------------------- coverage
-    def _uncovered(self) -> list[str]:
-        """The ends of the student's time that the schedule (with this prediction) misses."""
-        lo, hi = self.log_snr_range
-        gaps = []
-        noise_missing = lo > -_INFINITE or self.prediction in _SINGULAR_AT_NOISE
-        data_missing = hi < _INFINITE or self.prediction in _SINGULAR_AT_DATA
-        if noise_missing:
-            t = self.student_time(torch.tensor([lo], dtype=_F64)).item()
-            why = (
-                f"the {self.prediction} prediction gives no data estimate at zero SNR"
-                if lo <= -_INFINITE
-                else f"its noisiest time τ = {self.tau_noise:g} has log-SNR {lo:.3g}"
-            )
-            gaps.append(("noise", t, self.tau_noise, why, lo <= -_INFINITE))
-        if data_missing:
-            t = self.student_time(torch.tensor([hi], dtype=_F64)).item()
-            why = (
-                f"the {self.prediction} prediction gives no noise estimate at zero noise"
-                if hi >= _INFINITE
-                else f"its cleanest time τ = {self.tau_data:g} has log-SNR {hi:.3g}"
-            )
-            gaps.append(("data", t, self.tau_data, why, hi >= _INFINITE))
-        return gaps
-
-    def _check_coverage(self) -> None:
-        gaps = self._uncovered()
-        if not gaps:
-            return
-        name = self.schedule.name
-        singular = [g for g in gaps if g[4]]
-        if singular:
-            end, _, tau, why, _ = singular[0]
-            ends = {"noise": self.tau_noise, "data": self.tau_data}
-            span = self.tau_data - self.tau_noise
-            for e, *_ in singular:  # stop 0.001 of the way short of each singular end
-                ends[e] += 1e-3 * span if e == "noise" else -1e-3 * span
-            short = sorted(ends.values())
-            raise ValueError(
-                f"The {name} schedule ends at τ = {tau:g}, where {why}, so the student's times "
-                f"near {0 if end == 'noise' else 1} are not covered; give a tau_range that stops "
-                f"short of τ = {tau:g} (e.g. tau_range=[{short[0]:g}, {short[1]:g}]) and clip=True."
-            )
-        if self.clip:
-            return
-        parts = [
-            f"{why}, which the student's {self.path.name} path reaches only at t = {t:.4g}, so "
-            f"t {'<' if end == 'noise' else '>'} {t:.4g} is not covered"
-            for end, t, tau, why, _ in gaps
-        ]
-        raise ValueError(
-            f"The {name} schedule does not reach the student's "
-            f"{' and '.join(g[0] for g in gaps)} end: {'; '.join(parts)}; pass clip=True to "
-            "evaluate those times at the schedule's nearest end (as DDPM and DDIM samplers "
-            "start from pure noise at their last step)."
+        ends = torch.tensor([self.tau_noise, self.tau_data], dtype=_F64)
+        self.log_snr_range = tuple(self.schedule.log_snr(ends).tolist())
+        check_coverage(
+            self.schedule,
+            self.prediction,
+            self.path.schedule,
+            self.tau_noise,
+            self.tau_data,
+            self.clip,
         )
 
+    # ----------------------------------------------------------------- the time change
     def student_time(self, log_snr: Tensor) -> Tensor:
         r"""The student's time :math:`t` with :math:`\log(\alpha_t/\sigma_t)` = ``log_snr`` (float64)."""
-        return self._student_time.tau_at(log_snr.to(_F64))
+        return self.path.schedule.log_snr_inverse(log_snr.to(_F64))
 
     def native_time(self, t: Tensor) -> Tensor:
         r"""The model's time :math:`\tau` with the same SNR as student time ``t`` (clipped to the
         schedule's range when ``clip``; rounded when ``integer_timesteps``)."""
-        c = self.path.schedule(t.to(_F64))
-        lam = (torch.log(c.alpha) - torch.log(c.sigma)).clamp(*self.log_snr_range)
-        tau = self.schedule.tau_at(lam)
+        lam = self.path.schedule.log_snr(t.to(_F64)).clamp(*self.log_snr_range)
+        tau = self.schedule.log_snr_inverse(lam)
         lo, hi = sorted((self.tau_noise, self.tau_data))
-        return self._whole(tau.clamp(lo, hi))
+        return self.whole_steps(tau.clamp(lo, hi))
 
-    def _whole(self, tau: Tensor) -> Tensor:
+    def whole_steps(self, tau: Tensor) -> Tensor:
         """``tau`` at the model's whole timesteps (``timestep_scale * τ`` rounded) when
         ``integer_timesteps``, else unchanged."""
         if not self.integer_timesteps:
@@ -334,14 +229,16 @@ class DiffusionTeacher(nn.Module):
             )
         return out.to(_F64)
 
-    def _convert(self, out: Tensor, x_tau: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+    def data_and_noise(self, out: Tensor, x_tau: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The model's :math:`(\hat x_1, \hat\varepsilon)` from its prediction ``out`` at
+        :math:`(x_\tau, \tau)` (:func:`flowmap.paths.data_and_noise`)."""
         a, g = (expand_like(c, x_tau) for c in self.schedule.coefficients(tau))
         da = dg = None
         if self.prediction == "velocity":
             da, dg = (expand_like(c, x_tau) for c in self.schedule.derivatives(tau))
         return data_and_noise(self.prediction, out, x_tau, a, g, da, dg)
 
-    def _rescale(self, t: Tensor, tau: Tensor, x: Tensor) -> Tensor:
+    def rescale(self, t: Tensor, tau: Tensor, x: Tensor) -> Tensor:
         r""":math:`r` with :math:`x_\tau = r x`: :math:`g_\tau/\sigma_t` nearer noise,
         :math:`a_\tau/\alpha_t` nearer data."""
         c = self.path.schedule(t.to(_F64))
@@ -357,9 +254,11 @@ class DiffusionTeacher(nn.Module):
         t = as_time(t, x).to(_F64).clamp(0.0, 1.0)
         tau = self.native_time(t)
         x64 = x.to(_F64)
-        x_tau = self._rescale(t, tau, x64) * x64
+        x_tau = self.rescale(t, tau, x64) * x64
         labels = {} if y is None else {"y": self._model_labels(y)}
-        x1, eps = self._convert(self._predict(x_tau, tau, x.dtype, model, **labels), x_tau, tau)
+        x1, eps = self.data_and_noise(
+            self._predict(x_tau, tau, x.dtype, model, **labels), x_tau, tau
+        )
         c = self.path.schedule(t)
         b = expand_like(c.d_alpha, x64) * x1 + expand_like(c.d_sigma, x64) * eps
         return b.to(x.dtype)
@@ -395,55 +294,12 @@ class DiffusionTeacher(nn.Module):
 
     # ----------------------------------------------------------------- sampling
     def ddim_times(self, nfe: int) -> tuple[Tensor, Tensor]:
-        r"""DDIM's ``nfe`` model times, evenly spaced from the noisy end (diffusers'
-        ``"trailing"`` spacing; whole steps for a discrete schedule), and the matching student
-        grid :math:`t_0 < \dots < t_{N-1} < t_N = 1` (float64)."""
-        n = int(nfe)
-        if n < 1:
-            raise ValueError(f"DDIM needs at least 1 step, got {nfe}.")
-        k = torch.arange(n, dtype=_F64)
-        if self.schedule.discrete:  # diffusers: round(arange(T, 0, -T/n)) - 1 over the range
-            lo, hi = sorted((self.tau_noise, self.tau_data))
-            T = hi - lo + 1
-            if n > T:
-                raise ValueError(
-                    f"DDIM cannot take {n} steps on a schedule of {T:g} timesteps; ask for at "
-                    f"most {T:g}."
-                )
-            taus = lo + torch.round(T - k * T / n) - 1
-        else:
-            taus = self._whole(self.tau_noise + (self.tau_data - self.tau_noise) * k / n)
-        times = self.student_time(self.schedule.log_snr(taus))
-        return taus, torch.cat([times, torch.ones(1, dtype=_F64)])
+        """DDIM's model times and student grid (:func:`flowmap.teachers.ddim.ddim_times`)."""
+        return _ddim.ddim_times(self, nfe)
 
-    @torch.no_grad()
     def ddim(self, x0: Tensor, nfe: int, cond: Mapping[str, Tensor] | None = None) -> Solution:
-        r"""Deterministic DDIM in the model's own variables: from noise ``x0`` (the student's
-        :math:`x` at :math:`t_0`, i.e. :math:`x_{\tau_0} = r\,x_0`), steps
-        :math:`x_{\tau_{k+1}} = a_{\tau_{k+1}}\hat x_1 + g_{\tau_{k+1}}\hat\varepsilon`, and the last
-        step's :math:`\hat x_1`. On the linear path this equals Euler of :math:`b` on
-        :meth:`ddim_times`' grid."""
-        taus, times = self.ddim_times(nfe)
-        cond = {k: v for k, v in (cond or {}).items() if v is not None}
-        x = x0.to(_F64)
-        tau0 = taus[:1].expand(x.shape[0])
-        x_tau = self._rescale(times[:1].expand(x.shape[0]), tau0, x) * x
-        for i in range(len(taus)):
-            tau = taus[i : i + 1].expand(x.shape[0]).to(x.device)
-            if cond:
-                # guidance on the prediction: the conversion is linear in it, so this is b^w
-                def f(xt: Tensor, tt: Tensor, y: Tensor) -> Tensor:
-                    return self._predict(xt, tt, x0.dtype, y=self._model_labels(y))
-
-                out = guided_velocity(f, x_tau, tau, cond["y"], cond.get("w"))
-            else:
-                out = self._predict(x_tau, tau, x0.dtype)
-            x1, eps = self._convert(out, x_tau, tau)
-            if i + 1 < len(taus):
-                a, g = self.schedule.coefficients(taus[i + 1 : i + 2].to(x.device))
-                x_tau = a * x1 + g * eps
-        cost = guidance_cost(cond.get("w")) if cond else 1
-        return Solution(x1.to(x0.dtype), len(taus) * cost)
+        """Deterministic DDIM from noise ``x0`` (:func:`flowmap.teachers.ddim.ddim`)."""
+        return _ddim.ddim(self, x0, nfe, cond)
 
     @torch.no_grad()
     def generate(
@@ -472,19 +328,17 @@ class DiffusionTeacher(nn.Module):
             raise ValueError(
                 f"DDIM at {cost} NFE per step cannot take NFE {nfe}; ask for a positive multiple."
             )
-        return self.ddim(x0, int(nfe) // cost, cond)
+        return _ddim.ddim(self, x0, int(nfe) // cost, cond)
 
     def identity_facts(self) -> dict[str, Any]:
         """What defines this teacher besides its weights (a report compares it by these)."""
         lo, hi = sorted((self.tau_noise, self.tau_data))
-        grid = torch.linspace(lo, hi, 17, dtype=_F64)
-        fingerprint = [[round(float(v), 12) for v in c] for c in self.schedule.coefficients(grid)]
         return {  # an nn.Module's repr is its architecture and settings (EDM's sigma_data …)
             "model": repr(self.model)
             if isinstance(self.model, nn.Module)
             else type(self.model).__name__,
             "prediction": self.prediction,
-            "schedule": [self.schedule.name, lo, hi, fingerprint],
+            "schedule": schedule_identity(self.schedule, lo, hi),
             "log_snr_range": [round(v, 12) for v in self.log_snr_range],
             "labels": [self.null_class, self.label_keyword],
             "path": self.path.name,

@@ -1,9 +1,10 @@
 r"""A model's own noise schedule: its path :math:`x_\tau = a_\tau\,\mathrm{data} + g_\tau\,\mathrm{noise}`
-in its own time :math:`\tau`, and the inverse of its log signal-to-noise ratio.
+in its own time :math:`\tau`, and the inverse of its log signal-to-noise ratio: members of the one
+schedule family :class:`flowmap.paths.Schedule` (``linear`` and ``cosine`` are flowmap's own).
 
 The log-SNR :math:`\lambda(\tau) = \log a_\tau - \log g_\tau` is monotone in :math:`\tau`; which end
-is noise (:math:`\lambda` low) is read from the schedule, so time may run either way. Everything here
-is float64.
+is noise (:math:`\lambda` low) is read from the schedule, so time may run either way. A teacher
+evaluates them in float64. Also here: which student times a schedule covers (:func:`check_coverage`).
 
 Named schedules (:func:`native_schedule`):
 
@@ -29,86 +30,34 @@ fractional timesteps is evaluated at the exact SNR.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from flowmap.paths import CosineSchedule, LinearSchedule, Schedule
+
 __all__ = [
-    "NativeSchedule",
     "FunctionSchedule",
+    "ReversedSchedule",
     "DiscreteVPSchedule",
     "SCHEDULES",
+    "check_coverage",
     "native_schedule",
+    "resolve_schedule",
+    "schedule_identity",
 ]
 
 _F64 = torch.float64
+#: a log-SNR beyond this is an end of the path (SNR e^30: coefficients below float64 resolution)
+_INFINITE = 30.0
+#: predictions that cannot give (data, noise) at zero SNR (the noise end) or infinite SNR (data end)
+_SINGULAR_AT_NOISE = ("epsilon", "score")
+_SINGULAR_AT_DATA = ("sample", "score")
 
 
-class NativeSchedule(ABC):
-    r"""A model's path :math:`x_\tau = a_\tau x_1 + g_\tau\varepsilon` on its time range
-    ``[tau_min, tau_max]``, with :math:`\lambda(\tau) = \log(a_\tau/g_\tau)` monotone."""
-
-    name: str = "custom"
-    #: whether the model takes integer timesteps (a discrete schedule)
-    discrete: bool = False
-
-    def __init__(self, tau_min: float, tau_max: float) -> None:
-        if not tau_min < tau_max:
-            raise ValueError(
-                f"A schedule's time range needs tau_min < tau_max, got [{tau_min}, {tau_max}]."
-            )
-        self.tau_min, self.tau_max = float(tau_min), float(tau_max)
-        lo, hi = self.log_snr(torch.tensor([self.tau_min, self.tau_max], dtype=_F64)).tolist()
-        if lo == hi or math.isnan(lo) or math.isnan(hi):
-            raise ValueError(
-                f"The {self.name} schedule's log-SNR is {lo} at τ = {tau_min} and {hi} at τ = "
-                f"{tau_max}; a schedule must run from noise to data."
-            )
-        #: the time of the noisy end (lowest SNR) and of the clean end
-        self.tau_noise, self.tau_data = (
-            (self.tau_min, self.tau_max) if lo < hi else (self.tau_max, self.tau_min)
-        )
-
-    @abstractmethod
-    def coefficients(self, tau: Tensor) -> tuple[Tensor, Tensor]:
-        r""":math:`(a_\tau, g_\tau)` at float64 times ``tau``."""
-
-    def derivatives(self, tau: Tensor) -> tuple[Tensor, Tensor]:
-        r""":math:`(\dot a_\tau, \dot g_\tau)`, by autograd of :meth:`coefficients` (float64)."""
-        with torch.enable_grad():
-            tau = tau.detach().to(_F64).requires_grad_(True)
-            out = []
-            for c in self.coefficients(tau):  # a constant coefficient (EDM's a = 1) has no graph
-                d = (
-                    torch.autograd.grad(c.sum(), tau, allow_unused=True)[0]
-                    if c.requires_grad
-                    else None
-                )
-                out.append(torch.zeros_like(tau.detach()) if d is None else d.detach())
-        return out[0], out[1]
-
-    def log_snr(self, tau: Tensor) -> Tensor:
-        r""":math:`\lambda(\tau) = \log a_\tau - \log g_\tau` (:math:`\pm\infty` where a coefficient is 0)."""
-        a, g = self.coefficients(tau.to(_F64))
-        return torch.log(a) - torch.log(g)
-
-    def tau_at(self, lam: Tensor) -> Tensor:
-        r"""The time with log-SNR ``lam`` (inside the schedule's range), by bisection in float64."""
-        lo = torch.full_like(lam, self.tau_noise, dtype=_F64)
-        hi = torch.full_like(lam, self.tau_data, dtype=_F64)
-        for _ in range(100):  # the interval halves each time: float64 resolution after ~60
-            mid = 0.5 * (lo + hi)
-            below = self.log_snr(mid) < lam  # still too noisy: move towards the data end
-            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        return 0.5 * (lo + hi)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, tau in [{self.tau_min:g}, {self.tau_max:g}])"
-
-
-class FunctionSchedule(NativeSchedule):
+class FunctionSchedule(Schedule):
     r"""Any schedule given as two functions :math:`a(\tau), g(\tau)` of the model's time (torch ops
     on a float64 tensor, so that :meth:`derivatives` can differentiate them), with an optional
     closed-form inverse ``tau_of_log_snr``."""
@@ -133,13 +82,35 @@ class FunctionSchedule(NativeSchedule):
             torch.as_tensor(self.sigma(tau), dtype=_F64, device=tau.device).expand_as(tau),
         )
 
-    def tau_at(self, lam: Tensor) -> Tensor:
+    def log_snr_inverse(self, lam: Tensor) -> Tensor:
         if self._inverse is None:
-            return super().tau_at(lam)
+            return super().log_snr_inverse(lam)
         return self._inverse(lam.to(_F64)).clamp(self.tau_min, self.tau_max)
 
 
-class DiscreteVPSchedule(NativeSchedule):
+class ReversedSchedule(Schedule):
+    r"""A schedule of the family run from data to noise over ``[0, T]`` (float64):
+    :math:`a_\tau = \sigma(\tau/T),\ g_\tau = \alpha(\tau/T)`, so
+    :math:`\lambda^{-1}(\lambda) = T\,\lambda_{base}^{-1}(-\lambda)` (rectified flow is the reversed
+    linear schedule, v-diffusion's the reversed cosine)."""
+
+    def __init__(self, base: Schedule, time_scale: float = 1.0, name: str = "reversed") -> None:
+        self.base, self.time_scale, self.name = base, float(time_scale), name
+        super().__init__(0.0, self.time_scale)
+
+    def coefficients(self, tau: Tensor) -> tuple[Tensor, Tensor]:
+        a, g = self.base.coefficients(tau.to(_F64) / self.time_scale)
+        return g, a
+
+    def derivatives(self, tau: Tensor) -> tuple[Tensor, Tensor]:
+        da, dg = self.base.derivatives(tau.to(_F64) / self.time_scale)
+        return dg / self.time_scale, da / self.time_scale
+
+    def log_snr_inverse(self, lam: Tensor) -> Tensor:
+        return self.time_scale * self.base.log_snr_inverse(-lam.to(_F64))
+
+
+class DiscreteVPSchedule(Schedule):
     r"""A variance-preserving schedule of ``T`` integer steps from its :math:`\beta_k`:
     :math:`\bar\alpha_k = \prod_{i \le k} (1 - \beta_i)`, :math:`a_k = \sqrt{\bar\alpha_k}`,
     :math:`g_k = \sqrt{1 - \bar\alpha_k}`; :math:`\lambda` linear between integers."""
@@ -173,7 +144,7 @@ class DiscreteVPSchedule(NativeSchedule):
         lam = self.log_snr(tau)
         return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
 
-    def tau_at(self, lam: Tensor) -> Tensor:
+    def log_snr_inverse(self, lam: Tensor) -> Tensor:
         table = self._lam.to(lam.device)
         lam = lam.to(_F64).clamp(float(table[-1]), float(table[0]))
         # λ falls with k: count the steps whose λ is above lam
@@ -212,49 +183,7 @@ class DiscreteVPSchedule(NativeSchedule):
         return cls(betas, name=name)
 
 
-def _linear() -> NativeSchedule:
-    return FunctionSchedule(
-        lambda t: t, lambda t: 1 - t, 0.0, 1.0, "linear", lambda lam: torch.sigmoid(lam)
-    )
-
-
-def _cosine() -> NativeSchedule:
-    half_pi = math.pi / 2
-    return FunctionSchedule(
-        lambda t: torch.sin(half_pi * t),
-        lambda t: torch.cos(half_pi * t),
-        0.0,
-        1.0,
-        "cosine",
-        lambda lam: torch.atan(torch.exp(lam)) / half_pi,
-    )
-
-
-def _rectified_flow(num_train_timesteps: float = 1.0) -> NativeSchedule:
-    T = float(num_train_timesteps)
-    return FunctionSchedule(
-        lambda t: 1 - t / T,
-        lambda t: t / T,
-        0.0,
-        T,
-        "rectified_flow",
-        lambda lam: T * torch.sigmoid(-lam),
-    )
-
-
-def _vp_cosine() -> NativeSchedule:
-    half_pi = math.pi / 2
-    return FunctionSchedule(
-        lambda t: torch.cos(half_pi * t),
-        lambda t: torch.sin(half_pi * t),
-        0.0,
-        1.0,
-        "vp_cosine",
-        lambda lam: torch.atan(torch.exp(-lam)) / half_pi,
-    )
-
-
-def _edm(sigma_min: float = 0.002, sigma_max: float = 80.0) -> NativeSchedule:
+def _edm(sigma_min: float = 0.002, sigma_max: float = 80.0) -> Schedule:
     return FunctionSchedule(
         lambda s: torch.ones_like(s),
         lambda s: s,
@@ -266,11 +195,13 @@ def _edm(sigma_min: float = 0.002, sigma_max: float = 80.0) -> NativeSchedule:
 
 
 #: the named schedules and the keyword arguments each takes
-SCHEDULES: dict[str, Callable[..., NativeSchedule]] = {
-    "linear": _linear,
-    "cosine": _cosine,
-    "rectified_flow": _rectified_flow,
-    "vp_cosine": _vp_cosine,
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "linear": LinearSchedule,
+    "cosine": CosineSchedule,
+    "rectified_flow": lambda num_train_timesteps=1.0: ReversedSchedule(
+        LinearSchedule(), num_train_timesteps, "rectified_flow"
+    ),
+    "vp_cosine": lambda: ReversedSchedule(CosineSchedule(), 1.0, "vp_cosine"),
     "ddpm_linear": lambda num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02: (
         DiscreteVPSchedule.from_betas("linear", beta_start, beta_end, num_train_timesteps)
     ),
@@ -285,9 +216,9 @@ SCHEDULES: dict[str, Callable[..., NativeSchedule]] = {
 }
 
 
-def native_schedule(name: str | NativeSchedule, **kwargs: float) -> NativeSchedule:
+def native_schedule(name: str | Schedule, **kwargs: float) -> Schedule:
     """A named schedule (see the module table) with its keyword arguments; a schedule passes through."""
-    if isinstance(name, NativeSchedule):
+    if isinstance(name, Schedule):
         return name
     if name not in SCHEDULES:
         raise ValueError(
@@ -298,3 +229,115 @@ def native_schedule(name: str | NativeSchedule, **kwargs: float) -> NativeSchedu
         return SCHEDULES[name](**kwargs)
     except TypeError as e:
         raise ValueError(f"The {name!r} schedule does not take these arguments: {e}.") from None
+
+
+def resolve_schedule(
+    schedule: str | Schedule | None = None,
+    alpha: Callable[[Tensor], Tensor] | None = None,
+    sigma: Callable[[Tensor], Tensor] | None = None,
+    schedule_args: Mapping[str, Any] | None = None,
+    tau_range: tuple[float, float] | None = None,
+) -> tuple[Schedule, float, float]:
+    r"""A teacher's schedule (by name, as a :class:`~flowmap.paths.Schedule`, or as functions
+    :math:`a(\tau), g(\tau)` on ``tau_range``) and its used ends :math:`(\tau_{noise}, \tau_{data})`:
+    the schedule's, or ``tau_range``'s in the same order."""
+    if (alpha is None) != (sigma is None) or (alpha is not None and schedule is not None):
+        raise ValueError(
+            "Give the model's schedule either by name (schedule=...) or as both alpha= and "
+            "sigma= functions of its time, not both."
+        )
+    if alpha is not None:
+        lo, hi = tau_range or (0.0, 1.0)
+        s = FunctionSchedule(alpha, sigma, lo, hi)
+        return s, s.tau_noise, s.tau_data
+    if schedule is None:
+        raise ValueError(
+            "The teacher needs the model's schedule: schedule='ddpm_linear', 'edm', "
+            "'rectified_flow', ... or alpha= and sigma= functions of its time."
+        )
+    s = native_schedule(schedule, **dict(schedule_args or {}))
+    if tau_range is None:
+        return s, s.tau_noise, s.tau_data
+    lo, hi = sorted(float(v) for v in tau_range)
+    if lo < s.tau_min or hi > s.tau_max:
+        raise ValueError(
+            f"tau_range {list(tau_range)} lies outside the {s.name} schedule's times "
+            f"[{s.tau_min:g}, {s.tau_max:g}]; narrow it."
+        )
+    return (s, lo, hi) if s.tau_noise < s.tau_data else (s, hi, lo)
+
+
+def _gaps(
+    schedule: Schedule, prediction: str, student: Schedule, tau_noise: float, tau_data: float
+) -> list[tuple[str, float, float, str, bool]]:
+    """``(end, student time, τ, why, singular)`` for each end of the student's time that the
+    schedule on ``[τ_noise, τ_data]`` (with this prediction) misses."""
+    lo, hi = schedule.log_snr(torch.tensor([tau_noise, tau_data], dtype=_F64)).tolist()
+    gaps = []
+    if lo > -_INFINITE or prediction in _SINGULAR_AT_NOISE:
+        t = student.log_snr_inverse(torch.tensor([lo], dtype=_F64)).item()
+        why = (
+            f"the {prediction} prediction gives no data estimate at zero SNR"
+            if lo <= -_INFINITE
+            else f"its noisiest time τ = {tau_noise:g} has log-SNR {lo:.3g}"
+        )
+        gaps.append(("noise", t, tau_noise, why, lo <= -_INFINITE))
+    if hi < _INFINITE or prediction in _SINGULAR_AT_DATA:
+        t = student.log_snr_inverse(torch.tensor([hi], dtype=_F64)).item()
+        why = (
+            f"the {prediction} prediction gives no noise estimate at zero noise"
+            if hi >= _INFINITE
+            else f"its cleanest time τ = {tau_data:g} has log-SNR {hi:.3g}"
+        )
+        gaps.append(("data", t, tau_data, why, hi >= _INFINITE))
+    return gaps
+
+
+def check_coverage(
+    schedule: Schedule,
+    prediction: str,
+    student: Schedule,
+    tau_noise: float,
+    tau_data: float,
+    clip: bool = False,
+) -> None:
+    r"""Refuse a schedule on ``[τ_noise, τ_data]`` whose log-SNR :math:`\lambda(\tau)` misses the
+    ``student``'s at :math:`t \to 0` or :math:`1` (unless ``clip``: then those times are evaluated
+    at the nearest end), or whose end is one where ``prediction`` is singular (never allowed)."""
+    gaps = _gaps(schedule, prediction, student, tau_noise, tau_data)
+    if not gaps:
+        return
+    singular = [g for g in gaps if g[4]]
+    if singular:
+        end, _, tau, why, _ = singular[0]
+        ends = {"noise": tau_noise, "data": tau_data}
+        span = tau_data - tau_noise
+        for e, *_ in singular:  # stop 0.001 of the way short of each singular end
+            ends[e] += 1e-3 * span if e == "noise" else -1e-3 * span
+        short = sorted(ends.values())
+        raise ValueError(
+            f"The {schedule.name} schedule ends at τ = {tau:g}, where {why}, so the student's "
+            f"times near {0 if end == 'noise' else 1} are not covered; give a tau_range that stops "
+            f"short of τ = {tau:g} (e.g. tau_range=[{short[0]:g}, {short[1]:g}]) and clip=True."
+        )
+    if clip:
+        return
+    parts = [
+        f"{why}, which the student's {student.name} path reaches only at t = {t:.4g}, so "
+        f"t {'<' if end == 'noise' else '>'} {t:.4g} is not covered"
+        for end, t, tau, why, _ in gaps
+    ]
+    raise ValueError(
+        f"The {schedule.name} schedule does not reach the student's "
+        f"{' and '.join(g[0] for g in gaps)} end: {'; '.join(parts)}; pass clip=True to "
+        "evaluate those times at the schedule's nearest end (as DDPM and DDIM samplers "
+        "start from pure noise at their last step)."
+    )
+
+
+def schedule_identity(schedule: Schedule, lo: float, hi: float) -> list[Any]:
+    """``[name, lo, hi, fingerprint]``: the schedule's coefficients at 17 times of ``[lo, hi]``
+    (rounded to 12 digits), which tell two schedules of one name apart."""
+    grid = torch.linspace(lo, hi, 17, dtype=_F64)
+    fingerprint = [[round(float(v), 12) for v in c] for c in schedule.coefficients(grid)]
+    return [schedule.name, lo, hi, fingerprint]
