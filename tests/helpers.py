@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from flowmap.apps.cli import cli_main
+from flowmap.apps.lightning_cli import cli_main
 from flowmap.losses import FlowMapLoss, mean_square
 from flowmap.oracles import GaussianTarget
 

@@ -15,14 +15,10 @@ import torch
 
 import flowmap.apps.report as report
 import flowmap.apps.sample as sample
-from flowmap.apps.cli import (
-    FlowmapCLI,
-    _nested_nulls_as_config,
-    cli_main,
-    main,
-    quiet_console,
-)
+from flowmap.apps.cli import main
 from flowmap.apps.help import command_help
+from flowmap.apps.kit import quiet_console
+from flowmap.apps.lightning_cli import FlowmapCLI, _nested_nulls_as_config, cli_main
 from flowmap.training.progress import FlowmapProgressBar, stage_label
 
 TINY = [
@@ -335,7 +331,7 @@ def test_help_all_prints_lightnings_full_help(capsys):
 
 @pytest.mark.parametrize("module", [sample, report])
 def test_every_sample_and_report_argument_is_described_with_its_default(module):
-    parser = module._parser()
+    parser = module.parser()
     text = parser.format_help()
     assert "DESIGN" not in text and "``" not in text
     for action in parser._actions:
@@ -454,7 +450,7 @@ def test_a_tiny_fit_prints_no_known_noise(tmp_path):
     args += [f"--trainer.default_root_dir={tmp_path / 'teacher'}"]
     code = (  # called from a script with its own arguments, as the recipe pipelines do
         "import sys; sys.argv = ['pipeline.py', '--out', 'x']; "
-        f"from flowmap.apps.cli import cli_main; cli_main({args!r})"
+        f"from flowmap.apps.lightning_cli import cli_main; cli_main({args!r})"
     )
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run(

@@ -348,7 +348,7 @@ def test_ddp_guided_flow_map_gradients_match_single_process(
 def test_flowmap_fit_runs_under_ddp_spawn_and_writes_its_files(tmp_path):
     """The CLI's callbacks travel to spawned ranks (the config saver used to lose its parser and
     crash the fit): checkpoint and config.yaml are written, the step count is the budget."""
-    from flowmap.apps.cli import cli_main
+    from flowmap.apps.lightning_cli import cli_main
     from flowmap.training.checkpoints import read_checkpoint
 
     cli_main(

@@ -190,7 +190,7 @@ def _readme_commands(prefix: str) -> list[list[str]]:
 
 
 def test_the_readme_fit_commands_parse_as_written():
-    from flowmap.apps.cli import cli_main
+    from flowmap.apps.lightning_cli import cli_main
 
     commands = _readme_commands("flowmap fit")
     assert len(commands) >= 4
@@ -246,7 +246,7 @@ def test_distilling_a_teacher_of_another_dataset_is_refused_before_the_first_ste
 def _resolved_loss(capsys, *argv: str) -> dict:
     import yaml
 
-    from flowmap.apps.cli import cli_main
+    from flowmap.apps.lightning_cli import cli_main
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
@@ -393,7 +393,8 @@ def test_a_sample_picture_names_the_run_not_last_ckpt(tmp_path):
 def test_validation_and_report_measure_w2_on_the_same_group_size(toy_teacher):
     """Exact W2 grows as its groups shrink: the training callback and the report both use
     groups of W2_GROUP_SIZE, so a checkpoint's val/w2 and its report's W2 agree."""
-    from flowmap.apps.report import _sizes, build_datamodule
+    from flowmap.apps.report.config import sizes
+    from flowmap.apps.report.setting import build_datamodule
     from flowmap.metrics.evaluation import W2_GROUP_SIZE, Evaluator
     from flowmap.training import SampleQuality, VelocityModule, load_module, read_checkpoint
 
@@ -402,7 +403,7 @@ def test_validation_and_report_measure_w2_on_the_same_group_size(toy_teacher):
     callback = SampleQuality(nfe=(4,))
     n_val = callback.sample_count(dm)
     assert n_val // callback.groups == W2_GROUP_SIZE
-    assert _sizes(False, None, None) == (10_000, 10) and _sizes(False, 2000, None) == (2000, 2)
+    assert sizes(False, None, None) == (10_000, 10) and sizes(False, 2000, None) == (2000, 2)
 
     def w2(evaluator: Evaluator, n: int) -> float:
         x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from flowmap import losses
-from flowmap.apps.cli import cli_main, run_command
+from flowmap.apps.kit import run_command
+from flowmap.apps.lightning_cli import cli_main
 from flowmap.training import FlowMapModule, VelocityModule, load_module, read_checkpoint
 from tests.fakes import make_fake_cifar10
 

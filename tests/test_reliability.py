@@ -10,7 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from flowmap.apps.cli import cli_main, main
+from flowmap.apps.cli import main
+from flowmap.apps.lightning_cli import cli_main
 from flowmap.training import FlowMapModule, NonFiniteLossError, VelocityModule
 from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
 from tests.helpers import TINY_NET

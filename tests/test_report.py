@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import flowmap.apps.report as report
-from flowmap.training.checkpoints import CheckpointError
+from flowmap.apps.report.setting import build_datamodule
+from flowmap.metrics.evaluation import Evaluator
+from flowmap.training.checkpoints import CheckpointError, read_checkpoint
 
 
 def _run(toy_teacher, toy_flowmap, out, *extra):
@@ -124,9 +126,7 @@ def test_the_callback_logs_the_reports_value_on_the_same_samples(
 
     res = _run(toy_teacher, toy_flowmap, tmp_path)
     module = load_module(FlowMapModule, toy_flowmap)
-    dm = report.build_datamodule(
-        report.read_checkpoint(toy_teacher[1])["datamodule_hyper_parameters"]
-    )
+    dm = build_datamodule(read_checkpoint(toy_teacher[1])["datamodule_hyper_parameters"])
     logged = {}
     module.log = lambda name, value, **kw: logged.__setitem__(name, value)
     trainer = SimpleNamespace(datamodule=dm, sanity_checking=False)
@@ -145,7 +145,7 @@ def test_a_killed_report_resumes_with_finished_rows(
         pass
 
     calls, resumed = [], False
-    real = report.Evaluator.measure
+    real = Evaluator.measure
 
     def flaky(self, samples, teacher_endpoint=None):
         calls.append(1)
@@ -153,7 +153,7 @@ def test_a_killed_report_resumes_with_finished_rows(
             raise Killed  # the run dies during the fourth evaluation
         return real(self, samples, teacher_endpoint)
 
-    monkeypatch.setattr(report.Evaluator, "measure", flaky)
+    monkeypatch.setattr(Evaluator, "measure", flaky)
     with pytest.raises(Killed):
         _run(toy_teacher, toy_flowmap, tmp_path)
     assert len(list((tmp_path / "rows").glob("*.npz"))) == 2  # floor is not a row file

@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from flowmap.apps.cli import cli_main
 from flowmap.apps.cli import main as flowmap_main
+from flowmap.apps.lightning_cli import cli_main
 from flowmap.io import UnsafeFileError, load_safetensors
 from flowmap.teachers import build_teacher
 from flowmap.training import FlowMapModule, load_module, read_checkpoint

@@ -9,7 +9,7 @@ import re
 import shutil
 from typing import Any
 
-from flowmap.apps.cli import COMMANDS
+from flowmap.apps.kit import COMMANDS
 from flowmap.data.base import FlowDataModule
 from flowmap.training import FlowModuleBase
 

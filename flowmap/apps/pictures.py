@@ -265,60 +265,58 @@ def _nfe_axis(ax: plt.Axes, ticks: list[int]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def quality_vs_steps_figure(results: Mapping[str, Any]) -> tuple[plt.Figure, tuple[plt.Axes, ...]]:
-    """The figure of ``quality_vs_steps_plot``, not yet saved: ``(figure, (metric axes, endpoint
-    axes))``. ``results`` is a report's ``results.json``."""
-    metric = results["metric"]
-    quality = _series(results, metric)
-    endpoint = _series(results, "endpoint")
-    floor = results.get("floor")
-    fixed = [m for m in quality if m not in _ADAPTIVE]
-    dodge = {m: (i - (len(fixed) - 1) / 2) * 0.04 for i, m in enumerate(fixed)}  # in log2(NFE)
-    fig, (ax, ax_end) = plt.subplots(1, 2, figsize=(13, 6.4))
-    bottom, top = _y_range(quality, floor)
-    clipped: dict[int, list[tuple[float, str, float]]] = {}  # nfe → (x, colour, value)
-
-    for panel, series in ((ax, quality), (ax_end, endpoint)):
-        for m, pts in series.items():
-            colour, marker = method_style(m)
-            ys = np.array([e["value"] for _, e in pts])
-            err = np.array(
-                [[e["value"] - e["ci_low"], e["ci_high"] - e["value"]] for _, e in pts]
-            ).T
-            if m in _ADAPTIVE:
-                n = pts[0][0]
-                panel.errorbar(
-                    [n],
-                    ys,
-                    yerr=err,
-                    marker="*",
-                    ms=13,
-                    ls="none",
-                    capsize=3,
-                    color=colour,
-                    label=f"{m} (adaptive reference, NFE {n}; dotted line)",
-                )
-                if panel is ax:
-                    panel.axhline(ys[0], color=colour, ls=":", lw=0.8, alpha=0.7)
-                continue
-            xs = np.array([n * 2.0 ** dodge.get(m, 0.0) for n, _ in pts])
+def _draw_series(
+    panel: plt.Axes,
+    series: dict[str, list[tuple[int, dict[str, Any]]]],
+    dodge: dict[str, float],
+    top: float | None,
+    clipped: dict[int, list[tuple[float, str, float]]],
+) -> None:
+    """Each method's points with error bars (the adaptive solve as a star); on the metric's
+    panel (``top`` given) points above ``top`` go into ``clipped``."""
+    for m, pts in series.items():
+        colour, marker = method_style(m)
+        ys = np.array([e["value"] for _, e in pts])
+        err = np.array([[e["value"] - e["ci_low"], e["ci_high"] - e["value"]] for _, e in pts]).T
+        if m in _ADAPTIVE:
+            n = pts[0][0]
             panel.errorbar(
-                xs,
+                [n],
                 ys,
                 yerr=err,
-                marker=marker,
-                ms=6,
+                marker="*",
+                ms=13,
+                ls="none",
                 capsize=3,
                 color=colour,
-                label=m,
-                ls="--" if m.startswith("teacher/") else "-",
-                lw=1.4,
+                label=f"{m} (adaptive reference, NFE {n}; dotted line)",
             )
-            if panel is ax:
-                for (n, _), x, y in zip(pts, xs, ys):
-                    if y > top:
-                        clipped.setdefault(n, []).append((x, colour, y))
+            if top is not None:  # the metric's panel
+                panel.axhline(ys[0], color=colour, ls=":", lw=0.8, alpha=0.7)
+            continue
+        xs = np.array([n * 2.0 ** dodge.get(m, 0.0) for n, _ in pts])
+        panel.errorbar(
+            xs,
+            ys,
+            yerr=err,
+            marker=marker,
+            ms=6,
+            capsize=3,
+            color=colour,
+            label=m,
+            ls="--" if m.startswith("teacher/") else "-",
+            lw=1.4,
+        )
+        if top is not None:
+            for (n, _), x, y in zip(pts, xs, ys):
+                if y > top:
+                    clipped.setdefault(n, []).append((x, colour, y))
 
+
+def _mark_clipped(
+    ax: plt.Axes, clipped: dict[int, list[tuple[float, str, float]]], top: float
+) -> None:
+    """A triangle at the top edge, with its value, for every point above the axes."""
     for stack in clipped.values():
         for k, (x, colour, y) in enumerate(sorted(stack, key=lambda c: c[2])):
             ax.plot(
@@ -344,6 +342,24 @@ def quality_vs_steps_figure(results: Mapping[str, Any]) -> tuple[plt.Figure, tup
                 fontweight="bold",
                 annotation_clip=False,
             )
+
+
+def quality_vs_steps_figure(results: Mapping[str, Any]) -> tuple[plt.Figure, tuple[plt.Axes, ...]]:
+    """The figure of ``quality_vs_steps_plot``, not yet saved: ``(figure, (metric axes, endpoint
+    axes))``. ``results`` is a report's ``results.json``."""
+    metric = results["metric"]
+    quality = _series(results, metric)
+    endpoint = _series(results, "endpoint")
+    floor = results.get("floor")
+    fixed = [m for m in quality if m not in _ADAPTIVE]
+    dodge = {m: (i - (len(fixed) - 1) / 2) * 0.04 for i, m in enumerate(fixed)}  # in log2(NFE)
+    fig, (ax, ax_end) = plt.subplots(1, 2, figsize=(13, 6.4))
+    bottom, top = _y_range(quality, floor)
+    clipped: dict[int, list[tuple[float, str, float]]] = {}  # nfe → (x, colour, value)
+
+    for panel, series in ((ax, quality), (ax_end, endpoint)):
+        _draw_series(panel, series, dodge, top if panel is ax else None, clipped)
+    _mark_clipped(ax, clipped, top)
 
     handles, labels = ax.get_legend_handles_labels()
     if floor is not None and _finite(floor):

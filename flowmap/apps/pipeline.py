@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from flowmap.apps.cli import cli_main
+from flowmap.apps.lightning_cli import cli_main
 from flowmap.apps.report import main as report_main
 from flowmap.apps.summary import headline
 from flowmap.io import file_sha256

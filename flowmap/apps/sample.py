@@ -23,16 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowmap.apps.cli import CommandParser, check_writable_file, positive_int
+from flowmap.apps.kit import CommandParser, check_writable_file, positive_int
 from flowmap.io import read_npz
-from flowmap.training import (
-    CheckpointError,
-    FlowMapModule,
-    VelocityModule,
-    load_module,
-    read_checkpoint,
-)
-from flowmap.training.teachers import is_module_checkpoint, load_teacher
+from flowmap.training.loading import load_sampler
 from flowmap.training.threads import set_threads
 
 __all__ = ["main", "output_paths", "run_label"]
@@ -54,7 +47,7 @@ def output_paths(out: Path) -> tuple[Path, Path]:
     )
 
 
-def _parser() -> CommandParser:
+def parser() -> CommandParser:
     p = CommandParser(
         prog="flowmap sample",
         description="Draw samples from a teacher or a flow-map checkpoint with a given NFE; write "
@@ -121,14 +114,14 @@ def _parser() -> CommandParser:
 def main(argv: Sequence[str] | None = None) -> Path:
     """Run ``flowmap sample``; returns the path of the ``.npz`` written. A problem the user can fix
     raises :class:`ValueError` or :class:`~flowmap.training.CheckpointError` (one sentence)."""
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     npz, picture = output_paths(args.out)
     check_writable_file(npz, "--out")
     check_writable_file(picture, "--out")
     if args.invert and args.data_npz is None:
         raise ValueError("--invert needs --data-npz, the data to map to noise.")
     set_threads()
-    module, kind = _load(args.ckpt)
+    module, kind, _ = load_sampler(args.ckpt)
     if args.invert:
         if not hasattr(module, "invert"):
             raise ValueError(
@@ -176,29 +169,6 @@ def run_label(ckpt: str) -> str:
         return p.name
     run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
     return f"{run.name}/{p.name}" if run.name else p.name
-
-
-def _load(ckpt: str) -> tuple[Any, str]:
-    """The model to sample and its kind: a flowmap checkpoint, or a teacher trained elsewhere
-    (a diffusers folder or a ``.yaml``/``.json`` spec, :mod:`flowmap.training.teachers`)."""
-    if not is_module_checkpoint(ckpt):
-        module, _ = load_teacher(ckpt)
-        if getattr(module, "data_shape", None) is None:
-            raise ValueError(
-                f"The teacher {ckpt!r} does not say its data shape; give data_shape in its spec."
-            )
-        return module, type(module).__name__
-    kind = read_checkpoint(ckpt).get("flowmap_module")
-    cls = {"VelocityModule": VelocityModule, "FlowMapModule": FlowMapModule}.get(kind)
-    if cls is None:
-        raise CheckpointError(
-            f"{ckpt!r} is a Lightning checkpoint but not a flowmap one; pass a .ckpt written "
-            "by `flowmap fit`."
-        )
-    module = load_module(cls, ckpt)
-    if module.data_shape is None:
-        raise CheckpointError(f"{ckpt!r} does not record its data shape; retrain it.")
-    return module, kind
 
 
 def _labels(module: Any, label: int | None, n: int) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ linear student path between the matching student times (:func:`ddim_times`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,8 +22,9 @@ from torch import Tensor
 from flowmap.conditioning import guidance_cost, guided_velocity
 from flowmap.protocols import Solution
 
-if TYPE_CHECKING:
-    from flowmap.teachers.diffusion import DiffusionTeacher
+#: ``teacher`` below is a :class:`~flowmap.teachers.DiffusionTeacher` (which calls this module:
+#: named, not imported, so the two do not import each other)
+DiffusionTeacher = Any
 
 __all__ = ["ddim", "ddim_times"]
 

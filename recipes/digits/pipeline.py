@@ -7,7 +7,7 @@ whole train split, 95% intervals from 20 groups; floor = the test split against 
 
 from pathlib import Path
 
-from flowmap.apps.cli import run_command
+from flowmap.apps.kit import run_command
 from flowmap.apps.pipeline import recipe_parser, run_recipe
 
 HERE = Path(__file__).resolve().parent

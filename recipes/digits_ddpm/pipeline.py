@@ -9,7 +9,7 @@ teacher's own DDIM sampler (and its Euler/Heun/dopri5 solves of the converted ve
 import sys
 from pathlib import Path
 
-from flowmap.apps.cli import run_command
+from flowmap.apps.kit import run_command
 from flowmap.apps.pipeline import recipe_parser, run_recipe
 
 HERE = Path(__file__).resolve().parent

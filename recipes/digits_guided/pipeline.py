@@ -8,7 +8,7 @@ network evaluations, with 95% intervals, against a class-balanced reference.
 
 from pathlib import Path
 
-from flowmap.apps.cli import run_command
+from flowmap.apps.kit import run_command
 from flowmap.apps.pipeline import recipe_parser, run_recipe
 
 HERE = Path(__file__).resolve().parent

@@ -7,7 +7,7 @@ Writes report.md, w2_vs_steps.png, results.json and samples.npz into --out.
 
 from pathlib import Path
 
-from flowmap.apps.cli import run_command
+from flowmap.apps.kit import run_command
 from flowmap.apps.pipeline import recipe_parser, run_recipe
 from flowmap.data.toy2d import TOY2D_NAMES
 
