@@ -1,9 +1,13 @@
-"""Write ``recipes/presets/<name>.yaml`` from :data:`flowmap.presets.PRESETS` (the one source).
+"""Render the presets into recipes/presets/<name>.yaml and README.md's preset table.
+
+The one source is :data:`flowmap.presets.PRESETS`: each preset's line in ``flowmap/presets.py``,
+its prose in ``flowmap/presets.yaml``. The README's table sits between ``<!-- presets:begin -->``
+and ``<!-- presets:end -->``; its last column is the cost per step measured in :data:`SPEED`.
 
     python scripts/write_presets.py          # rewrite the files
     python scripts/write_presets.py --check  # exit 1 if a file differs from what it would write
 
-Each file is a ``flowmap fit`` config on the toy checkerboard at the self-distillation
+Each YAML is a ``flowmap fit`` config on the toy checkerboard at the self-distillation
 benchmark's budget (4×256 MLP, 3000 steps, batch 1024, lr 1e-3); a distillation preset takes the
 toy teacher of ``recipes/toy2d/teacher.yaml`` and starts from a copy of it.
 """
@@ -11,6 +15,7 @@ toy teacher of ``recipes/toy2d/teacher.yaml`` and starts from a copy of it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -22,6 +27,10 @@ from flowmap.presets import PRESETS, Preset
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "recipes" / "presets"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- presets:begin -->", "<!-- presets:end -->"
+#: the measured cost per step of the table's last column (``benchmarks/self_distillation.py speed``)
+SPEED = ROOT / "benchmarks" / "results" / "self-distillation-1000" / "speed.json"
 TEACHER = "runs/toy2d/teacher/checkpoints/last.ckpt"
 #: the teacher's net (recipes/toy2d/teacher.yaml), which a distilled student copies
 TEACHER_NET = {"data_shape": [2], "width": 256, "depth": 2}
@@ -83,7 +92,8 @@ def render(p: Preset) -> str:
     if p.differences:
         head += ["# Where flowmap's preset differs from the paper:"] + _comment(p.differences)
     head.append(
-        "# Written by scripts/write_presets.py from flowmap/presets.py; edit that, not this."
+        "# Written by scripts/write_presets.py from flowmap/presets.py and presets.yaml; edit "
+        "those, not this."
     )
     if p.needs_teacher:
         head += [
@@ -99,19 +109,49 @@ def render(p: Preset) -> str:
     return "\n".join(head) + "\n" + body
 
 
+def readme_table() -> str:
+    """README.md's preset table: each preset's columns and its measured cost per step."""
+    speed = json.loads(SPEED.read_text()) if SPEED.is_file() else {"ms_per_step": {}}
+    lines = [
+        "| method | residual | teacher | stop-gradient | pairs | weighting | preset | cost per "
+        "step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in PRESETS.values():
+        cost = "not measured"
+        if p.name in speed["ms_per_step"]:
+            ms = speed["ms_per_step"][p.name]
+            cost = f"{speed['per_cfm_step'][p.name]:.1f}× CFM ({ms:.0f} ms)"
+        lines.append(
+            f"| {p.title} | {p.residual} | {p.teacher} | {p.stop_gradient} | {p.pairs} | "
+            f"{p.weighting} | [`{p.name}.yaml`](recipes/presets/{p.name}.yaml) | {cost} |"
+        )
+    return "\n".join(lines)
+
+
+def with_table(readme: str) -> str:
+    """``readme`` with the text between its two markers replaced by :func:`readme_table`."""
+    head, begin, rest = readme.partition(BEGIN)
+    _, end, tail = rest.partition(END)
+    if not (begin and end):
+        raise ValueError(f"README.md lacks the markers {BEGIN} ... {END}")
+    return f"{head}{BEGIN}\n\n{readme_table()}\n\n{END}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare, write nothing")
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
+    wanted = {OUT / f"{p.name}.yaml": render(p) for p in PRESETS.values()}
+    wanted[README] = with_table(README.read_text(encoding="utf-8"))
     stale = []
-    for p in PRESETS.values():
-        path, text = OUT / f"{p.name}.yaml", render(p)
-        if path.is_file() and path.read_text() == text:
+    for path, text in wanted.items():
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
             continue
         stale.append(path.name)
         if not args.check:
-            path.write_text(text)
+            path.write_text(text, encoding="utf-8")
     extra = sorted({f.name for f in OUT.glob("*.yaml")} - {f"{n}.yaml" for n in PRESETS})
     if args.check and (stale or extra):
         print(f"out of date: {stale}; not a preset: {extra}", file=sys.stderr)

@@ -43,8 +43,9 @@ def test_the_taxonomy_is_covered_and_every_preset_is_documented():
     assert not missing, f"README's preset table lacks {missing}"
 
 
-def test_preset_yamls_are_written_from_the_python_presets():
-    """No copy to drift: the files are exactly what scripts/write_presets.py writes."""
+def test_preset_yamls_and_readme_table_are_rendered_from_the_catalogue():
+    """No copy to drift: the YAMLs and the README's table are exactly what
+    scripts/write_presets.py renders from flowmap/presets.py and flowmap/presets.yaml."""
     spec = importlib.util.spec_from_file_location(
         "write_presets", ROOT / "scripts" / "write_presets.py"
     )
@@ -52,6 +53,15 @@ def test_preset_yamls_are_written_from_the_python_presets():
     spec.loader.exec_module(writer)
     assert writer.main(["--check"]) == 0
     assert writer.render(PRESETS["lsd"]).startswith("# Lagrangian self-distillation")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"{writer.BEGIN}\n\n{writer.readme_table()}\n\n{writer.END}" in readme
+
+
+def test_every_preset_has_its_prose_said_once():
+    """Each line of flowmap/presets.py has its prose in flowmap/presets.yaml, every column filled."""
+    fields = "title citation place residual teacher stop_gradient pairs weighting".split()
+    for p in PRESETS.values():
+        assert all(getattr(p, f) for f in fields), p.name
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
