@@ -50,7 +50,7 @@ from flowmap.metrics.evaluation import Evaluator
 from flowmap.nets import MLP
 from flowmap.ode import sample_consistency, sample_flow_map, solve_ode
 from flowmap.paths import AffinePath
-from flowmap.presets import PRESETS
+from flowmap.presets import PRESETS, table
 
 NFES = (1, 2, 4, 8)
 TOYS = ("checkerboard", "8gaussians", "moons")
@@ -409,22 +409,7 @@ def readme_table(out: Path) -> list[str]:
     if not speed_file.is_file():
         return []
     speed = json.loads(speed_file.read_text())
-    lines = [
-        "## The README's preset table",
-        "",
-        "| method | residual | teacher | stop-gradient | pairs | weighting | preset | cost per "
-        "step |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for p in PRESETS.values():
-        cost = "not measured"
-        if p.name in speed["ms_per_step"]:
-            ms = speed["ms_per_step"][p.name]
-            cost = f"{speed['per_cfm_step'][p.name]:.1f}× CFM ({ms:.0f} ms)"
-        lines.append(
-            f"| {p.title} | {p.residual} | {p.teacher} | {p.stop_gradient} | {p.pairs} | "
-            f"{p.weighting} | [`{p.name}.yaml`](recipes/presets/{p.name}.yaml) | {cost} |"
-        )
+    lines = ["## The README's preset table", "", *table(speed)]
     peers = ", ".join(
         f"{m} {speed['per_cfm_step'][m]:.1f}×" for m in PEERS if m in speed["ms_per_step"]
     )

@@ -30,7 +30,7 @@ import yaml
 
 from flowmap.losses import LOSSES, FlowMapLoss
 
-__all__ = ["Preset", "PRESETS", "build_loss", "loss_config", "preset"]
+__all__ = ["Preset", "PRESETS", "build_loss", "loss_config", "preset", "table"]
 
 _L, _E, _S, _M = (
     f"flowmap.losses.{n}"
@@ -177,3 +177,24 @@ def loss_config(name: str) -> dict[str, Any]:
             "`flowmap fit --help`."
         ) from None
     return yaml.safe_load(parser.dump(cfg, skip_none=False))["loss"]
+
+
+def table(speed: dict[str, Any] | None = None) -> list[str]:
+    """The presets as a markdown table (the README's), with the cost per step measured in
+    ``speed`` (``benchmarks/self_distillation.py speed``'s ``speed.json``) where it has one."""
+    speed = speed or {"ms_per_step": {}}
+    lines = [
+        "| method | residual | teacher | stop-gradient | pairs | weighting | preset | cost per "
+        "step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in PRESETS.values():
+        cost = "not measured"
+        if p.name in speed["ms_per_step"]:
+            ms = speed["ms_per_step"][p.name]
+            cost = f"{speed['per_cfm_step'][p.name]:.1f}× CFM ({ms:.0f} ms)"
+        lines.append(
+            f"| {p.title} | {p.residual} | {p.teacher} | {p.stop_gradient} | {p.pairs} | "
+            f"{p.weighting} | [`{p.name}.yaml`](recipes/presets/{p.name}.yaml) | {cost} |"
+        )
+    return lines

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from flowmap.presets import PRESETS, Preset
+from flowmap.presets import PRESETS, Preset, table
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "recipes" / "presets"
@@ -111,22 +111,7 @@ def render(p: Preset) -> str:
 
 def readme_table() -> str:
     """README.md's preset table: each preset's columns and its measured cost per step."""
-    speed = json.loads(SPEED.read_text()) if SPEED.is_file() else {"ms_per_step": {}}
-    lines = [
-        "| method | residual | teacher | stop-gradient | pairs | weighting | preset | cost per "
-        "step |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for p in PRESETS.values():
-        cost = "not measured"
-        if p.name in speed["ms_per_step"]:
-            ms = speed["ms_per_step"][p.name]
-            cost = f"{speed['per_cfm_step'][p.name]:.1f}× CFM ({ms:.0f} ms)"
-        lines.append(
-            f"| {p.title} | {p.residual} | {p.teacher} | {p.stop_gradient} | {p.pairs} | "
-            f"{p.weighting} | [`{p.name}.yaml`](recipes/presets/{p.name}.yaml) | {cost} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(table(json.loads(SPEED.read_text()) if SPEED.is_file() else None))
 
 
 def with_table(readme: str) -> str:
