@@ -171,3 +171,32 @@ def test_a_new_loss_is_one_class_injected_by_class_path(toy_teacher, tmp_path):
     assert len(chord) >= 10 and sum(chord[-3:]) < 0.5 * sum(chord[:3]), chord
     student = load_module(FlowMapModule, ckpt)
     assert type(student.loss).__name__ == "EulerChordLoss" and student.loss.pairs.eta == 0.5
+
+
+def test_the_teacher_is_one_frozen_submodule_kept_out_of_the_state_dict():
+    """The resolved teacher moves with the module but never trains, never enters the optimiser
+    and never the state dict; a state dict without it (every checkpoint, old ones too) loads
+    strictly into a module that holds it."""
+    from flowmap.nets import MLP
+    from flowmap.training.teachers import ResolvedTeacher
+
+    torch.manual_seed(0)
+    teacher = VelocityModule(MLP((2,), width=8, depth=1), ema_decay=None)
+    module = FlowMapModule(MLP((2,), width=8, depth=1), teacher=teacher, warm_start=False)
+    assert isinstance(module._teacher, ResolvedTeacher) and module.teacher is teacher
+    assert module._teacher.path.name == "linear" and module._teacher.identity is None
+    assert module._teacher.spec == "python:VelocityModule"
+    assert not any(p.requires_grad for p in teacher.parameters())
+    state = module.state_dict()
+    assert not any("_teacher" in k for k in state) and any(k.startswith("net.") for k in state)
+    fresh = FlowMapModule(MLP((2,), width=8, depth=1), teacher=teacher, warm_start=False)
+    fresh.load_state_dict(state)  # strict: the teacher's own keys are not missing
+    assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), fresh.net.parameters()))
+    with pytest.raises(RuntimeError, match="Missing key"):  # a student's own keys still are
+        fresh.load_state_dict({k: v for k, v in state.items() if not k.startswith("net.")})
+    module.train()
+    assert not teacher.training and module.net.training
+    module.double()
+    assert next(teacher.parameters()).dtype == torch.float64
+    ids = {id(p) for p in module.trainable_parameters()}
+    assert ids and not ids & {id(p) for p in teacher.parameters()}

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from flowmap.conditioning import Conditioning
 from flowmap.paths import time_dtype
 
 __all__ = ["ConditionEmbedding", "GapBranch", "SinusoidalEmbedding", "TwoTimeEmbedding"]
@@ -84,9 +85,11 @@ class ConditionEmbedding(nn.Module):
     embedding (as in DiT/EDM2 class conditioning and LCM/improved MeanFlow scale conditioning).
 
     * labels: ``nn.Embedding(K + 1, out_dim)``, the extra row the null class
-      (:data:`~flowmap.conditioning.NULL_CLASS`, label -1) that label dropout trains;
+      (:data:`~flowmap.conditioning.NULL_CLASS`) that label dropout trains;
     * scale: an MLP of sinusoidal features of :math:`w` whose last layer starts at zero, so a net
       warm-started from a teacher without a scale input begins as the teacher at every :math:`w`.
+
+    Its labels and scale are checked by its :class:`~flowmap.conditioning.Conditioning` policy.
 
     Args:
         out_dim: the width of the time embedding it is added to.
@@ -96,16 +99,11 @@ class ConditionEmbedding(nn.Module):
 
     def __init__(self, out_dim: int, num_classes: int | None, guidance_input: bool) -> None:
         super().__init__()
-        if num_classes is not None and int(num_classes) < 2:
-            raise ValueError(f"num_classes must be at least 2 (or null), got {num_classes}.")
-        if guidance_input and num_classes is None:
-            raise ValueError(
-                "guidance_input needs class labels (guidance mixes the conditional and the "
-                "unconditional velocity); set num_classes too."
-            )
-        self.num_classes = None if num_classes is None else int(num_classes)
-        self.guidance_input = bool(guidance_input)
-        self.label = None if num_classes is None else nn.Embedding(int(num_classes) + 1, out_dim)
+        self.policy = Conditioning(num_classes, scale_input=bool(guidance_input))
+        self.num_classes = self.policy.num_classes
+        self.guidance_input = self.policy.scale_input
+        k = self.num_classes
+        self.label = None if k is None else nn.Embedding(k + 1, out_dim)
         self.scale = None
         if guidance_input:
             self.scale = nn.Sequential(
@@ -120,36 +118,10 @@ class ConditionEmbedding(nn.Module):
     def forward(self, owner: str, y: Tensor | None, w: Tensor | None) -> Tensor | float:
         """The conditioning vector ``(B, out_dim)`` (0 for an unconditional net); ``owner`` names
         the net in the one-sentence errors."""
-        if self.label is None:
-            if y is not None or w is not None:
-                raise ValueError(
-                    f"This {owner} was built without classes (num_classes unset) but was given "
-                    f"{'labels' if y is not None else 'a guidance scale'}; drop them or build "
-                    "the net with num_classes."
-                )
-            return 0.0
+        y, w = self.policy.net_inputs(y, w, owner)
         if y is None:
-            raise ValueError(
-                f"This {owner} is class-conditional ({self.num_classes} classes) and needs "
-                f"labels y (-1 for no class)."
-            )
-        if y.is_floating_point():
-            raise ValueError(f"Class labels must be integers (int64), got dtype {y.dtype}.")
-        if bool(((y < -1) | (y >= self.num_classes)).any()):
-            bad = int(y[(y < -1) | (y >= self.num_classes)][0])
-            raise ValueError(
-                f"Class label {bad} is out of range: this {owner} has {self.num_classes} classes, "
-                f"0..{self.num_classes - 1} (and -1 for no class)."
-            )
-        index = torch.where(y < 0, torch.full_like(y, self.num_classes), y)
-        c = self.label(index)
-        if self.scale is not None and w is None:
-            w = torch.ones(y.shape, device=y.device)  # no guidance: the conditional map
+            return 0.0
+        c = self.label(self.policy.relabel(y, self.num_classes))  # the null class: row K
         if w is not None:
-            if self.scale is None:
-                raise ValueError(
-                    f"This {owner} takes no guidance scale (guidance_input false); its guidance "
-                    "is fixed at training, so drop w or build the net with guidance_input: true."
-                )
             c = c + self.scale(w.to(self.scale[1].weight.dtype))
         return c

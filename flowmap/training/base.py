@@ -17,7 +17,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from flowmap.conditioning import NULL_CLASS, as_labels
+from flowmap.conditioning import Conditioning
 from flowmap.data.base import dataset_identity
 from flowmap.training.checkpoints import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 
@@ -285,8 +285,11 @@ class FlowModuleBase(L.LightningModule):
         condition = getattr(self.net, "condition", None)  # flowmap's nets; a DiffusionStudent says
         return getattr(condition, "num_classes", getattr(self.net, "num_classes", None))
 
+    #: the conditioning policy (classes, label dropout, guidance), set by each module
+    conditioning: Conditioning
+
     def split_batch(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-        """A batch ``x`` or ``(x, y)`` → ``(x, y)``, with the labels checked against the net."""
+        """A batch ``x`` or ``(x, y)`` → ``(x, y)``, with the labels checked by the policy."""
         if isinstance(batch, Tensor):
             x, y = batch, None
         else:
@@ -298,13 +301,7 @@ class FlowModuleBase(L.LightningModule):
                 f"This {type(self).__name__} is class-conditional ({self.num_classes} classes) "
                 "but its batches carry no labels; use data with labels: true."
             )
-        return x, as_labels(y, x.shape[0], self.num_classes, x.device)
-
-    def drop_labels(self, y: Tensor | None, p: float) -> Tensor | None:
-        """Label dropout: each label becomes the null class with probability ``p``."""
-        if y is None or p <= 0:
-            return y
-        return torch.where(torch.rand(y.shape, device=y.device) < p, NULL_CLASS, y)
+        return x, self.conditioning.check(y, None, x.shape[0], x.device, type(self).__name__)[0]
 
     # ----------------------------------------------------------------- data shape
     def setup(self, stage: str) -> None:

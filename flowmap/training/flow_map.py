@@ -4,33 +4,35 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from flowmap.conditioning import (
-    SCALE_LAWS,
-    as_labels,
-    as_scales,
-    canonical_scale,
-    check_scale_law,
-    sample_scales,
-)
-from flowmap.data.base import dataset_identity, describe_dataset
+from flowmap.conditioning import NULL_CLASS, Conditioning
 from flowmap.flowmap import FlowMap
 from flowmap.losses import FlowMapLoss, LagrangianLoss
 from flowmap.ode import sample_consistency, sample_flow_map
 from flowmap.paths import AffinePath
-from flowmap.protocols import Solution, Velocity, declared_schedule
+from flowmap.protocols import Solution, Velocity
 from flowmap.teachers import DiffusionStudent, DiffusionTeacher
 from flowmap.teachers.spec import build_component, build_teacher, is_plain_data, is_spec
-from flowmap.training.base import FlowModuleBase, dataset_differences, fork_rng
+from flowmap.training.base import FlowModuleBase, fork_rng
 from flowmap.training.checkpoints import refuse_run_folder
-from flowmap.training.teachers import load_teacher, missing_student_teacher, student_spec
+from flowmap.training.teachers import (
+    ResolvedTeacher,
+    check_student,
+    missing_student_teacher,
+    resolve_teacher,
+    student_spec,
+)
 
 __all__ = ["FlowMapModule"]
+
+# The frozen teacher (and a DiffusionStudent's own label dropout) is in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start")
 
 
 class FlowMapModule(FlowModuleBase):
@@ -114,12 +116,19 @@ class FlowMapModule(FlowModuleBase):
         if teacher is not None:  # without one it is checked in setup (a loaded map needs none)
             self.loss.check_teacher(True)
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
-        self.guidance_range = self._check_guidance(label_dropout, guidance, guidance_law)
+        conditional = self.num_classes is not None
+        self.conditioning = Conditioning.of(
+            self.num_classes,
+            label_dropout,
+            guidance,
+            guidance_law,
+            scale_input=conditional and FlowMap(self.net).takes_scale,
+        )
         self.path = AffinePath(schedule or "linear")
-        # not a submodule: outside the optimiser, the EMA and the checkpoint
-        object.__setattr__(self, "_teacher", None if plain else teacher)
-        if self._teacher is not None:
-            self._adopt_teacher_path()
+        #: the resolved teacher (None: self-distilling, or a spec not yet loaded, see setup)
+        self._teacher: ResolvedTeacher | None = None
+        if not plain:  # a Python teacher: nothing to load, resolved now
+            self._adopt(resolve_teacher(teacher, schedule))
 
     def _student_net(
         self, net: nn.Module | dict[str, Any] | None, teacher: Any, plain: bool
@@ -156,191 +165,58 @@ class FlowMapModule(FlowModuleBase):
         return net
 
     # ----------------------------------------------------------------- conditioning
-    def _check_guidance(
-        self, label_dropout: float, guidance: float | Sequence[float], law: str
-    ) -> tuple[float, float]:
-        """``(low, high)`` of the training scales, after one-sentence checks of the settings."""
-        if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
-        values = [float(v) for v in ([guidance] if isinstance(guidance, int | float) else guidance)]
-        if law not in SCALE_LAWS:
-            raise ValueError(f"Unknown guidance_law {law!r}; choose one of {list(SCALE_LAWS)}.")
-        if (law == "fixed") != (len(values) == 1) or not 1 <= len(values) <= 2:
-            raise ValueError(
-                f"guidance_law {law!r} takes {'one scale' if law == 'fixed' else '[low, high]'}, "
-                f"got guidance={values}."
-            )
-        low, high = values[0], values[-1]
-        check_scale_law(law, low, high)
-        if self.num_classes is None and (low, high) != (1.0, 1.0):
-            raise ValueError(
-                "Guidance needs a class-conditional net (num_classes) and labelled data; drop "
-                "the guidance settings for an unconditional map."
-            )
-        if high > low and not FlowMap(self.net).takes_scale:
-            raise ValueError(
-                f"A range of guidance scales [{low}, {high}] needs a net that takes the scale; "
-                "set the net's guidance_input: true, or fix one scale (guidance_law: fixed)."
-            )
-        return low, high
+    @property
+    def guidance_range(self) -> tuple[float, float]:
+        """``(low, high)`` of the trained guidance scales."""
+        return self.conditioning.guidance
 
     @property
     def guided(self) -> bool:
         """Whether the map follows a guided velocity (some training scale is not 1)."""
-        return self.num_classes is not None and self.guidance_range != (1.0, 1.0)
+        return self.conditioning.guided
 
     def _training_condition(self, x1: Tensor, y: Tensor | None) -> dict[str, Tensor]:
         """Labels with dropout, and scales from the guidance law (1 on null rows)."""
-        if y is None:
-            return {}
-        hp = self.hparams
-        y = self.drop_labels(y, hp.get("label_dropout", 0.0))
-        if not self.guided:
-            return {"y": y}
-        low, high = self.guidance_range
-        w = sample_scales(len(y), hp.get("guidance_law", "fixed"), low, high, device=y.device)
-        return {"y": y, "w": canonical_scale(y, w)}
-
-    def _sampling_condition(
-        self, x0: Tensor, y: Tensor | int | None, guidance: Tensor | float | None
-    ) -> dict[str, Tensor]:
-        """Checked labels and scales for :meth:`generate`, one sentence for each bad input."""
-        if self.num_classes is None:
-            if guidance is not None and y is None:
-                raise ValueError(
-                    "A guidance scale was given to an unconditional flow map; drop it, or "
-                    "train a class-conditional one."
-                )
-            as_labels(y, x0.shape[0], None)  # labels for an unconditional map: an error
-            return {}
-        if y is None:
-            raise ValueError(
-                f"This flow map is class-conditional ({self.num_classes} classes) and needs "
-                "labels y (-1 for no class); pass y=..."
-            )
-        y = as_labels(y, x0.shape[0], self.num_classes, x0.device)
-        low, high = self.guidance_range
-        if guidance is None:
-            guidance = low if low == high or not low <= 1.0 <= high else 1.0
-        w = canonical_scale(y, as_scales(guidance, x0.shape[0], x0.device))
-        if self.hparams.get("label_dropout", 0.0) == 0 and bool((y < 0).any()):
-            raise ValueError(
-                "This flow map was trained without label dropout (label_dropout 0), so its null "
-                "class (label -1, the unconditional map) was never trained; pass real labels."
-            )
-        outside = (y >= 0) & ((w < low - 1e-6) | (w > high + 1e-6))
-        if bool(outside.any()):
-            trained = f"scale {low:g} only" if low == high else f"scales [{low:g}, {high:g}]"
-            raise ValueError(
-                f"This flow map was trained at the guidance {trained}, not "
-                f"{float(w[outside][0]):g}; sample inside what it learned (y=-1 gives the "
-                "unconditional map)."
-            )
-        return {"y": y, "w": w} if self.guided else {"y": y}
+        return self.conditioning.training_condition(y)
 
     # ----------------------------------------------------------------- teacher
     @property
     def teacher(self) -> Velocity | None:
         """The velocity being distilled (``None`` when self-distilling or not yet loaded)."""
-        return self._teacher
+        return None if self._teacher is None else self._teacher.velocity
 
-    def _adopt_teacher_path(self) -> None:
-        """The student follows the teacher's path; a different explicit schedule is an error, and
-        a teacher that declares no path needs the schedule given."""
-        name = declared_schedule(self._teacher)
-        asked = self.hparams.get("schedule")
-        if name is None:
-            if asked is None:
-                raise ValueError(
-                    f"The teacher ({type(self._teacher).__name__}) declares no path (no .path "
-                    "attribute), so the student cannot know its schedule; pass schedule: linear "
-                    "or cosine, the one the teacher was trained on."
-                )
-            return
-        if asked is not None and asked != name:
-            raise ValueError(
-                f"The teacher follows the {name!r} schedule but schedule={asked!r} was given; "
-                "a distilled map takes the teacher's schedule, so drop the schedule argument."
-            )
-        self.path = AffinePath(name)
-        self.hparams["schedule"] = name
+    def _adopt(self, teacher: ResolvedTeacher) -> None:
+        """Hold the resolved teacher (a frozen submodule, outside the optimiser, the EMA and the
+        state dict) and follow its path."""
+        self._teacher = teacher
+        self.path = teacher.path
+        self.hparams["schedule"] = teacher.path.name
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         spec = self.hparams.get("teacher")
         if (isinstance(spec, str) or is_spec(spec)) and self._teacher is None:
-            # loaded here, not in __init__: a trained student loads (to sample) without its
+            # resolved here, not in __init__: a trained student loads (to sample) without its
             # teacher; its identity goes in the checkpoint
-            teacher, self._teacher_sha256 = load_teacher(spec)
-            self._check_teacher_data(teacher, spec if isinstance(spec, str) else spec["class_path"])
-            object.__setattr__(self, "_teacher", teacher)
-            self._adopt_teacher_path()
-        if stage == "fit":  # before the first step: e.g. self-distillation with no diagonal
-            self.loss.check_teacher(self._teacher is not None)
-            self._check_teacher_classes()
-        teacher = self._teacher
+            self._adopt(resolve_teacher(spec, self.hparams.get("schedule")))
+        if stage not in ("fit", "validate"):
+            return
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(dm, "hparams", None)
+        check_student(self._teacher, self.conditioning, self.loss, self.data_shape, data)
+        teacher = self.teacher
         if self.hparams.warm_start and stage == "fit" and teacher is not None:
             if self.student.has_net_to_copy(teacher):  # a function teacher has none: nothing to do
                 self.student.warm_start(teacher)  # the EMA copies the net at its first update
 
-    def _check_teacher_data(self, teacher: Any, name: str) -> None:
-        """The teacher was trained on this fit's data: its shape and, for a flowmap checkpoint,
-        its dataset (as ``flowmap report`` checks a map against its teacher)."""
-        shape = getattr(teacher, "data_shape", None)
-        if shape is not None and self.data_shape is not None:
-            if tuple(shape) != tuple(self.data_shape):
-                raise ValueError(
-                    f"The teacher {name!r} was trained on data of shape {list(shape)} but "
-                    f"this data has shape {list(self.data_shape)}; use the teacher trained "
-                    "on this dataset."
-                )
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        trained, data = getattr(teacher, "trained_on", None), getattr(dm, "hparams", None)
-        if dataset_differences(trained, data):
-            raise ValueError(
-                f"The teacher {name!r} was trained on {describe_dataset(dataset_identity(trained))} "
-                f"but this fit's data is {describe_dataset(dataset_identity(dict(data)))}; distil "
-                "with the teacher trained on this data, or fit on the teacher's data."
-            )
-
-    def _check_teacher_classes(self) -> None:
-        """The teacher's classes match the student's, and a guided map's teacher (or, when
-        self-distilling, the map itself) was trained with label dropout."""
-        mine, teacher = self.num_classes, self._teacher
-        dropout = self.hparams.get("label_dropout", 0.0)
-        if teacher is None:
-            if self.guided and dropout == 0:
-                raise ValueError(
-                    "Self-distilling a guided map needs label_dropout > 0: its guided target "
-                    "takes the unconditional velocity from the map's own null-class diagonal."
-                )
-            if self.guided and float(getattr(self.loss.pairs, "eta", 1.0)) == 0:
-                raise ValueError(
-                    "Self-distilling a guided map needs diagonal rows (pairs.eta > 0): its guided "
-                    "target takes the unconditional velocity from the map's own diagonal."
-                )
-            return
-        theirs = getattr(teacher, "num_classes", None)
-        if theirs != mine:
-            raise ValueError(
-                f"The teacher has {theirs or 'no'} classes but the student net "
-                f"{mine or 'none'}; build the student with the teacher's num_classes."
-            )
-        hparams = getattr(teacher, "hparams", None)
-        teacher_dropout = hparams.get("label_dropout") if hparams is not None else None
-        if self.guided and teacher_dropout == 0:
-            raise ValueError(
-                "The teacher was trained without label dropout (label_dropout 0), so it has no "
-                "unconditional velocity to guide with; distil at guidance 1, or retrain the "
-                "teacher with label_dropout > 0."
-            )
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        teacher = self.hparams.get("teacher") or self._teacher
-        plain = isinstance(teacher, str | None) or is_spec(teacher)
-        checkpoint["flowmap_teacher"] = teacher if plain else f"python:{type(teacher).__qualname__}"
-        sha = getattr(self, "_teacher_sha256", None) or getattr(self, "_saved_teacher_sha", None)
+        teacher = self._teacher
+        checkpoint["flowmap_teacher"] = (
+            self.hparams.get("teacher") if teacher is None else teacher.spec
+        )
+        sha = teacher.identity if teacher is not None else None
+        sha = sha or getattr(self, "_saved_teacher_sha", None)
         if sha is not None:  # the report refuses this map beside any other teacher
             checkpoint["flowmap_teacher_sha256"] = sha
 
@@ -361,10 +237,11 @@ class FlowMapModule(FlowModuleBase):
             )
 
     def _teacher_on(self, device: torch.device) -> Velocity | None:
-        teacher = self._teacher
+        """The teacher, on ``device`` (a submodule: the Trainer has moved it already)."""
+        teacher = self.teacher
         first = next(teacher.parameters(), None) if isinstance(teacher, nn.Module) else None
-        if first is not None and first.device != device:  # (a parameter-free teacher stays)
-            teacher.to(device)
+        if first is not None and first.device != device:  # called outside a Trainer
+            self._teacher.to(device)
         return teacher
 
     # ----------------------------------------------------------------- training
@@ -386,10 +263,10 @@ class FlowMapModule(FlowModuleBase):
         if (isinstance(spec, str) or is_spec(spec)) and self._teacher is None:
             raise RuntimeError("The teacher is loaded in setup(); run through a Trainer.")
         x1, y = self.split_batch(batch)
-        cond = self._training_condition(x1, y)
+        cond = self.conditioning.training_condition(y)
         teacher = self._teacher_on(x1.device)
         terms = self.loss(flow_map, x1, teacher, step=self.global_step, **cond, **kw)
-        labelled = cond["w"][cond["y"] >= 0] if "w" in cond else None
+        labelled = cond["w"][cond["y"] != NULL_CLASS] if "w" in cond else None
         if labelled is not None and len(labelled):  # the scales the guidance law drew, logged
             terms["guidance"] = labelled.mean().detach()
         return terms
@@ -429,7 +306,7 @@ class FlowMapModule(FlowModuleBase):
         range), one network evaluation per jump at any scale."""
         self._check_method(method)
         steps = self._check_nfe(nfe)
-        cond = self._sampling_condition(x0, y, guidance)
+        cond = self.conditioning.sampling_condition(y, guidance, x0.shape[0], x0.device)
         if self.one_time:
             seed = int.from_bytes(hashlib.sha256(x0.cpu().numpy().tobytes()).digest()[:8], "big")
             g = torch.Generator(device=x0.device).manual_seed(seed)
@@ -476,7 +353,7 @@ class FlowMapModule(FlowModuleBase):
                 "it with --model.loss.init_args.pairs.backward_fraction=0.5 to invert, or solve "
                 "the teacher's ODE backwards."
             )
-        cond = self._sampling_condition(x1, y, guidance)
+        cond = self.conditioning.sampling_condition(y, guidance, x1.shape[0], x1.device)
         return sample_flow_map(
             self.sampling_flow_map, x1, steps=self._check_nfe(nfe), t0=1.0, t1=0.0, cond=cond
         )

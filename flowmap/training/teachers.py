@@ -9,23 +9,32 @@ A teacher is given as plain data (so a flow map's checkpoint records it):
 
 Its identity is a SHA-256: of the checkpoint file, or of the spec with every file it names (and
 the foreign model's weight and config files) replaced by their contents' SHA-256.
+
+A distillation resolves its teacher once (:func:`resolve_teacher`) into a
+:class:`ResolvedTeacher`: the frozen velocity :math:`b_t(x)` with its path, classes, data and
+identity, and :func:`check_student` is the one check of a student against it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from flowmap.conditioning import Conditioning
+from flowmap.data.base import dataset_identity, describe_dataset
 from flowmap.io import file_sha256
-from flowmap.protocols import Velocity
+from flowmap.losses import FlowMapLoss
+from flowmap.paths import AffinePath
+from flowmap.protocols import Velocity, declared_schedule
 from flowmap.teachers import build_teacher
 from flowmap.teachers.spec import is_spec
 from flowmap.teachers.student import teacher_architecture
+from flowmap.training.base import dataset_differences
 from flowmap.training.checkpoints import (
     CheckpointError,
     load_module,
@@ -35,9 +44,12 @@ from flowmap.training.checkpoints import (
 from flowmap.training.velocity import VelocityModule
 
 __all__ = [
+    "ResolvedTeacher",
+    "check_student",
     "is_module_checkpoint",
     "load_teacher",
     "missing_student_teacher",
+    "resolve_teacher",
     "student_spec",
     "teacher_identity",
 ]
@@ -147,3 +159,163 @@ def student_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
         "class_path": "flowmap.teachers.DiffusionStudent",
         "init_args": {"teacher": teacher_architecture(spec)},
     }
+
+
+class ResolvedTeacher(nn.Module):
+    r"""The teacher :math:`b_t(x)` of a distillation, resolved once (:func:`resolve_teacher`).
+
+    A submodule of the flow-map module, so it follows it across devices and dtypes, but frozen:
+    no gradients, always in eval mode, and never in a state dict (its weights are its own files;
+    the student's checkpoint records its ``spec`` and ``identity`` instead).
+
+    Attributes:
+        velocity: the frozen velocity :math:`b_t(x)` (``b(x, t, y=, w=)`` if class-conditional).
+        spec: what the checkpoint records: the path or spec dict given, or ``"python:<class>"``.
+        name: the teacher in messages.
+        path: the path :math:`x_t = \alpha_t x_1 + \sigma_t x_0` the distillation follows.
+        num_classes: :math:`K` (``None``: unconditional).
+        data_shape: the shape of one sample, if it says.
+        label_dropout: its training label dropout, if known (0: it cannot guide).
+        identity: its SHA-256 (``None`` for a Python teacher).
+        trained_on: the hyperparameters of its training data, if recorded.
+    """
+
+    def __init__(
+        self,
+        velocity: Velocity,
+        *,
+        spec: Any,
+        name: str,
+        path: AffinePath,
+        num_classes: int | None = None,
+        data_shape: Sequence[int] | None = None,
+        label_dropout: float | None = None,
+        identity: str | None = None,
+        trained_on: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.velocity = velocity  # an nn.Module is registered (moved with the module)
+        self.spec, self.name, self.path = spec, name, path
+        self.num_classes, self.label_dropout = num_classes, label_dropout
+        self.data_shape = None if data_shape is None else tuple(int(d) for d in data_shape)
+        self.identity, self.trained_on = identity, trained_on
+        self.requires_grad_(False).train(False)
+        self.register_state_dict_post_hook(_forget_own_keys)
+        self.register_load_state_dict_pre_hook(_note_prefix)
+        self.register_load_state_dict_post_hook(_forgive_own_keys)
+
+    def train(self, mode: bool = True) -> ResolvedTeacher:
+        """Always eval mode: a teacher never trains (its dropout stays off)."""
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, path={self.path.name!r}, num_classes={self.num_classes}"
+
+
+def _forget_own_keys(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
+    for k in [k for k in state if k.startswith(prefix)]:
+        del state[k]
+
+
+def _note_prefix(module: nn.Module, state: Any, prefix: str, *rest: Any) -> None:
+    module._loading_prefix = prefix
+
+
+def _forgive_own_keys(module: nn.Module, keys: Any) -> None:
+    prefix = module.__dict__.pop("_loading_prefix", None)
+    if prefix is not None:
+        keys.missing_keys[:] = [k for k in keys.missing_keys if not k.startswith(prefix)]
+
+
+def resolve_teacher(
+    teacher: str | Mapping[str, Any] | Velocity, schedule: str | None = None
+) -> ResolvedTeacher:
+    """The teacher a flow map distils, resolved once: a checkpoint path or spec is loaded
+    (:func:`load_teacher`), a Python velocity taken as it is. The student follows the path the
+    teacher declares (another ``schedule`` is an error), or ``schedule`` if it declares none."""
+    if isinstance(teacher, str | Path) or is_spec(teacher):
+        velocity, identity = load_teacher(teacher)
+        spec: Any = str(teacher) if isinstance(teacher, Path) else teacher
+        name = str(teacher) if not is_spec(teacher) else str(teacher["class_path"])
+    else:
+        velocity, identity = teacher, None
+        spec, name = f"python:{type(teacher).__qualname__}", type(teacher).__name__
+    declared = declared_schedule(velocity)
+    if declared is None and schedule is None:
+        raise ValueError(
+            f"The teacher ({type(velocity).__name__}) declares no path (no .path attribute), so "
+            "the student cannot know its schedule; pass schedule: linear or cosine, the one the "
+            "teacher was trained on."
+        )
+    if declared is not None and schedule is not None and schedule != declared:
+        raise ValueError(
+            f"The teacher follows the {declared!r} schedule but schedule={schedule!r} was given; "
+            "a distilled map takes the teacher's schedule, so drop the schedule argument."
+        )
+    policy = getattr(velocity, "conditioning", None)
+    return ResolvedTeacher(
+        velocity,
+        spec=spec,
+        name=name,
+        path=AffinePath(declared or schedule),
+        num_classes=getattr(velocity, "num_classes", None),
+        data_shape=getattr(velocity, "data_shape", None),
+        label_dropout=policy.label_dropout if isinstance(policy, Conditioning) else None,
+        identity=identity,
+        trained_on=getattr(velocity, "trained_on", None),
+    )
+
+
+def check_student(
+    teacher: ResolvedTeacher | None,
+    conditioning: Conditioning,
+    loss: FlowMapLoss,
+    data_shape: Sequence[int] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> None:
+    r"""Every check of a student against its teacher, once before the first step (one sentence
+    each): the loss takes this teacher (or self-distils with diagonal rows); the teacher was
+    trained on this data (``data_shape``, and ``data``, the DataModule's hyperparameters) and on
+    the student's classes; a guided map's :math:`b(\varnothing)` exists (the teacher's label
+    dropout, or when self-distilling the map's own and its diagonal rows, ``pairs.eta > 0``)."""
+    loss.check_teacher(teacher is not None)
+    guided = conditioning.guided
+    if teacher is None:
+        if guided and not conditioning.null_trained:
+            raise ValueError(
+                "Self-distilling a guided map needs label_dropout > 0: its guided target "
+                "takes the unconditional velocity from the map's own null-class diagonal."
+            )
+        if guided and float(getattr(loss.pairs, "eta", 1.0)) == 0:
+            raise ValueError(
+                "Self-distilling a guided map needs diagonal rows (pairs.eta > 0): its guided "
+                "target takes the unconditional velocity from the map's own diagonal."
+            )
+        return
+    name = teacher.name
+    if teacher.data_shape is not None and data_shape is not None:
+        if teacher.data_shape != tuple(data_shape):
+            raise ValueError(
+                f"The teacher {name!r} was trained on data of shape {list(teacher.data_shape)} "
+                f"but this data has shape {list(data_shape)}; use the teacher trained on this "
+                "dataset."
+            )
+    if dataset_differences(teacher.trained_on, data):
+        raise ValueError(
+            f"The teacher {name!r} was trained on "
+            f"{describe_dataset(dataset_identity(teacher.trained_on))} but this fit's data is "
+            f"{describe_dataset(dataset_identity(dict(data)))}; distil with the teacher trained "
+            "on this data, or fit on the teacher's data."
+        )
+    mine, theirs = conditioning.num_classes, teacher.num_classes
+    if theirs != mine:
+        raise ValueError(
+            f"The teacher has {theirs or 'no'} classes but the student net "
+            f"{mine or 'none'}; build the student with the teacher's num_classes."
+        )
+    if guided and teacher.label_dropout == 0:
+        raise ValueError(
+            "The teacher was trained without label dropout (label_dropout 0), so it has no "
+            "unconditional velocity to guide with; distil at guidance 1, or retrain the "
+            "teacher with label_dropout > 0."
+        )

@@ -7,14 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from flowmap.conditioning import (
-    NULL_CLASS,
-    as_labels,
-    as_scales,
-    canonical_scale,
-    guidance_cost,
-    guided_velocity,
-)
+from flowmap.conditioning import Conditioning, guided_velocity
 from flowmap.losses.cfm import cfm_loss
 from flowmap.losses.pairs import TIME_DISTRIBUTIONS, TimeDistribution
 from flowmap.ode import FIXED_STEP_METHODS, solve_at_cost
@@ -77,8 +70,6 @@ class VelocityModule(FlowModuleBase):
         label_dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
         if time_distribution not in TIME_DISTRIBUTIONS:
             raise ValueError(
                 f"Unknown time_distribution {time_distribution!r}; "
@@ -87,6 +78,7 @@ class VelocityModule(FlowModuleBase):
         self.save_hyperparameters()
         self.path = AffinePath(schedule)
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
+        self.conditioning = Conditioning(self.num_classes, label_dropout)
 
     def forward(
         self,
@@ -105,36 +97,14 @@ class VelocityModule(FlowModuleBase):
         def branch(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
             return self.sampling_net(x, t, t, y=y)
 
-        return guided_velocity(branch, x, t, y, canonical_scale(y, w))
+        return guided_velocity(branch, x, t, y, w)
 
     def condition(
         self, x: Tensor, y: Tensor | int | None, w: Tensor | float | None
     ) -> tuple[Tensor, Tensor | None]:
-        """Checked labels and scales ``(B,)`` for a batch ``x`` (one-sentence errors: labels for an
-        unconditional model or none for a conditional one, out of range or not integers, a
-        scale that is negative or not finite, or one a teacher without label dropout cannot
-        follow)."""
-        y = as_labels(y, x.shape[0], self.num_classes, x.device)
-        if w is not None and y is None:
-            raise ValueError(
-                "A guidance scale was given to a model trained without classes; drop it, or "
-                "train a class-conditional model."
-            )
-        if y is None:
-            raise ValueError(
-                f"This {type(self).__name__} is class-conditional ({self.num_classes} classes) "
-                "and needs labels y (-1 for no class); pass y=..."
-            )
-        w = as_scales(w, x.shape[0], x.device)
-        if self.hparams.get("label_dropout", 0.0) == 0:
-            needs_null = (y == NULL_CLASS) if w is None else (y == NULL_CLASS) | (w != 1)
-            if bool(needs_null.any()):
-                raise ValueError(
-                    "This teacher was trained without label dropout (label_dropout 0), so it "
-                    "has no unconditional velocity (label -1, or any w other than 1); sample "
-                    "at w=1 with real labels, or retrain it with label_dropout > 0."
-                )
-        return y, w
+        """Checked labels and scales ``(B,)`` for a batch ``x`` (1 on null rows), by the policy's
+        :meth:`~flowmap.conditioning.Conditioning.velocity_condition`."""
+        return self.conditioning.velocity_condition(y, w, x.shape[0], x.device, type(self).__name__)
 
     def velocity(
         self,
@@ -152,7 +122,7 @@ class VelocityModule(FlowModuleBase):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         hp = self.hparams
         x1, y = self.split_batch(batch)
-        y = self.drop_labels(y, hp.get("label_dropout", 0.0))
+        y = self.conditioning.drop(y)
         loss = cfm_loss(
             self._train_velocity,
             x1,
@@ -199,7 +169,7 @@ class VelocityModule(FlowModuleBase):
         if self.num_classes is not None or y is not None or guidance is not None:
             y, w = self.condition(x0, y, guidance)
             cond = {"y": y} if w is None else {"y": y, "w": w}
-            cost = guidance_cost(canonical_scale(y, w))
+            cost = self.conditioning.cost(w)
         if method in FIXED_STEP_METHODS:
             nfe = self._check_nfe(nfe)
         return solve_at_cost(self, x0, method, nfe, cost=cost, rtol=rtol, atol=atol, cond=cond)
