@@ -296,7 +296,7 @@ class Conditioning:
         if y is None:
             raise ValueError(
                 f"This {owner} is class-conditional ({self.num_classes} classes) and needs labels "
-                f"y ({NULL_CLASS} for no class); pass y=..."
+                f"y ({NULL_CLASS} for no class); give labels y=..."
             )
         return as_labels(y, batch, self.num_classes, device, owner, made)
 

@@ -493,3 +493,31 @@ def test_a_conditional_map_inverts_under_its_labels_and_the_cli_reads_them_back(
     np.savez(path, samples=x1.numpy(), labels=np.array([2, 0, 1, 2, 0, 1]))
     x, labels = _read_npz(path, (2,))
     assert torch.equal(x, x1) and labels.tolist() == [2, 0, 1, 2, 0, 1]
+
+
+def test_the_conditioning_policy_checks_its_settings_once_and_each_call_by_them():
+    from flowmap.conditioning import Conditioning
+
+    policy = Conditioning.of(3, 0.1, [1.0, 4.0], "log_uniform", scale_input=True)
+    assert policy.guided and policy.null_trained and policy.default_scale == 1.0
+    assert Conditioning.of(3, 0.0, 2.5).default_scale == 2.5
+    y, w = policy.check(torch.tensor([0, -1]), 3.0, 2)
+    assert y.dtype == torch.long and w.tolist() == [3.0, 1.0]  # a null row's scale is 1
+    cond = policy.training_condition(torch.arange(64) % 3)
+    assert ((cond["w"] >= 1) & (cond["w"] <= 4)).all() and (cond["w"][cond["y"] < 0] == 1).all()
+    assert policy.relabel(torch.tensor([2, NULL_CLASS]), 3).tolist() == [2, 3]
+    with pytest.raises(ValueError, match="no null class"):
+        policy.relabel(torch.tensor([NULL_CLASS]), None)
+    assert policy.cost(torch.tensor([1.0, 0.0])) == 1 and policy.cost(torch.tensor([2.0])) == 2
+    for kwargs, match in [
+        ({"num_classes": 1}, "at least 2"),
+        ({"num_classes": None, "scale_input": True}, "guidance_input needs class labels"),
+        ({"num_classes": 3, "guidance": (2.0, 3.0)}, "needs a net that takes the scale"),
+        ({"num_classes": None, "guidance": (2.0, 2.0)}, "class-conditional net"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Conditioning(**kwargs)
+    with pytest.raises(ValueError, match="label 5 is out of range: this MLP has 3"):
+        MLP((2,), width=8, depth=1, num_classes=3)(
+            torch.randn(1, 2), torch.zeros(1), torch.zeros(1), y=torch.tensor([5])
+        )
