@@ -252,7 +252,7 @@ def resolve_teacher(
             f"The teacher follows the {declared!r} schedule but schedule={schedule!r} was given; "
             "a distilled map takes the teacher's schedule, so drop the schedule argument."
         )
-    policy = getattr(velocity, "conditioning", None)
+    hparams = getattr(velocity, "hparams", None)  # a flowmap teacher records its training
     return ResolvedTeacher(
         velocity,
         spec=spec,
@@ -260,7 +260,7 @@ def resolve_teacher(
         path=AffinePath(declared or schedule),
         num_classes=getattr(velocity, "num_classes", None),
         data_shape=getattr(velocity, "data_shape", None),
-        label_dropout=policy.label_dropout if isinstance(policy, Conditioning) else None,
+        label_dropout=None if hparams is None else hparams.get("label_dropout"),
         identity=identity,
         trained_on=getattr(velocity, "trained_on", None),
     )
