@@ -60,14 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowmap.conditioning import (
-    NULL_CLASS,
-    as_labels,
-    as_scales,
-    canonical_scale,
-    guidance_cost,
-    guided_velocity,
-)
+from flowmap.conditioning import Conditioning, guided_velocity
 from flowmap.ode import FIXED_STEP_METHODS, solve_at_cost
 from flowmap.paths import (
     AffinePath,
@@ -155,6 +148,7 @@ class DiffusionTeacher(nn.Module):
         self.path = as_path(path)
         self.clip, self.integer_timesteps = bool(clip), bool(integer_timesteps)
         self.num_classes, self.null_class = num_classes, null_class
+        self.conditioning = Conditioning(num_classes)
         self.label_keyword, self.learned_variance = label_keyword, bool(learned_variance)
         self.data_shape = None if data_shape is None else tuple(int(d) for d in data_shape)
         self.timestep_scale = float(timestep_scale)
@@ -264,30 +258,16 @@ class DiffusionTeacher(nn.Module):
         return b.to(x.dtype)
 
     def _model_labels(self, y: Tensor) -> Tensor:
-        null = y == NULL_CLASS
-        if bool(null.any()):
-            if self.null_class is None:
-                raise ValueError(
-                    "The teacher's model has no null class (null_class=None), so it cannot "
-                    "give the unconditional velocity that guidance or label -1 needs."
-                )
-            y = torch.where(null, torch.full_like(y, self.null_class), y)
-        return y
+        """Labels in the model's numbering: label -1 becomes its ``null_class``."""
+        return self.conditioning.relabel(y, self.null_class, "teacher's model")
 
     def forward(
         self, x: Tensor, t: Tensor | float, y: Tensor | None = None, w: Tensor | None = None
     ) -> Tensor:
         r""":math:`b_t(x)` on the student's path (:math:`b^w_t(x \mid y)` for a class-conditional model)."""
-        if self.num_classes is None:
-            if y is not None or w is not None:
-                raise ValueError(
-                    "This teacher has no classes (num_classes=None); drop the labels and scale."
-                )
-            return self._velocity(x, t)
+        y, w = self.conditioning.check(y, w, x.shape[0], x.device, "teacher")
         if y is None:
-            raise ValueError(
-                f"This teacher is class-conditional ({self.num_classes} classes); give labels y."
-            )
+            return self._velocity(x, t)
         return guided_velocity(self._velocity, x, as_time(t, x), y, w)
 
     velocity = forward
@@ -317,11 +297,9 @@ class DiffusionTeacher(nn.Module):
         method = method or "euler"
         if method not in self.methods:
             raise ValueError(f"Unknown method {method!r}; choose one of {list(self.methods)}.")
-        n = x0.shape[0]
-        y = as_labels(y, n, self.num_classes, x0.device)
-        w = as_scales(guidance, n, x0.device)
+        y, w = self.conditioning.check(y, guidance, x0.shape[0], x0.device, "teacher")
         cond = {k: v for k, v in (("y", y), ("w", w)) if v is not None}
-        cost = guidance_cost(canonical_scale(y, w))
+        cost = self.conditioning.cost(w)
         if method != "ddim":
             return solve_at_cost(self, x0, method, nfe, cost=cost, rtol=rtol, atol=atol, cond=cond)
         if nfe is None or int(nfe) < 1 or int(nfe) % cost:
