@@ -27,7 +27,7 @@ from flowmap.apps.kit import TRAINER_COMMANDS, check_writable_dir, fail, quiet_c
 from flowmap.apps.translate import CURRENT_COMMAND, one_sentence, unrecognized, yaml_sentence
 from flowmap.data.base import FlowDataModule
 from flowmap.training import ConfigBesideCheckpoints, FlowModuleBase, InterruptCheckpoint
-from flowmap.training.base import check_fit_directory
+from flowmap.training.checkpoints import check_fit_directory
 from flowmap.training.progress import FlowmapProgressBar
 from flowmap.training.teachers import missing_student_teacher
 from flowmap.training.threads import ThreadsForLoad, set_threads

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -18,15 +17,18 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from flowmap.conditioning import Conditioning
-from flowmap.data.base import dataset_identity
-from flowmap.training.checkpoints import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
+from flowmap.training.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    last_checkpoint,
+    resume_differences,
+    resume_message,
+)
 
 __all__ = [
     "FlowModuleBase",
     "NonFiniteLossError",
     "build",
-    "check_fit_directory",
-    "dataset_differences",
     "fork_rng",
     "lr_factor",
     "LR_SCHEDULES",
@@ -45,125 +47,6 @@ warnings.filterwarnings("ignore", message=r"Attribute '(net|loss)' is an instanc
 # A fresh fit into a directory that holds checkpoints is refused (check_fit_directory), so
 # Lightning's warning about it is noise; it also fired on a fresh run, for the saved config.yaml.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-
-#: hyperparameters that may differ between a checkpoint and the run resuming it
-_RESUME_FREE = frozenset({"data_shape", "_instantiator"})
-#: hyperparameters a module fills in at setup when left unset (the schedule, from the teacher)
-_FILLED_IN = frozenset({"schedule"})
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"net": {"init_args": {"width": 8}}}`` → ``{"net.init_args.width": 8}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``["lr: 0.002 in the checkpoint, 0.001 now", …]`` for every plain-data key that differs
-    (keys whose current value is an object, e.g. a net built in Python, are not compared)."""
-    plain = (str, int, float, bool, type(None), list, tuple, Mapping)
-    a = _flatten({k: v for k, v in saved.items() if k not in _RESUME_FREE})
-    b = _flatten({k: v for k, v in now.items() if k not in _RESUME_FREE and isinstance(v, plain)})
-    top = {k.split(".")[0] for k in b} | {k for k, v in now.items() if isinstance(v, plain)}
-    diffs = []
-    for k in sorted(set(a) | set(b)):
-        if k.split(".")[0] not in top:
-            continue
-        if k.startswith("_") and (k not in a or k not in b):  # e.g. _class_path, CLI runs only
-            continue
-        va, vb = a.get(k, "unset"), b.get(k, "unset")
-        if vb is None and (va == "unset" or k in _FILLED_IN):  # a default, or filled in at setup
-            continue
-        if isinstance(va, tuple | list) and isinstance(vb, tuple | list):
-            va, vb = list(va), list(vb)
-        if va != vb:
-            diffs.append(f"{k}: {va!r} in the checkpoint, {vb!r} now")
-    return diffs
-
-
-def resume_differences(
-    checkpoint: Mapping[str, Any], model: Mapping[str, Any], data: Mapping[str, Any] | None
-) -> list[str]:
-    """``config_differences`` of the model's hyperparameters and of the dataset
-    (:func:`~flowmap.data.base.dataset_identity`) between a checkpoint and a run resuming it."""
-    diffs = [
-        f"model.{d}" for d in config_differences(checkpoint.get("hyper_parameters", {}), model)
-    ]
-    saved = checkpoint.get("datamodule_hyper_parameters")
-    return diffs + [f"data.{d}" for d in dataset_differences(saved, data)]
-
-
-def dataset_differences(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> list[str]:
-    """:func:`config_differences` of two DataModules' hyperparameters as datasets
-    (:func:`~flowmap.data.base.dataset_identity`); none when either is unknown."""
-    want, got = dataset_identity(dict(a or {})), dataset_identity(dict(b or {}))
-    return config_differences(want, got) if want and got else []
-
-
-def _resume_message(path: Any, diffs: list[str]) -> str:
-    shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
-    return (
-        f"Cannot resume {path or 'the checkpoint'} under a different config ({shown}); resume "
-        "with the run's own config (config.yaml beside the checkpoint) or train into another "
-        "--trainer.default_root_dir."
-    )
-
-
-def _last_checkpoint(dirpath: str | None) -> str | None:
-    """What ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` in ``dirpath``."""
-    if not dirpath or not os.path.isdir(dirpath):
-        return None
-    found = [os.path.join(dirpath, f) for f in os.listdir(dirpath) if f.startswith("last")]
-    found = [f for f in found if f.endswith(".ckpt")]
-    return max(found, key=os.path.getmtime) if found else None
-
-
-def check_fit_directory(
-    dirpath: str | None,
-    ckpt_path: str | None,
-    model: Mapping[str, Any],
-    data: Mapping[str, Any] | None,
-    *,
-    writes_checkpoints: bool = True,
-) -> None:
-    """Before a fit writes anything (its ``config.yaml`` included): a fresh fit into a directory
-    that holds checkpoints is refused (it would write ``last-v1.ckpt`` beside another run's and
-    leave both half-described), and so is a resume whose checkpoint was trained with another
-    model config (``model``, as hyperparameters) or dataset (``data``). One sentence each."""
-    if ckpt_path is None:
-        if writes_checkpoints and dirpath and os.path.isdir(dirpath):
-            old = sorted(f for f in os.listdir(dirpath) if f.endswith(".ckpt"))
-            if old:
-                raise CheckpointError(
-                    f"{dirpath} already holds the checkpoints of a run ({', '.join(old[:3])}); "
-                    "resume it with --ckpt_path last, or train into another "
-                    "--trainer.default_root_dir."
-                )
-        return
-    path = _last_checkpoint(dirpath) if ckpt_path == "last" else str(ckpt_path)
-    if path is None:  # Lightning would train from step 0 and exit 0
-        where = f"in {dirpath}" if dirpath else "(this fit saves no checkpoints)"
-        raise CheckpointError(
-            f"--ckpt_path last found no checkpoint to resume {where}; check "
-            "--trainer.default_root_dir (a run keeps its checkpoints in <root>/checkpoints), or "
-            "drop --ckpt_path to start a fresh run."
-        )
-    if ckpt_path in ("best", "hpc", "registry"):
-        return  # Lightning's other names: it resolves them
-    if not os.path.isfile(path):
-        raise CheckpointError(
-            f"--ckpt_path {path} does not exist; give the .ckpt file of the run to resume "
-            "(<root>/checkpoints/last.ckpt), or drop --ckpt_path to start a fresh run."
-        )
-    diffs = resume_differences(read_checkpoint(path), model, data)
-    if diffs:
-        raise CheckpointError(_resume_message(path, diffs))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -363,7 +246,7 @@ class FlowModuleBase(L.LightningModule):
         data = dict(dm.hparams) if dm is not None else None
         diffs = resume_differences(checkpoint, dict(self.hparams), data)
         if diffs:
-            raise CheckpointError(_resume_message(trainer.ckpt_path, diffs))
+            raise CheckpointError(resume_message(trainer.ckpt_path, diffs))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         state = getattr(self, "_pending_rng_state", None)
@@ -395,7 +278,7 @@ class FlowModuleBase(L.LightningModule):
         """Where the last good weights are and what to change, as far as the trainer says."""
         trainer = self._trainer
         ckpt = getattr(getattr(trainer, "checkpoint_callback", None), "dirpath", None)
-        last = _last_checkpoint(ckpt)
+        last = last_checkpoint(ckpt)
         clip = getattr(trainer, "gradient_clip_val", None)
         where = (
             f"The last good checkpoint is {last}" if last else "No checkpoint was saved before it"

@@ -34,9 +34,9 @@ from flowmap.protocols import Velocity, declared_schedule
 from flowmap.teachers import build_teacher
 from flowmap.teachers.spec import is_spec
 from flowmap.teachers.student import teacher_architecture
-from flowmap.training.base import dataset_differences
 from flowmap.training.checkpoints import (
     CheckpointError,
+    dataset_differences,
     load_module,
     read_checkpoint,
     refuse_run_folder,

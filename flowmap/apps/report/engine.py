@@ -44,7 +44,8 @@ from flowmap.data.base import REFERENCE_SPLITS
 from flowmap.metrics.evaluation import Evaluator, Measurement
 from flowmap.protocols import declared_schedule
 from flowmap.training import FlowMapModule, VelocityModule, read_checkpoint
-from flowmap.training.loading import check_same_origin, load_flowmap, load_sampler
+from flowmap.training.checkpoints import check_same_origin
+from flowmap.training.loading import load_flowmap, load_sampler
 from flowmap.training.threads import set_threads
 
 __all__ = ["report_from_samples", "run_report"]
