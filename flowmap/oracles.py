@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from flowmap.conditioning import NULL_CLASS, as_labels, as_scales, guided_velocity
+from flowmap.conditioning import NULL_CLASS, Conditioning, as_scales, guided_velocity
 from flowmap.ode import solve_adaptive
 from flowmap.paths import AffinePath, Schedule, as_time, expand_like
 
@@ -161,6 +161,7 @@ class ClassConditionalMixture:
         p = torch.ones(k, dtype=torch.float64) if priors is None else torch.as_tensor(priors)
         self.priors = p.double() / p.double().sum()
         self.num_classes = k
+        self.conditioning = Conditioning(k)
         self.path = AffinePath(schedule)
         self.data_shape = classes[0].data_shape
         weights = torch.cat([pc * m.weights.double() for pc, m in zip(self.priors, classes)])
@@ -205,8 +206,7 @@ class ClassConditionalMixture:
         r""":math:`b^w_t(x \mid y)`; with no labels, the unconditional velocity."""
         if y is None:
             return self.unconditional.velocity(x, t)
-        y = as_labels(y, x.shape[0], self.num_classes, x.device)
-        w = as_scales(w, x.shape[0], x.device)
+        y, w = self.conditioning.check(y, w, x.shape[0], x.device, "oracle")
 
         def branch(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
             return self.class_velocity(x, t, y)

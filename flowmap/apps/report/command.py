@@ -130,7 +130,7 @@ def _measurement(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="W",
         help="class-conditional teachers: the guidance scales to report (None: 1); the report "
-        "then gives FID/KID/PR and class accuracy per scale (see flowmap.apps.guidance_report)",
+        "then gives FID/KID/PR and class accuracy per scale (see flowmap.apps.report)",
     )
     p.add_argument(
         "--inception-weights",
