@@ -55,3 +55,35 @@ def toy_flowmap(toy_teacher, tmp_path_factory):
         "--trainer.val_check_interval=20",
         "--data.name=8gaussians",
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A 2-step toy teacher fitted through the CLI: its ``last.ckpt``."""
+    from flowmap.apps.lightning_cli import cli_main
+    from tests.helpers import TINY_CLI
+
+    root = tmp_path_factory.mktemp("cli-teacher")
+    cli_main(
+        [
+            "fit",
+            "--config",
+            "recipes/toy2d/teacher.yaml",
+            *TINY_CLI,
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
+    return next(root.rglob("last.ckpt"))
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """Files that are no flowmap checkpoint: text, a foreign torch file, a bare Lightning one."""
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello\n")  # torch.load raises a bare KeyError on this
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    lightning = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": {}}, lightning)  # a Lightning checkpoint, not a flowmap one
+    return {"text": text, "foreign": foreign, "lightning": lightning, "dir": tmp_path}

@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
+from flowmap.apps.cli import main
 from flowmap.apps.lightning_cli import cli_main
 from flowmap.losses import FlowMapLoss, mean_square
 from flowmap.oracles import GaussianTarget
@@ -42,6 +44,17 @@ TINY_NET = [
     "--model.net.depth=1",
 ]
 
+#: a short, quiet fit (no progress bar, no logger, small batches); with :data:`TINY_NET`
+TINY = ["--trainer.enable_progress_bar=false", "--data.batch_size=32", "--logger=none"]
+
+#: a toy recipe's own net made tiny through its ``init_args`` (a 16-wide MLP), small batches
+TINY_CLI = [
+    "--model.net.init_args.width=16",
+    "--model.net.init_args.depth=1",
+    "--data.init_args.batch_size=32",
+    "--trainer.enable_progress_bar=false",
+]
+
 
 def fit_cli(cfg: str, root: Path, *extra: str) -> Path:
     """``flowmap fit --config cfg`` with a tiny MLP into ``root``; returns ``last.ckpt``."""
@@ -58,3 +71,32 @@ def fit_cli(cfg: str, root: Path, *extra: str) -> Path:
         ]
     )
     return next(Path(root).rglob("last.ckpt"))
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def fails(capsys, *argv: str) -> str:
+    """Run the ``flowmap`` command, expect a non-zero exit, return its one error sentence."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code not in (0, None)
+    line = one_error_line(capsys)
+    assert line.startswith("flowmap: error:")
+    return line
+
+
+def one_line_error(capsys, args, match):
+    """``flowmap ARGS`` fails with exit status 2 and one line ``flowmap: error: …match…``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("flowmap: error: "), err
+    assert match in err, err
+    return err

@@ -228,6 +228,7 @@ def test_a_student_without_a_net_needs_a_teacher_to_copy():
 
 
 # ----------------------------------------------------------------- distillation of a conv teacher
+@pytest.mark.slow
 def test_a_short_distillation_of_a_conv_teacher_beats_one_euler_step_by_far():
     """A tiny U-Net CFM teacher of a Gaussian in 1×4×4, copied into its student: at
     initialisation one jump is one Euler step (which sends every sample to nearly the mean, an

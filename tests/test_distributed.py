@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from flowmap.losses import TimePairs, cfm_loss
 from flowmap.training import FlowMapModule, VelocityModule, build
 
+pytestmark = pytest.mark.slow  # every test spawns two processes
+
 NET = {"class_path": "flowmap.nets.MLP", "init_args": {"data_shape": [2], "width": 16, "depth": 1}}
 HALF, DIAG_ROWS = 8, [1, 4, 6]  # diagonal rows anywhere in the batch: the mask finds them
 

@@ -445,6 +445,7 @@ def test_weights_file_with_pickle_payload_is_refused(tmp_path, digits_uint8):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_random_inception_weights_wiring(no_inception, tmp_path):
     """Through the hub-cache lookup: torch-fidelity and torchmetrics give the same finite FID."""
     hub_file = no_inception / "checkpoints" / INCEPTION_WEIGHTS_FILENAME

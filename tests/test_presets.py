@@ -259,6 +259,7 @@ SHORT_RUN_BOUND = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHORT_RUN_BOUND))
 def test_a_short_run_of_each_kind_learns_the_gaussian_flow_map(gaussian, name):
     """A tiny net, 400 steps of each kind of preset (Lagrangian, semigroup, MeanFlow, one-time

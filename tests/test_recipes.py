@@ -60,6 +60,7 @@ def _flat_params(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in module.net.parameters()])
 
 
+@pytest.mark.slow
 def test_digits_stages_run_through_the_cli_and_train(tmp_path):
     teacher = tmp_path / "teacher"
     cli_main(
@@ -132,6 +133,7 @@ def _fit_and_check_one_step(args: list[str]) -> None:
     assert not torch.equal(before, _flat_params(cli.model))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["cifar10", "cifar10_guided"])
 def test_cifar10_configs_run_with_fast_dev_run_on_a_stand_in(tmp_path, recipe):
     """The GPU configs, unconditional and class-conditional with guidance, on a CPU stand-in."""
@@ -167,6 +169,7 @@ def test_cifar10_configs_run_with_fast_dev_run_on_a_stand_in(tmp_path, recipe):
         )
 
 
+@pytest.mark.slow
 def test_toy_pipeline_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatch, capsys):
     import importlib.util
 
@@ -228,6 +231,7 @@ def test_toy_pipeline_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatc
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
 
 
+@pytest.mark.slow
 def test_digits_pipeline_runs_end_to_end_with_fid_in_digits_features(tmp_path):
     import importlib.util
 
@@ -242,6 +246,7 @@ def test_digits_pipeline_runs_end_to_end_with_fid_in_digits_features(tmp_path):
     assert set(euler) == {1, 2}
 
 
+@pytest.mark.slow
 def test_guided_digits_pipeline_runs_end_to_end_and_samples_a_class(tmp_path, capsys):
     """Teacher → guided flow maps → guidance report, tiny; then `flowmap sample --class 3
     --guidance 2` on the distilled map, with honest NFE and the class in the saved labels."""

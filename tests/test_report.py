@@ -11,6 +11,9 @@ import flowmap.apps.report as report
 from flowmap.apps.report.setting import build_datamodule
 from flowmap.metrics.evaluation import Evaluator
 from flowmap.training.checkpoints import CheckpointError, read_checkpoint
+from tests.helpers import TINY, fails, fit_cli
+
+TEACHER = "recipes/toy2d/teacher.yaml"
 
 
 def _run(toy_teacher, toy_flowmap, out, *extra):
@@ -38,6 +41,7 @@ def _run(toy_teacher, toy_flowmap, out, *extra):
     )
 
 
+@pytest.mark.slow
 def test_report_writes_its_files_with_the_right_rows(toy_teacher, toy_flowmap, tmp_path, capsys):
     capsys.readouterr()
     res = _run(toy_teacher, toy_flowmap, tmp_path, "--save-samples")
@@ -99,6 +103,7 @@ def test_report_writes_its_files_with_the_right_rows(toy_teacher, toy_flowmap, t
     assert "samples_grid.png" in md and " ± " in md
 
 
+@pytest.mark.slow
 def test_a_report_recomputed_from_its_samples_alone_reproduces_it(
     toy_teacher, toy_flowmap, tmp_path
 ):
@@ -117,6 +122,7 @@ def test_a_report_recomputed_from_its_samples_alone_reproduces_it(
     assert (tmp_path / "b" / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_the_callback_logs_the_reports_value_on_the_same_samples(
     toy_teacher, toy_flowmap, tmp_path
 ):
@@ -138,6 +144,7 @@ def test_the_callback_logs_the_reports_value_on_the_same_samples(
         assert logged[f"val/recall@{k}"] == pytest.approx(row["metrics"]["recall"]["value"])
 
 
+@pytest.mark.slow
 def test_a_killed_report_resumes_with_finished_rows(
     toy_teacher, toy_flowmap, tmp_path, monkeypatch
 ):
@@ -170,6 +177,7 @@ def test_a_killed_report_resumes_with_finished_rows(
     assert len(calls) == 1 + 3  # the floor is measured on every run; 3 flow-map rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra,err,match",
     [
@@ -188,6 +196,7 @@ def test_report_refuses_impossible_requests_early(
     assert not list((tmp_path / "rows").glob("*.npz"))  # nothing was computed
 
 
+@pytest.mark.slow
 def test_report_from_samples_refuses_other_files_and_other_datasets(
     toy_teacher, toy_flowmap, tmp_path
 ):
@@ -216,11 +225,13 @@ def test_report_from_samples_refuses_other_files_and_other_datasets(
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_report_refuses_a_flow_map_as_teacher(toy_flowmap, tmp_path):
     with pytest.raises(CheckpointError, match="is a FlowMapModule checkpoint"):
         report.main(["--teacher", str(toy_flowmap), "--out", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_console_subcommands_sample_and_report_exit_cleanly(toy_teacher, toy_flowmap, tmp_path):
     from flowmap.apps.cli import main
 
@@ -280,3 +291,44 @@ def test_console_subcommands_sample_and_report_exit_cleanly(toy_teacher, toy_flo
         is None
     )
     assert (tmp_path / "r" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_a_report_refuses_flow_maps_of_another_dataset_or_teacher(
+    toy_teacher, toy_flowmap, tmp_path, capsys
+):
+    other_data = fit_cli(TEACHER, tmp_path / "cb", "--trainer.max_steps=2", *TINY)
+    with pytest.raises(ValueError, match=r"trained on Toy2DDataModule\(name='8gaussians'\)"):
+        report.main(
+            [
+                "--teacher",
+                str(other_data),
+                "--flowmap",
+                str(toy_flowmap),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+    other_teacher = fit_cli(
+        TEACHER, tmp_path / "g8", "--trainer.max_steps=2", "--data.name=8gaussians", *TINY
+    )
+    line = fails(
+        capsys,
+        "report",
+        "--teacher",
+        str(other_teacher),
+        "--flowmap",
+        str(toy_flowmap),
+        "--out",
+        str(tmp_path / "r2"),
+    )
+    assert "was distilled from" in line and str(toy_teacher[1]) in line
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
+
+
+def test_a_damaged_samples_file_is_refused_without_advice_to_unpickle(tmp_path, capsys):
+    bad = tmp_path / "samples.npz"
+    bad.write_bytes(b"this is not a numpy archive at all")
+    line = fails(capsys, "report", "--from-samples", str(bad), "--out", str(tmp_path / "r"))
+    assert "is not a readable .npz archive" in line and "--save-samples" in line
+    assert "pickle" not in line.lower()

@@ -345,6 +345,7 @@ def test_labels_follow_flowmaps_null_class_convention():
     assert math.isfinite(float(teacher(x, torch.rand(2), y=torch.tensor([0, 1])).sum()))
 
 
+@pytest.mark.slow
 def test_a_ddpm_teacher_distils_through_the_unchanged_losses():
     """The ε-oracle on DDPM's discrete schedule (clipped at its ends), in float32 as a network
     runs, distilled by the default Lagrangian loss exactly as tests/test_distill.py distils the

@@ -97,6 +97,7 @@ def test_our_ddim_is_diffusers_ddim_scheduler(tmp_path):
     torch.testing.assert_close(teacher.ddim(x0, 4).x, x, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_ddpm_recipe_distils_through_the_cli_reports_ddim_and_samples(tmp_path, capsys):
     """A tiny random UNet2DModel + DDPMScheduler (trained 20 steps) → three flow maps by
     ``flowmap fit`` with the teacher given as a folder → report with DDIM rows → ``flowmap sample``
