@@ -213,6 +213,7 @@ def test_conditioning_is_refused_by_a_loss_that_cannot_pass_it(oracle):
 
 
 # --------------------------------------------------------------------------- distillation works
+@pytest.mark.slow
 @pytest.mark.parametrize("w", [0.0, 1.0, 2.5])
 def test_short_guided_distillation_jumps_far_better_than_one_euler_step(guided_map, oracle, w):
     """One student for w in [0, 3]: its one-jump endpoint error at each w is far below the error
@@ -445,6 +446,7 @@ def test_shared_teacher_call_keeps_each_rows_conditioning(oracle):
     assert torch.allclose(shared.diagonal_target(), oracle(x[d], t[d], y=y[d], w=w[d]), atol=1e-12)
 
 
+@pytest.mark.slow
 def test_guided_self_distillation_from_scratch_learns_the_guided_flow(oracle):
     """MeanFlow from scratch on labelled data with w ~ U[1, 3]: no teacher, the guided target
     w·ẋ + (1 − w)·φ(∅) alone brings the one-jump error at w = 2 far below one Euler step of the

@@ -16,6 +16,7 @@ def _train_losses(root: Path) -> list[float]:
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
+@pytest.mark.slow
 def test_cli_teacher_fit_lowers_the_loss_and_reloads_without_arguments(toy_teacher):
     root, ckpt = toy_teacher
     losses = _train_losses(root)
@@ -31,6 +32,7 @@ def test_cli_teacher_fit_lowers_the_loss_and_reloads_without_arguments(toy_teach
     assert (root / "logs" / "version_0" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["lagrangian", "eulerian", "semigroup"])
 def test_cli_flow_map_fit_runs_each_loss(toy_teacher, tmp_path, loss):
     _, teacher_ckpt = toy_teacher
@@ -51,6 +53,7 @@ def test_cli_flow_map_fit_runs_each_loss(toy_teacher, tmp_path, loss):
     assert sol.nfe == 2 and torch.isfinite(sol.x).all()
 
 
+@pytest.mark.slow
 def test_teacher_checkpoint_problems_are_one_sentence(toy_teacher, tmp_path):
     root, teacher_ckpt = toy_teacher
     with pytest.raises(CheckpointError, match="Teacher checkpoint 'nope.ckpt' does not exist"):
@@ -152,6 +155,7 @@ def test_build_gives_checkpoints_that_reload_with_no_arguments(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_new_loss_is_one_class_injected_by_class_path(toy_teacher, tmp_path):
     ckpt = _fit(
         "recipes/toy2d/lagrangian.yaml",
