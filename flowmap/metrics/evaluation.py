@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,20 @@ class Measurement:
     def ratio(self, other: Measurement, metric: str) -> Estimate:
         """``metric`` of ``self`` over ``metric`` of ``other`` (same noise, same groups)."""
         return self.replicates[metric].ratio(other.replicates[metric])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (``rep__<kind>__<metric>``) for an ``.npz``, read back by :meth:`from_arrays`."""
+        return {f"rep__{r.kind}__{k}": r.to_array() for k, r in self.replicates.items()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], n: int, groups: int) -> Measurement:
+        """Inverse of :meth:`to_arrays` (other keys of ``arrays`` are ignored)."""
+        reps = {}
+        for key, a in arrays.items():
+            if key.startswith("rep__"):
+                _, kind, metric = key.split("__", 2)
+                reps[metric] = Replicates.from_array(kind, a)
+        return cls(reps, n, groups)
 
 
 class Evaluator:

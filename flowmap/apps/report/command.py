@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flowmap.apps.kit import CommandParser, check_writable_dir, positive_int
-from flowmap.apps.report.config import DEFAULT_NFE, DEFAULT_SIZES, ReportConfig
+from flowmap.apps.report.config import DEFAULT_SIZES, ReportConfig
 from flowmap.apps.report.engine import run_report
 from flowmap.apps.summary import headline as headline_table
 from flowmap.data.base import REFERENCE_SPLITS
@@ -18,6 +18,9 @@ from flowmap.metrics.evaluation import W2_GROUP_SIZE
 from flowmap.ode import STAGES
 
 __all__ = ["main", "parser"]
+
+#: the one set of defaults: the options show those of :class:`ReportConfig`
+_D = ReportConfig(teacher=None, out="")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,14 +80,14 @@ def _measurement(p: argparse.ArgumentParser) -> None:
         "--nfe",
         type=int,
         nargs="+",
-        default=list(DEFAULT_NFE),
+        default=list(_D.nfe),
         help="NFE grid: network evaluations per sample, each a multiple of every solver's "
         "evaluations per step",
     )
     p.add_argument(
         "--solvers",
         nargs="+",
-        default=["euler", "heun"],
+        default=list(_D.solvers),
         choices=[*STAGES, "ddim"],
         help="the teacher's fixed-step solvers, one row each per NFE (a diffusion teacher also "
         "gets its DDIM sampler)",
@@ -105,17 +108,17 @@ def _measurement(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--reference-split",
-        default="train",
+        default=_D.reference_split,
         help=f"the data every row is compared with: {' or '.join(REFERENCE_SPLITS)} (the floor "
         "uses the other split)",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the noise and of the reference draw"
+        "--seed", type=int, default=_D.seed, help="seed of the noise and of the reference draw"
     )
-    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
-    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
+    p.add_argument("--rtol", type=float, default=_D.rtol, help="dopri5 relative tolerance")
+    p.add_argument("--atol", type=float, default=_D.atol, help="dopri5 absolute tolerance")
     p.add_argument(
-        "--batch-size", type=positive_int, default=1000, help="samples generated per batch"
+        "--batch-size", type=positive_int, default=_D.batch_size, help="samples generated per batch"
     )
     p.add_argument(
         "--feature",

@@ -17,7 +17,6 @@ from torch import Tensor
 from flowmap.apps.report.config import ADAPTIVE, MAX_GUIDED_JUMPS, ReportConfig
 from flowmap.conditioning import guidance_cost
 from flowmap.metrics.evaluation import Measurement
-from flowmap.metrics.intervals import Replicates
 from flowmap.ode import STAGES
 from flowmap.protocols import Sampler, Solution
 
@@ -138,19 +137,14 @@ class RowCache:
 
     @staticmethod
     def save(f: Path, x: Tensor, nfe: int, meas: Measurement) -> None:
-        rec: dict[str, Any] = {"x": x.numpy(), "nfe": np.int64(nfe)}
-        for k, r in meas.replicates.items():
-            rec[f"rep__{r.kind}__{k}"] = r.to_array()
+        """The row's samples, NFE and replicates (as :class:`Measurement` writes them)."""
         tmp = f.with_suffix(".tmp.npz")
-        np.savez(tmp, **rec)
+        np.savez(tmp, x=x.numpy(), nfe=np.int64(nfe), **meas.to_arrays())
         os.replace(tmp, f)
 
     def load(self, f: Path) -> tuple[Tensor, int, Measurement]:
+        """What :meth:`save` wrote."""
         with np.load(f, allow_pickle=False) as z:
-            reps = {}
-            for key in z.files:
-                if key.startswith("rep__"):
-                    _, kind, metric = key.split("__", 2)
-                    reps[metric] = Replicates.from_array(kind, z[key])
-            x = torch.from_numpy(z["x"])
-            return x, int(z["nfe"]), Measurement(reps, len(x), self.groups)
+            arrays = {k: z[k] for k in z.files}
+        x = torch.from_numpy(arrays["x"])
+        return x, int(arrays["nfe"]), Measurement.from_arrays(arrays, len(x), self.groups)
