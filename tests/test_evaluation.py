@@ -177,8 +177,3 @@ def test_feature_extractor_registry_names_loads_and_refuses():
     feats = digits(images)
     assert feats.dtype == torch.float64 and feats.shape == (50, 128)
     torch.testing.assert_close(feats, DigitsFeatures()(images).double(), rtol=1e-5, atol=1e-5)
-    # the apps' former name of the digits classifier loader still imports
-    from flowmap.metrics import load_digits_classifier
-    from flowmap.metrics.digits_extractor import load_digits_extractor
-
-    assert load_digits_extractor is load_digits_classifier

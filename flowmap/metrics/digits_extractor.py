@@ -44,7 +44,6 @@ __all__ = [
     "DigitsFeatureExtractor",
     "digits_classifier_accuracy",
     "load_digits_classifier",
-    "load_digits_extractor",
     "register_digits_feature_extractor",
 ]
 
@@ -155,10 +154,6 @@ def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-#: The former name of :func:`load_digits_classifier`, kept while ``flowmap.apps`` imports it.
-load_digits_extractor = load_digits_classifier
 
 
 def _channel0(x: Tensor) -> Tensor:
