@@ -478,7 +478,7 @@ def test_guided_self_distillation_from_scratch_learns_the_guided_flow(oracle):
 def test_a_conditional_map_inverts_under_its_labels_and_the_cli_reads_them_back(tmp_path):
     import numpy as np
 
-    from flowmap.apps.sample import _read_npz
+    from flowmap.apps.sample import read_samples
 
     torch.manual_seed(0)
     net = MLP((2,), width=16, depth=1, num_classes=3, guidance_input=True)
@@ -493,7 +493,7 @@ def test_a_conditional_map_inverts_under_its_labels_and_the_cli_reads_them_back(
         module.invert(x1, 2)
     path = tmp_path / "drawn.npz"
     np.savez(path, samples=x1.numpy(), labels=np.array([2, 0, 1, 2, 0, 1]))
-    x, labels = _read_npz(path, (2,))
+    x, labels = read_samples(path, (2,))
     assert torch.equal(x, x1) and labels.tolist() == [2, 0, 1, 2, 0, 1]
 
 

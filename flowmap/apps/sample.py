@@ -28,7 +28,7 @@ from flowmap.io import read_npz
 from flowmap.training.loading import load_sampler
 from flowmap.training.threads import set_threads
 
-__all__ = ["main", "output_paths", "run_label"]
+__all__ = ["main", "output_paths", "parser", "read_samples", "run_label"]
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             raise ValueError(
                 f"--invert needs a flow-map checkpoint, but {args.ckpt!r} is a {kind}."
             )
-        x1, saved = _read_npz(args.data_npz, tuple(module.data_shape))
+        x1, saved = read_samples(args.data_npz, tuple(module.data_shape))
         labels = _labels(module, args.label, len(x1))
         if args.label is None and saved is not None and module.num_classes is not None:
             labels = saved  # each sample inverts under the class it was drawn for
@@ -183,11 +183,7 @@ def _labels(module: Any, label: int | None, n: int) -> torch.Tensor | None:
     return torch.arange(n) * k // n
 
 
-def _read_data(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
-    return _read_npz(path, shape)[0]
-
-
-def _read_npz(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def read_samples(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``samples`` (checked against ``shape``) and, if saved, their ``labels``."""
     z = read_npz(path, "--data-npz", "pass the .npz that `flowmap sample` wrote")
     with z:
