@@ -262,7 +262,7 @@ def _train(module, oracle, teacher, steps):
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
         x1, y = oracle.sample(256, g)
-        cond = module._training_condition(x1.float(), y)
+        cond = module.conditioning.training_condition(y)
         out = module.loss(module.student, x1.float(), teacher, step=step, **cond)
         opt.zero_grad()
         out["loss"].backward()

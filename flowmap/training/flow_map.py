@@ -175,10 +175,6 @@ class FlowMapModule(FlowModuleBase):
         """Whether the map follows a guided velocity (some training scale is not 1)."""
         return self.conditioning.guided
 
-    def _training_condition(self, x1: Tensor, y: Tensor | None) -> dict[str, Tensor]:
-        """Labels with dropout, and scales from the guidance law (1 on null rows)."""
-        return self.conditioning.training_condition(y)
-
     # ----------------------------------------------------------------- teacher
     @property
     def teacher(self) -> Velocity | None:
