@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.invert and args.data_npz is None:
         raise ValueError("--invert needs --data-npz, the data to map to noise.")
     set_threads()
-    module, kind, _ = load_sampler(args.ckpt)
+    module, kind, _, _ = load_sampler(args.ckpt)
     if args.invert:
         if not hasattr(module, "invert"):
             raise ValueError(

@@ -93,6 +93,11 @@ def read_checkpoint(path: str | Path, expected_kind: str | None = None) -> dict[
 def load_module(cls: type, path: str | Path, **kwargs: Any) -> Any:
     """``cls.load_from_checkpoint(path)`` after :func:`read_checkpoint` checked the file (CPU, eval)."""
     read_checkpoint(path, expected_kind=getattr(cls, "module_kind", None))
+    return rebuild_module(cls, path, **kwargs)
+
+
+def rebuild_module(cls: type, path: str | Path, **kwargs: Any) -> Any:
+    """Lightning's rebuild of a checkpoint :func:`read_checkpoint` has already checked (CPU, eval)."""
     module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **kwargs)
     return module.eval()
 
@@ -224,12 +229,13 @@ def check_same_origin(
     teacher_ckpt: dict[str, Any],
     label: str,
     path: str,
+    ck: Mapping[str, Any],
     teacher_sha: str | None = None,
 ) -> None:
     """A flow map is reported only beside its own teacher: the same dataset, the same path and,
     when the map recorded its teacher's SHA-256, the very same teacher checkpoint (a teacher
-    resumed or retrained since is another teacher). Anything else is a one-sentence error."""
-    ck = read_checkpoint(path, expected_kind="FlowMapModule")
+    resumed or retrained since is another teacher). ``ck`` is the map's checkpoint (read from
+    ``path``). Anything else is a one-sentence error."""
     want = dataset_identity(teacher_ckpt.get("datamodule_hyper_parameters"))
     got = dataset_identity(ck.get("datamodule_hyper_parameters"))
     if dataset_differences(want, got):

@@ -4,24 +4,32 @@ spec), each checked once (:mod:`flowmap.training.checkpoints`) and returned on t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
+from flowmap.training.checkpoints import CheckpointError, read_checkpoint, rebuild_module
 from flowmap.training.flow_map import FlowMapModule
 from flowmap.training.teachers import is_module_checkpoint, load_teacher
 from flowmap.training.velocity import VelocityModule
 
-__all__ = ["MODULES", "load_flowmap", "load_sampler"]
+__all__ = ["MODULES", "Loaded", "load_flowmap", "load_sampler"]
 
 #: The flowmap module each checkpoint kind rebuilds.
 MODULES = {"VelocityModule": VelocityModule, "FlowMapModule": FlowMapModule}
 
 
-def load_sampler(
-    path: str, kind: str | None = None, need_shape: bool = True
-) -> tuple[Any, str, str | None]:
-    """The model ``path`` names, its kind (``VelocityModule``, ``FlowMapModule`` or a foreign
-    teacher's class name) and, for a foreign teacher, its identity (SHA-256). ``kind`` refuses a
+class Loaded(NamedTuple):
+    """What :func:`load_sampler` read: the model, its kind (``VelocityModule``,
+    ``FlowMapModule`` or a foreign teacher's class name), a foreign teacher's identity (SHA-256)
+    and a flowmap checkpoint's contents (hyperparameters, data), each ``None`` for the other."""
+
+    module: Any
+    kind: str
+    identity: str | None
+    checkpoint: dict[str, Any] | None
+
+
+def load_sampler(path: str, kind: str | None = None, need_shape: bool = True) -> Loaded:
+    """The model ``path`` names (:class:`Loaded`), the file read once. ``kind`` refuses a
     checkpoint of another kind; ``need_shape`` a model that does not say its data shape."""
     if not is_module_checkpoint(path):
         module, sha = load_teacher(path)
@@ -29,22 +37,23 @@ def load_sampler(
             raise ValueError(
                 f"The teacher {path!r} does not say its data shape; give data_shape in its spec."
             )
-        return module, type(module).__name__, sha
-    kind = read_checkpoint(path, expected_kind=kind).get("flowmap_module")
-    cls = MODULES.get(kind)
+        return Loaded(module, type(module).__name__, sha, None)
+    ckpt = read_checkpoint(path, expected_kind=kind)
+    cls = MODULES.get(ckpt.get("flowmap_module"))
     if cls is None:
         raise CheckpointError(
             f"{path!r} is a Lightning checkpoint but not a flowmap one; pass a .ckpt written "
             "by `flowmap fit`."
         )
-    module = load_module(cls, path)
-    if module.data_shape is None:
+    module = rebuild_module(cls, path)
+    if need_shape and module.data_shape is None:
         raise CheckpointError(f"{path!r} does not record its data shape; retrain it.")
-    return module, kind, None
+    return Loaded(module, ckpt["flowmap_module"], None, ckpt)
 
 
-def load_flowmap(spec: str) -> tuple[str, FlowMapModule, str]:
-    """``label=path`` or ``path`` → (label, module, path); the label defaults to the loss's name."""
+def load_flowmap(spec: str) -> tuple[str, str, Loaded]:
+    """``label=path`` or ``path`` → (label, path, what :func:`load_sampler` read); the label
+    defaults to the loss's name."""
     label, path = spec.split("=", 1) if "=" in spec else ("", spec)
-    module = load_module(FlowMapModule, path)
-    return label or module.loss.name, module, path
+    loaded = load_sampler(path, "FlowMapModule", need_shape=False)
+    return label or loaded.module.loss.name, path, loaded

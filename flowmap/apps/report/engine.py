@@ -92,9 +92,9 @@ def _load_teacher(cfg: ReportConfig) -> tuple[Any, dict[str, Any], str | None]:
     """The teacher, the checkpoint facts flow maps are checked against (data, path) and, for a
     teacher trained elsewhere, its identity. Such a teacher carries no dataset: the report takes
     the data of its first flow map."""
-    teacher, _, sha = load_sampler(str(cfg.teacher), "VelocityModule", need_shape=False)
-    if sha is None:
-        return teacher, read_checkpoint(str(cfg.teacher), expected_kind="VelocityModule"), None
+    teacher, _, sha, ckpt = load_sampler(str(cfg.teacher), "VelocityModule", need_shape=False)
+    if ckpt is not None:
+        return teacher, ckpt, None
     if not callable(getattr(teacher, "generate", None)):
         raise ValueError(
             f"The teacher {cfg.teacher!r} is a velocity with no generate(); wrap the model with "
@@ -117,12 +117,12 @@ def _load_flowmaps(
     """Every ``--flowmap``, labelled, each checked to come from this teacher."""
     flowmaps: dict[str, tuple[FlowMapModule, str]] = {}
     for spec in cfg.flowmaps:
-        label, module, path = load_flowmap(spec)
+        label, path, (module, _, _, map_ck) = load_flowmap(spec)
         module.to(sampling_device())
         if label in flowmaps:
             raise ValueError(f"Two flow maps are labelled {label!r}; name them as label=path.")
         flowmaps[label] = (module, path)
-        check_same_origin(str(cfg.teacher), ck, label, path, sha)
+        check_same_origin(str(cfg.teacher), ck, label, path, map_ck, sha)
     return flowmaps
 
 
