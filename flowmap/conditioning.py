@@ -105,10 +105,7 @@ def as_scales(w: Any, batch: int, device: Any = None) -> Tensor | None:
     float32 ``(B,)``. ``None`` stays ``None``."""
     if w is None:
         return None
-    w = torch.as_tensor(w, device=device)
-    if not w.is_floating_point():
-        w = w.to(torch.float32)
-    w = w.to(torch.float32)
+    w = torch.as_tensor(w, device=device).to(torch.float32)
     if w.ndim == 0:
         w = w.expand(batch)
     if w.shape != (batch,):
