@@ -7,18 +7,64 @@ velocity field, so the same network is a teacher (called on the diagonal) and a 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from flowmap.conditioning import NULL_CLASS
 from flowmap.paths import AffinePath, Schedule, as_path, as_time, expand_like, time_dtype
 
-__all__ = ["FlowMap", "FlowMapJVP"]
+__all__ = ["FlowMap", "FlowMapJVP", "JVPMethod", "JVP_MODES"]
+
+JVP_MODES = ("autodiff", "finite_difference")
+
+
+@dataclass(frozen=True)
+class JVPMethod:
+    r"""How :meth:`FlowMap.jvp` takes :math:`\dot\phi`, the derivative of :math:`\phi` along a tangent.
+
+    Args:
+        mode: ``"autodiff"`` (``torch.func.jvp``: exact; gradients flow through the tangent) or
+            ``"finite_difference"``: :math:`(\phi(p + \varepsilon v) - \phi(p - \varepsilon v))
+            /2\varepsilon` in float64, one-sided at the ends of :math:`[0, 1]`, with no gradient,
+            for stop-gradient targets only (MeanFlow, sCM, the regression forms; FastGen and
+            AnyFlow at scale). Its evaluations are plain forwards, so fused attention and FSDP
+            serve them; the primal :math:`\phi` is an ordinary forward with gradients.
+        precision: ``"float32"`` (autocast off for the JVP) or ``"autocast"`` (autodiff in the
+            surrounding autocast dtype, e.g. bf16); a finite difference is always float32.
+        eps: :math:`\varepsilon` of the finite difference.
+        chunks: autodiff: split the rows into this many chunks, each recomputed in the backward
+            (activation checkpointing): the tangent pass holds one chunk's activations at a time,
+            for one more JVP forward.
+    """
+
+    mode: Literal["autodiff", "finite_difference"] = "autodiff"
+    precision: Literal["float32", "autocast"] = "float32"
+    eps: float = 1e-3
+    chunks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in JVP_MODES:
+            raise ValueError(f"Unknown JVP mode {self.mode!r}; choose one of {list(JVP_MODES)}.")
+        if self.precision not in ("float32", "autocast"):
+            raise ValueError(
+                f"Unknown JVP precision {self.precision!r}; choose float32 or autocast."
+            )
+        if not self.eps > 0:
+            raise ValueError(f"The finite difference's eps must be positive, got {self.eps}.")
+        if self.chunks < 1:
+            raise ValueError(f"JVP chunks must be at least 1, got {self.chunks}.")
+        if self.mode == "finite_difference" and (self.precision != "float32" or self.chunks > 1):
+            raise ValueError(
+                "A finite-difference JVP runs in float32 and holds no activations; precision "
+                "and chunks apply to autodiff only, so leave them at their defaults."
+            )
 
 
 @dataclass
@@ -125,38 +171,100 @@ class FlowMap(nn.Module):
         dx: Tensor | None = None,
         ds: Tensor | None = None,
         dt: Tensor | None = None,
+        method: JVPMethod | None = None,
         **cond: Any,
     ) -> FlowMapJVP:
-        r""":math:`X`, :math:`\phi` and their derivatives along :math:`(\dot x, \dot s, \dot t)` in one
-        ``torch.func.jvp``, in float32 with autocast off (float64 stays float64).
+        r""":math:`X`, :math:`\phi` and their derivatives along :math:`(\dot x, \dot s, \dot t)`.
 
-        Only inputs given a tangent are differentiated; conditioning never is. Attention runs on
-        the math backend inside the JVP (fused kernels have no forward-mode AD).
+        Only inputs given a tangent are differentiated; conditioning never is. ``method``
+        (:class:`JVPMethod`, default autodiff in float32) says how: one ``torch.func.jvp``, whose
+        primal and tangent both carry gradients (attention on the math backend, which alone has
+        forward-mode AD), or a finite difference whose tangent carries none.
         """
+        method = method or JVPMethod()
         x = x.to(time_dtype(x))  # float32 (float64 stays), whatever the surrounding precision
         primals = {"x": x, "s": as_time(s, x), "t": as_time(t, x)}
         given = {k: v for k, v in (("x", dx), ("s", ds), ("t", dt)) if v is not None}
+        given = {k: v.to(primals[k].dtype) for k, v in given.items()}
         if not given:
             raise ValueError("FlowMap.jvp needs a tangent for at least one of dx, ds, dt.")
-        keys = tuple(given)
         kwargs = self._cond(cond)
-
-        def phi(*args: Tensor) -> Tensor:
-            kw = {**primals, **dict(zip(keys, args))}
-            return self.net(kw["x"], kw["s"], kw["t"], **kwargs)
-
-        with torch.autocast(device_type=x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
-            prim = tuple(primals[k] for k in keys)
-            tang = tuple(given[k].to(p.dtype) for k, p in zip(keys, prim))
-            value, dphi = torch.func.jvp(phi, prim, tang)
+        if method.mode == "finite_difference":
+            value = self.net(x, primals["s"], primals["t"], **kwargs).to(x.dtype)
+            dphi = self._finite_difference(primals, given, kwargs, method.eps)
+        else:
+            value, dphi = self._autodiff(primals, given, kwargs, method)
         s_, t_ = primals["s"], primals["t"]
         gap = expand_like(t_ - s_, value).to(value.dtype)
         zero = torch.zeros_like(s_)
         dgap = (given.get("t", zero) - given.get("s", zero)).to(value.dtype)
         dX = gap * dphi + expand_like(dgap, value) * value
         if dx is not None:
-            dX = dX + dx.to(value.dtype)
+            dX = dX + given["x"].to(value.dtype)
         return FlowMapJVP(X=x + gap * value, dX=dX, phi=value, dphi=dphi)
+
+    def _autodiff(
+        self, primals: dict[str, Tensor], given: dict[str, Tensor], kwargs: dict, method: JVPMethod
+    ) -> tuple[Tensor, Tensor]:
+        r""":math:`(\phi, \dot\phi)` by ``torch.func.jvp``, in ``method.chunks`` row chunks each
+        recomputed in the backward (activation checkpointing) when there are several."""
+        keys = tuple(given)
+        conds = list(kwargs.items())
+
+        def jvp_rows(x: Tensor, s: Tensor, t: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor]:
+            kw = {"x": x, "s": s, "t": t}
+            cond = {k: v for (k, _), v in zip(conds, rest[: len(conds)])}
+            tangents = rest[len(conds) :]
+
+            def phi(*args: Tensor) -> Tensor:
+                at = {**kw, **dict(zip(keys, args))}
+                return self.net(at["x"], at["s"], at["t"], **cond)
+
+            precision = contextlib.nullcontext()
+            if method.precision == "float32":
+                precision = torch.autocast(device_type=x.device.type, enabled=False)
+            with precision, sdpa_kernel(SDPBackend.MATH):
+                value, dphi = torch.func.jvp(phi, tuple(kw[k] for k in keys), tangents)
+            return value.to(x.dtype), dphi.to(x.dtype)
+
+        args = [primals["x"], primals["s"], primals["t"], *(v for _, v in conds)]
+        args += [given[k] for k in keys]
+        if method.chunks == 1 or not torch.is_grad_enabled():
+            return jvp_rows(*args)
+        parts = [
+            checkpoint(jvp_rows, *chunk, use_reentrant=False)
+            for chunk in zip(*(a.chunk(method.chunks) for a in args))
+        ]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @torch.no_grad()
+    def _finite_difference(
+        self, primals: dict[str, Tensor], given: dict[str, Tensor], kwargs: dict, eps: float
+    ) -> Tensor:
+        r"""Central difference :math:`(\phi(p + \varepsilon v) - \phi(p - \varepsilon v))/2\varepsilon`
+        along :math:`v = (\dot x, \dot s, \dot t)`, taken in float64 from two float32 evaluations
+        batched in one call; one-sided (:math:`p` and :math:`p \pm \varepsilon v`) in a row whose
+        stencil would take a time out of :math:`[0, 1]` on one side only."""
+        s, t = primals["s"], primals["t"]
+        ds, dt = given.get("s", torch.zeros_like(s)), given.get("t", torch.zeros_like(t))
+
+        def inside(sign: float) -> Tensor:
+            a, b = s + sign * eps * ds, t + sign * eps * dt
+            return (a >= 0) & (a <= 1) & (b >= 0) & (b <= 1)
+
+        up, down = inside(1.0), inside(-1.0)
+        lo = torch.where(down | ~up, -1.0, 0.0).to(s.dtype)  # stencil ends, in steps of eps
+        hi = torch.where(up | ~down, 1.0, 0.0).to(s.dtype)
+        steps = torch.cat([lo, hi]) * eps
+        at = {k: torch.cat([v, v]) for k, v in primals.items()}
+        for k, v in given.items():
+            at[k] = at[k] + expand_like(steps, at[k]).to(at[k].dtype) * torch.cat([v, v])
+        cond = {k: torch.cat([v, v]) for k, v in kwargs.items()}
+        with torch.autocast(device_type=s.device.type, enabled=False):
+            out = self.net(at["x"], at["s"], at["t"], **cond).double()
+        f_lo, f_hi = out.chunk(2)
+        width = expand_like((hi - lo).double() * eps, f_lo)
+        return ((f_hi - f_lo) / width).to(primals["x"].dtype)
 
     @torch.no_grad()
     def has_net_to_copy(self, teacher: Any) -> bool:

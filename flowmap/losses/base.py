@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.conditioning import NULL_CLASS, Condition, rows
-from flowmap.flowmap import FlowMap
+from flowmap.flowmap import FlowMap, JVPMethod
 from flowmap.losses.pairs import TimePairs, TimePairSampler
 from flowmap.losses.weighting import LossWeighting
 from flowmap.paths import expand_like
@@ -205,6 +205,18 @@ class FlowMapLoss(nn.Module, ABC):
                 "model's own diagonal, which pairs.eta = 0 never trains; set pairs.eta > 0 "
                 "(Boffi et al. use 0.75) or give a teacher."
             )
+
+    def _jvp_method(self, jvp: JVPMethod | None, through_tangent: bool) -> JVPMethod:
+        """The loss's :class:`~flowmap.flowmap.JVPMethod`, refusing a finite difference where the
+        loss back-propagates through the tangent (which a finite difference does not carry)."""
+        jvp = jvp if jvp is not None else JVPMethod()
+        if through_tangent and jvp.mode == "finite_difference":
+            raise ValueError(
+                f"{type(self).__name__} with these options back-propagates through the JVP's "
+                "tangent, which a finite difference does not carry; use jvp mode autodiff or "
+                "a regression form."
+            )
+        return jvp
 
     @abstractmethod
     def off_diagonal(

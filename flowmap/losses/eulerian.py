@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from flowmap.conditioning import Condition
-from flowmap.flowmap import FlowMap
+from flowmap.flowmap import FlowMap, JVPMethod
 from flowmap.losses.base import FlowMapLoss, chord_slope, mean_square, regression_loss
 from flowmap.losses.pairs import TimePairSampler
 from flowmap.losses.weighting import LossWeighting
@@ -70,6 +70,7 @@ def eulerian_residual(
     *,
     velocity: Tensor | None = None,
     cond: Condition | None = None,
+    method: JVPMethod | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Return :math:`(r, \phi)` with :math:`r = \phi - v - w\,(t-s)D\phi`,
     :math:`D = \partial_s + b\cdot\nabla_x` the derivative along the direction :math:`b`
@@ -79,12 +80,12 @@ def eulerian_residual(
     is the :math:`v` of the target (default :math:`b`). MeanFlow passes the conditional velocity
     :math:`\dot x_s` as both (improved MeanFlow: as :math:`v` only): :math:`r` is affine in
     :math:`\dot x_s`, so its conditional mean is the residual with
-    :math:`b_s = E[\dot x_s \mid x_s]`. The JVP differentiates in :math:`(x, s)` only, never in
+    :math:`b_s = E[\dot x_s \mid x_s]`. The JVP (``method``) differentiates in :math:`(x, s)` only, never in
     the conditioning ``cond``.
     """
     cond = cond or {}
     b = (direction if isinstance(direction, Tensor) else direction(x_s, s, **cond)).detach()
-    j = flow_map.jvp(x_s, s, t, dx=b, ds=s.new_ones(s.shape), **cond)
+    j = flow_map.jvp(x_s, s, t, dx=b, ds=s.new_ones(s.shape), method=method, **cond)
     gap = expand_like(t - s, x_s).to(j.phi.dtype)
     v = b if velocity is None else velocity.detach().to(j.phi.dtype)
     return j.phi - v - warmup * gap * j.dphi, j.phi
@@ -150,6 +151,8 @@ class EulerianLoss(FlowMapLoss):
             mixture teacher one jump went 2.8% → 2.5% of the radius, two jumps 2.3% → 3.2%.
         pairs: the time-pair sampler (:class:`~flowmap.losses.TimePairSampler`).
         weighting: the per-pair weighting (:class:`~flowmap.losses.LossWeighting`).
+        jvp: how the JVP forms take :math:`D\phi` (:class:`~flowmap.flowmap.JVPMethod`); the full
+            and sg_advective forms need autodiff.
     """
 
     name = "eulerian"
@@ -164,6 +167,7 @@ class EulerianLoss(FlowMapLoss):
         teacher_max_gap: float | None = 0.125,
         pairs: TimePairSampler | None = None,
         weighting: LossWeighting | None = None,
+        jvp: JVPMethod | None = None,
     ) -> None:
         super().__init__(pairs, weighting)
         if form not in FORMS:
@@ -180,6 +184,7 @@ class EulerianLoss(FlowMapLoss):
         self.tangent_warmup_steps = tangent_warmup_steps
         self.teacher_share, self.teacher_steps = teacher_share, teacher_steps
         self.teacher_max_gap = teacher_max_gap
+        self.jvp = self._jvp_method(jvp, through_tangent=form in ("full", "sg_advective"))
 
     def off_diagonal(
         self,
@@ -207,13 +212,15 @@ class EulerianLoss(FlowMapLoss):
             )
             return mean_square(flow_map.phi(x_s, s, t, **cond) - target)
         if self.form == "sg_advective":
-            d_s_X = flow_map.jvp(x_s, s, t, ds=s.new_ones(s.shape), **cond).dX  # -φ + (t-s) ∂_s φ
+            d_s_X = flow_map.jvp(
+                x_s, s, t, ds=s.new_ones(s.shape), method=self.jvp, **cond
+            ).dX  # -φ + (t-s) ∂_s φ
             with torch.no_grad():
                 b = teacher(x_s, s, **cond)
-                advective = flow_map.jvp(x_s, s, t, dx=b, **cond).dX  # ∇_x X · b_s
+                advective = flow_map.jvp(x_s, s, t, dx=b, method=self.jvp, **cond).dX  # ∇_x X · b_s
             return mean_square(d_s_X + advective)
         warmup = tangent_warmup(step, self.tangent_warmup_steps)
-        r, phi = eulerian_residual(flow_map, teacher, x_s, s, t, warmup, cond=cond)
+        r, phi = eulerian_residual(flow_map, teacher, x_s, s, t, warmup, cond=cond, method=self.jvp)
         if self.form == "full":
             return mean_square(r)
         return regression_loss(phi, r, self.tangent_norm)

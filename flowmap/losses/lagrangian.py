@@ -17,7 +17,7 @@ from typing import Literal
 from torch import Tensor
 
 from flowmap.conditioning import Condition
-from flowmap.flowmap import FlowMap
+from flowmap.flowmap import FlowMap, JVPMethod
 from flowmap.losses.base import FlowMapLoss, mean_square, regression_loss
 from flowmap.losses.pairs import TimePairSampler
 from flowmap.losses.weighting import LossWeighting
@@ -33,11 +33,12 @@ def lagrangian_residual(
     s: Tensor,
     t: Tensor,
     cond: Condition | None = None,
+    method: JVPMethod | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Return :math:`(r_L, \phi)`; the teacher sees :math:`\mathrm{sg}(X)` and carries no gradient.
-    The JVP differentiates in :math:`t` only, never in the conditioning ``cond``."""
+    The JVP (``method``) differentiates in :math:`t` only, never in the conditioning ``cond``."""
     cond = cond or {}
-    j = flow_map.jvp(x_s, s, t, dt=t.new_ones(t.shape), **cond)
+    j = flow_map.jvp(x_s, s, t, dt=t.new_ones(t.shape), method=method, **cond)
     return j.dX - teacher(j.X.detach(), t, **cond).detach(), j.phi
 
 
@@ -50,6 +51,8 @@ class LagrangianLoss(FlowMapLoss):
             (``benchmarks/results/exact-teacher``), the regression form's semigradient stalled at
             twice the backprop form's one-jump error.
         tangent_norm: with the regression form, normalise the residual as :math:`r/(\\|r\\| + c)`.
+        jvp: how :math:`\\partial_t\\phi` is taken (:class:`~flowmap.flowmap.JVPMethod`); the
+            backprop form needs autodiff.
         pairs: the time-pair sampler (:class:`~flowmap.losses.TimePairSampler`).
         weighting: default adaptive with power one half,
             :math:`\\ell/\\mathrm{sg}(\\ell + \\varepsilon)^{1/2}` (``LossWeighting("adaptive",
@@ -66,6 +69,7 @@ class LagrangianLoss(FlowMapLoss):
         tangent_norm: float | None = None,
         pairs: TimePairSampler | None = None,
         weighting: LossWeighting | None = None,
+        jvp: JVPMethod | None = None,
     ) -> None:
         super().__init__(
             pairs, weighting if weighting is not None else LossWeighting("adaptive", p=0.5)
@@ -73,6 +77,7 @@ class LagrangianLoss(FlowMapLoss):
         if form not in ("backprop", "regression"):
             raise ValueError(f"Unknown Lagrangian form {form!r}; choose backprop or regression.")
         self.form, self.tangent_norm = form, tangent_norm
+        self.jvp = self._jvp_method(jvp, through_tangent=form == "backprop")
 
     def off_diagonal(
         self,
@@ -86,7 +91,7 @@ class LagrangianLoss(FlowMapLoss):
         cond: Condition | None = None,
     ) -> Tensor:
         cond = cond or {}
-        r, phi = lagrangian_residual(flow_map, teacher, x_s, s, t, cond)
+        r, phi = lagrangian_residual(flow_map, teacher, x_s, s, t, cond, self.jvp)
         if self.form == "backprop":
             return mean_square(r)
         return regression_loss(phi, r, self.tangent_norm)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from flowmap.conditioning import Condition
-from flowmap.flowmap import FlowMap
+from flowmap.flowmap import FlowMap, JVPMethod
 from flowmap.losses.base import FlowMapLoss, regression_loss
 from flowmap.losses.eulerian import eulerian_residual, tangent_warmup
 from flowmap.losses.pairs import TimePairSampler
@@ -54,6 +54,8 @@ class MeanFlowLoss(FlowMapLoss):
             :math:`\min(1, k/H)` (sCM's tangent warm-up; 0: none).
         pairs: the time-pair sampler (:class:`~flowmap.losses.TimePairSampler`).
         weighting: the per-pair weighting (:class:`~flowmap.losses.LossWeighting`).
+        jvp: how :math:`D\phi` is taken (:class:`~flowmap.flowmap.JVPMethod`): autodiff or,
+            its target being a stop-gradient, a finite difference.
     """
 
     name = "meanflow"
@@ -66,6 +68,7 @@ class MeanFlowLoss(FlowMapLoss):
         tangent_warmup_steps: int = 0,
         pairs: TimePairSampler | None = None,
         weighting: LossWeighting | None = None,
+        jvp: JVPMethod | None = None,
     ) -> None:
         super().__init__(pairs, weighting)
         if tangent not in TANGENTS:
@@ -74,6 +77,7 @@ class MeanFlowLoss(FlowMapLoss):
             )
         self.tangent, self.tangent_norm = tangent, tangent_norm
         self.tangent_warmup_steps = tangent_warmup_steps
+        self.jvp = self._jvp_method(jvp, through_tangent=False)
 
     @property
     def self_taught(self) -> bool:
@@ -98,5 +102,7 @@ class MeanFlowLoss(FlowMapLoss):
             with torch.no_grad():
                 direction = flow_map.velocity(x_s, s, **cond)
         warmup = tangent_warmup(step, self.tangent_warmup_steps)
-        r, phi = eulerian_residual(flow_map, direction, x_s, s, t, warmup, velocity=dx_s, cond=cond)
+        r, phi = eulerian_residual(
+            flow_map, direction, x_s, s, t, warmup, velocity=dx_s, cond=cond, method=self.jvp
+        )
         return regression_loss(phi, r, self.tangent_norm)
