@@ -209,6 +209,14 @@ def test_pair_sampler_shapes_diagonal_and_curriculum():
     assert (ln.t - ln.s).max() <= 0.5 + 1e-6
 
 
+def test_learned_weighting_left_on_another_device_is_one_sentence():
+    """A plain loop that moves the net but not the loss (the sCD preset on CUDA) is told how."""
+    w = LossWeighting("learned")
+    ell = torch.ones(4, device="meta")
+    with pytest.raises(ValueError, match=r"on cpu but the batch on meta; move the loss"):
+        w(ell, ell, ell)
+
+
 def test_learned_weighting_reaches_the_loss_scale():
     w = LossWeighting("learned")
     opt = torch.optim.Adam(w.parameters(), lr=0.05)

@@ -50,6 +50,12 @@ class LossWeighting(nn.Module):
 
     def forward(self, loss: Tensor, s: Tensor, t: Tensor) -> Tensor:
         if self.kind == "learned":
+            if self.head.weight.device != loss.device:
+                raise ValueError(
+                    f"The loss's learned weighting is on {self.head.weight.device} but the batch "
+                    f"on {loss.device}; move the loss with the net (loss.to(device)) and give "
+                    "loss.parameters() to the optimiser too (Lightning does both)."
+                )
             w = self.log_variance(s, t)
             return torch.exp(-w) * loss + w
         if self.kind == "adaptive":
