@@ -82,3 +82,16 @@ def test_validation_and_report_measure_w2_on_the_same_group_size(toy_teacher):
     small = w2(Evaluator.for_datamodule(dm, 1000, groups=5, split="train", seed=3), 1000)
     assert abs(val - report) < 0.05 * report, (val, report)  # measured: 0.500 and 0.498
     assert small > 1.15 * report, (small, report)  # groups of 200 (the old validation's): 0.63
+
+
+def test_matmul_precision_holds_for_the_run_and_is_restored_after():
+    from flowmap.training import MatmulPrecision
+
+    before = torch.get_float32_matmul_precision()
+    callback = MatmulPrecision("high" if before != "high" else "medium")
+    callback.setup(None, None, "fit")
+    assert torch.get_float32_matmul_precision() == callback.precision != before
+    callback.teardown(None, None, "fit")
+    assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(ValueError, match="Unknown matmul precision 'tf32'; choose highest"):
+        MatmulPrecision("tf32")

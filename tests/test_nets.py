@@ -23,6 +23,20 @@ def test_unet_takes_x_s_t_at_8_and_32(size, channels, mult):
     assert net(x, s, t).shape == x.shape
 
 
+def test_channels_last_unet_is_the_same_function_with_nhwc_weights():
+    torch.manual_seed(0)
+    kw = dict(image_size=8, in_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1)
+    plain, nhwc = UNet(**kw), UNet(**kw, channels_last=True)
+    for p in plain.parameters():
+        p.data.normal_(0, 0.2)  # the zero-initialised output layers too
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.inp.weight.is_contiguous(memory_format=torch.channels_last)
+    x, s, t = torch.randn(4, 1, 8, 8), torch.rand(4), torch.rand(4)
+    out = nhwc(x, s, t)
+    assert out.is_contiguous() and out.abs().mean() > 0.1
+    assert torch.allclose(out, plain(x, s, t), atol=1e-5)
+
+
 def test_unet_refuses_an_image_size_it_cannot_take():
     with pytest.raises(ValueError, match="needs an image size divisible by 4, got 10"):
         UNet(image_size=10, channel_mult=(1, 2, 2))

@@ -75,6 +75,8 @@ class UNet(nn.Module):
             then takes labels ``y`` (-1: the null class of label dropout).
         guidance_input: the guidance scale ``w`` is an input (a flow map serving a range of
             scales); without it a guided map's scale is fixed at training.
+        channels_last: keep the convolutions' weights and activations channels-last (NHWC), the
+            layout GPU tensor cores run convolutions in; the output is returned contiguous.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class UNet(nn.Module):
         time_dim: int = 64,
         num_classes: int | None = None,
         guidance_input: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         factor = 2 ** (len(channel_mult) - 1)
@@ -142,6 +145,9 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _run(layers: nn.ModuleList, h: Tensor, c: Tensor) -> Tensor:
@@ -158,6 +164,8 @@ class UNet(nn.Module):
                 f"{self.image_size}) but got {tuple(x.shape)}; set image_size/in_channels to match."
             )
         c = (self.time(s, t) + self.condition("UNet", y, w)).to(x.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.inp(x)
         hs = [h]
         for layers in self.down:
@@ -168,4 +176,4 @@ class UNet(nn.Module):
             if isinstance(layers[0], _ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(layers, h, c)
-        return self.out(h)
+        return self.out(h).contiguous()

@@ -1,7 +1,12 @@
 """Training: the LightningModules (CFM teacher, flow-map student), callbacks and checkpoints."""
 
 from flowmap.training.base import FlowModuleBase, NonFiniteLossError, build
-from flowmap.training.callbacks import ConfigBesideCheckpoints, InterruptCheckpoint, SampleQuality
+from flowmap.training.callbacks import (
+    ConfigBesideCheckpoints,
+    InterruptCheckpoint,
+    MatmulPrecision,
+    SampleQuality,
+)
 from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
 from flowmap.training.flow_map import FlowMapModule
 from flowmap.training.progress import FlowmapProgressBar
@@ -14,6 +19,7 @@ __all__ = [
     "NonFiniteLossError",
     "build",
     "SampleQuality",
+    "MatmulPrecision",
     "InterruptCheckpoint",
     "ConfigBesideCheckpoints",
     "FlowmapProgressBar",
