@@ -37,7 +37,9 @@ class JVPMethod:
             AnyFlow at scale). Its evaluations are plain forwards, so fused attention and FSDP
             serve them; the primal :math:`\phi` is an ordinary forward with gradients.
         precision: ``"float32"`` (autocast off for the JVP) or ``"autocast"`` (autodiff in the
-            surrounding autocast dtype, e.g. bf16); a finite difference is always float32.
+            surrounding autocast dtype, e.g. bf16); a finite difference is always float32. A
+            net with GroupNorm (flowmap's U-Net) takes float32 only: torch's forward AD under
+            autocast hands the next convolution a float32 tangent (torch 2.14).
         eps: :math:`\varepsilon` of the finite difference.
         chunks: autodiff: split the rows into this many chunks, each recomputed in the backward
             (activation checkpointing): the tangent pass holds one chunk's activations at a time,
@@ -117,6 +119,7 @@ class FlowMap(nn.Module):
         self.path = as_path(path)
         self.scale = float(scale)
         self._keywords = _accepted_keywords(net)
+        self._group_norm = any(isinstance(m, nn.GroupNorm) for m in net.modules())
         declared = getattr(getattr(net, "condition", None), "guidance_input", None)
         self.takes_scale = (
             bool(declared)
@@ -189,6 +192,11 @@ class FlowMap(nn.Module):
         if not given:
             raise ValueError("FlowMap.jvp needs a tangent for at least one of dx, ds, dt.")
         kwargs = self._cond(cond)
+        if method.precision == "autocast" and self._group_norm:
+            raise ValueError(
+                f"A JVP in the autocast dtype fails inside torch for a net with GroupNorm "
+                f"({type(self.net).__name__}); use JVPMethod(precision='float32')."
+            )
         if method.mode == "finite_difference":
             value = self.net(x, primals["s"], primals["t"], **kwargs).to(x.dtype)
             dphi = self._finite_difference(primals, given, kwargs, method.eps)

@@ -6,7 +6,7 @@ import torch
 
 from flowmap.flowmap import FlowMap, JVPMethod
 from flowmap.losses import EulerianLoss, LagrangianLoss, MeanFlowLoss, TimePairs
-from flowmap.nets import MLP
+from flowmap.nets import MLP, UNet
 
 FD = JVPMethod("finite_difference")
 
@@ -169,3 +169,13 @@ def test_autocast_precision_runs_the_jvp_in_the_autocast_dtype():
     assert torch.equal(f32.dphi, exact.dphi)  # the default turns autocast off
     err = _relative(low.dphi, exact.dphi)
     assert 1e-4 < err < 5e-2, err  # bf16's rounding, and nothing worse
+
+
+def test_autocast_precision_is_refused_for_a_net_with_group_norm():
+    """torch's forward AD under autocast hands a convolution a float32 tangent after GroupNorm."""
+    net = UNet(image_size=8, in_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1)
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    with pytest.raises(
+        ValueError, match=r"GroupNorm \(UNet\); use JVPMethod\(precision='float32'\)"
+    ):
+        FlowMap(net).jvp(x, t * 0, t, dt=torch.ones_like(t), method=JVPMethod(precision="autocast"))
