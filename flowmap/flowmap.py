@@ -175,14 +175,18 @@ class FlowMap(nn.Module):
         ds: Tensor | None = None,
         dt: Tensor | None = None,
         method: JVPMethod | None = None,
+        tangent_grad: bool = True,
         **cond: Any,
     ) -> FlowMapJVP:
         r""":math:`X`, :math:`\phi` and their derivatives along :math:`(\dot x, \dot s, \dot t)`.
 
         Only inputs given a tangent are differentiated; conditioning never is. ``method``
-        (:class:`JVPMethod`, default autodiff in float32) says how: one ``torch.func.jvp``, whose
-        primal and tangent both carry gradients (attention on the math backend, which alone has
-        forward-mode AD), or a finite difference whose tangent carries none.
+        (:class:`JVPMethod`, default autodiff in float32) says how: ``torch.func.jvp``
+        (attention on the math backend, which alone has forward-mode AD) or a finite difference.
+        With ``tangent_grad`` (autodiff only) one JVP gives :math:`\phi` and :math:`\dot\phi`,
+        both with gradients; without it, for a stop-gradient target, :math:`\dot\phi` is taken
+        under ``no_grad`` and :math:`\phi` by an ordinary forward, so that the step holds the
+        activations of a forward only.
         """
         method = method or JVPMethod()
         x = x.to(time_dtype(x))  # float32 (float64 stays), whatever the surrounding precision
@@ -197,11 +201,20 @@ class FlowMap(nn.Module):
                 f"A JVP in the autocast dtype fails inside torch for a net with GroupNorm "
                 f"({type(self.net).__name__}); use JVPMethod(precision='float32')."
             )
-        if method.mode == "finite_difference":
-            value = self.net(x, primals["s"], primals["t"], **kwargs).to(x.dtype)
-            dphi = self._finite_difference(primals, given, kwargs, method.eps)
-        else:
+        if method.mode == "finite_difference" and tangent_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "A finite-difference JVP carries no gradient in its tangent; call jvp with "
+                "tangent_grad=False (a stop-gradient target) or use autodiff."
+            )
+        if tangent_grad and method.mode == "autodiff":
             value, dphi = self._autodiff(primals, given, kwargs, method)
+        else:
+            value = self.net(x, primals["s"], primals["t"], **kwargs).to(x.dtype)
+            with torch.no_grad():
+                if method.mode == "finite_difference":
+                    dphi = self._finite_difference(primals, given, kwargs, method.eps)
+                else:
+                    dphi = self._autodiff(primals, given, kwargs, method)[1]
         s_, t_ = primals["s"], primals["t"]
         gap = expand_like(t_ - s_, value).to(value.dtype)
         zero = torch.zeros_like(s_)
@@ -245,7 +258,6 @@ class FlowMap(nn.Module):
         ]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    @torch.no_grad()
     def _finite_difference(
         self, primals: dict[str, Tensor], given: dict[str, Tensor], kwargs: dict, eps: float
     ) -> Tensor:

@@ -155,6 +155,10 @@ def test_ddp_teacher_gradients_match_single_process(tmp_path):
         ("LagrangianLoss", {"form": "backprop", "weighting": {"kind": "none"}}),
         ("LagrangianLoss", {}),  # the default: adaptive weighting
         ("EulerianLoss", {"form": "regression"}),
+        ("EulerianLoss", {}),  # the default: discrete
+        # sCD's learned weighting: the loss's own parameters are synced too
+        ("EulerianLoss", {"form": "regression", "weighting": {"kind": "learned"}}),
+        ("LagrangianLoss", {"form": "regression", "jvp": {"mode": "finite_difference"}}),
         ("SemigroupLoss", {"split": "midpoint", "teacher_gap": 0.3}),
     ],
 )
@@ -171,9 +175,14 @@ def test_ddp_distillation_gradients_match_single_process(tmp_path, teacher_ckpt,
     _assert_same(*_ddp_and_single(module, tmp_path))
 
 
-def test_ddp_self_distillation_gradients_match_single_process(tmp_path):
+@pytest.mark.parametrize(
+    "loss",
+    [None, {"class_path": "flowmap.losses.MeanFlowLoss"}],
+    ids=["lagrangian", "meanflow"],
+)
+def test_ddp_self_distillation_gradients_match_single_process(tmp_path, loss):
     torch.manual_seed(0)
-    module = build(FixedNoiseFlowMap, {"net": NET})
+    module = build(FixedNoiseFlowMap, {"net": NET} | ({"loss": loss} if loss else {}))
     _assert_same(*_ddp_and_single(module, tmp_path))
 
 

@@ -52,17 +52,28 @@ def test_finite_difference_equals_autodiff(tangent):
         x, s, t = _batch(dtype=dtype)
         tang = TANGENTS[tangent](x, s, t)
         exact = fm.jvp(x, s, t, **tang)
-        fd = fm.jvp(x, s, t, method=method, **tang)
+        fd = fm.jvp(x, s, t, method=method, tangent_grad=False, **tang)
         assert _relative(fd.dphi, exact.dphi) < tol, (dtype, _relative(fd.dphi, exact.dphi))
         assert torch.allclose(fd.phi, exact.phi, atol=1e-6) and torch.equal(fd.X, exact.X)
         assert _relative(fd.dX, exact.dX) < tol
 
 
-def test_finite_difference_carries_no_gradient_in_its_tangent_and_the_primal_does():
+def test_a_stop_gradient_tangent_has_no_gradient_and_the_primal_has_the_same_one():
+    """tangent_grad=False: φ by an ordinary forward (with gradients), φ̇ under no_grad; a
+    finite difference must be asked for that way."""
     fm = FlowMap(_net())
     x, s, t = _batch(16)
-    j = fm.jvp(x, s, t, dt=torch.ones_like(t), method=FD)
-    assert j.phi.requires_grad and not j.dphi.requires_grad
+    one = torch.ones_like(t)
+    both = fm.jvp(x, s, t, dt=one)
+    (ref,) = torch.autograd.grad(both.phi.sum(), fm.net.out[-1].weight, retain_graph=True)
+    for method in (None, FD):
+        j = fm.jvp(x, s, t, dt=one, method=method, tangent_grad=False)
+        assert j.phi.requires_grad and not j.dphi.requires_grad
+        (g,) = torch.autograd.grad(j.phi.sum(), fm.net.out[-1].weight)
+        assert torch.allclose(g, ref, atol=1e-6)
+    assert torch.allclose(fm.jvp(x, s, t, dt=one, tangent_grad=False).dphi, both.dphi, atol=1e-6)
+    with pytest.raises(ValueError, match="carries no gradient in its tangent; call jvp with"):
+        fm.jvp(x, s, t, dt=one, method=FD)
 
 
 class _TimeGuard(MLP):
@@ -84,7 +95,7 @@ def test_finite_difference_stays_in_the_unit_interval_one_sided_at_its_ends():
     x = torch.randn(4, 2)
     s, t = torch.tensor([0.0, 0.0, 0.3, 0.5]), torch.tensor([1.0, 0.5, 1.0, 0.7])
     for tang in ({"dt": torch.ones_like(t)}, {"ds": torch.ones_like(s)}):
-        fd = fm.jvp(x, s, t, method=FD, **tang)
+        fd = fm.jvp(x, s, t, method=FD, tangent_grad=False, **tang)
         exact = fm.jvp(x, s, t, **tang)
         # one-sided rows are first order: O(eps) = 1e-3 relative
         assert _relative(fd.dphi, exact.dphi) < 1e-2
@@ -166,6 +177,7 @@ def test_autocast_precision_runs_the_jvp_in_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         f32 = fm.jvp(x, s, t, dt=torch.ones_like(t))
         low = fm.jvp(x, s, t, dt=torch.ones_like(t), method=JVPMethod(precision="autocast"))
+    assert low.dphi.requires_grad
     assert torch.equal(f32.dphi, exact.dphi)  # the default turns autocast off
     err = _relative(low.dphi, exact.dphi)
     assert 1e-4 < err < 5e-2, err  # bf16's rounding, and nothing worse
@@ -179,3 +191,21 @@ def test_autocast_precision_is_refused_for_a_net_with_group_norm():
         ValueError, match=r"GroupNorm \(UNet\); use JVPMethod\(precision='float32'\)"
     ):
         FlowMap(net).jvp(x, t * 0, t, dt=torch.ones_like(t), method=JVPMethod(precision="autocast"))
+
+
+def test_fsdp_with_an_autodiff_jvp_loss_is_refused_on_a_torch_that_cannot_run_it():
+    from flowmap.losses import SemigroupLoss
+    from flowmap.training.flow_map import check_strategy
+
+    class FSDPStrategy:  # stands for lightning's, by name
+        pass
+
+    fsdp = FSDPStrategy()
+    with pytest.raises(ValueError, match=r"FSDP supports from torch 2.14 on, not 2.11.0\+cu130"):
+        check_strategy(fsdp, LagrangianLoss(), "2.11.0+cu130")
+    check_strategy(fsdp, LagrangianLoss(), "2.14.1")  # supported
+    check_strategy(fsdp, LagrangianLoss(form="regression", jvp=FD), "2.11.0")  # no autodiff JVP
+    check_strategy(fsdp, EulerianLoss(), "2.11.0")  # discrete: no JVP
+    check_strategy(fsdp, SemigroupLoss(), "2.11.0")
+    check_strategy(object(), LagrangianLoss(), "2.11.0")  # DDP and one device: any torch
+    assert EulerianLoss(form="regression").autodiff_jvp and MeanFlowLoss().autodiff_jvp

@@ -206,6 +206,13 @@ class FlowMapLoss(nn.Module, ABC):
                 "(Boffi et al. use 0.75) or give a teacher."
             )
 
+    @property
+    def autodiff_jvp(self) -> bool:
+        """Whether a training step runs ``torch.func.jvp`` through the net (which FSDP
+        supports from torch 2.14 on)."""
+        jvp = getattr(self, "jvp", None)
+        return isinstance(jvp, JVPMethod) and jvp.mode == "autodiff"
+
     def _jvp_method(self, jvp: JVPMethod | None, through_tangent: bool) -> JVPMethod:
         """The loss's :class:`~flowmap.flowmap.JVPMethod`, refusing a finite difference where the
         loss back-propagates through the tangent (which a finite difference does not carry)."""

@@ -71,6 +71,7 @@ def eulerian_residual(
     velocity: Tensor | None = None,
     cond: Condition | None = None,
     method: JVPMethod | None = None,
+    tangent_grad: bool = True,
 ) -> tuple[Tensor, Tensor]:
     r"""Return :math:`(r, \phi)` with :math:`r = \phi - v - w\,(t-s)D\phi`,
     :math:`D = \partial_s + b\cdot\nabla_x` the derivative along the direction :math:`b`
@@ -81,11 +82,13 @@ def eulerian_residual(
     :math:`\dot x_s` as both (improved MeanFlow: as :math:`v` only): :math:`r` is affine in
     :math:`\dot x_s`, so its conditional mean is the residual with
     :math:`b_s = E[\dot x_s \mid x_s]`. The JVP (``method``) differentiates in :math:`(x, s)` only, never in
-    the conditioning ``cond``.
+    the conditioning ``cond``; without ``tangent_grad`` :math:`r` carries no gradient through
+    :math:`D\phi`.
     """
     cond = cond or {}
     b = (direction if isinstance(direction, Tensor) else direction(x_s, s, **cond)).detach()
-    j = flow_map.jvp(x_s, s, t, dx=b, ds=s.new_ones(s.shape), method=method, **cond)
+    one = s.new_ones(s.shape)
+    j = flow_map.jvp(x_s, s, t, dx=b, ds=one, method=method, tangent_grad=tangent_grad, **cond)
     gap = expand_like(t - s, x_s).to(j.phi.dtype)
     v = b if velocity is None else velocity.detach().to(j.phi.dtype)
     return j.phi - v - warmup * gap * j.dphi, j.phi
@@ -186,6 +189,11 @@ class EulerianLoss(FlowMapLoss):
         self.teacher_max_gap = teacher_max_gap
         self.jvp = self._jvp_method(jvp, through_tangent=form in ("full", "sg_advective"))
 
+    @property
+    def autodiff_jvp(self) -> bool:
+        """The discrete form takes no JVP."""
+        return self.form != "discrete" and super().autodiff_jvp
+
     def off_diagonal(
         self,
         flow_map: FlowMap,
@@ -220,7 +228,10 @@ class EulerianLoss(FlowMapLoss):
                 advective = flow_map.jvp(x_s, s, t, dx=b, method=self.jvp, **cond).dX  # ∇_x X · b_s
             return mean_square(d_s_X + advective)
         warmup = tangent_warmup(step, self.tangent_warmup_steps)
-        r, phi = eulerian_residual(flow_map, teacher, x_s, s, t, warmup, cond=cond, method=self.jvp)
+        full = self.form == "full"
+        r, phi = eulerian_residual(
+            flow_map, teacher, x_s, s, t, warmup, cond=cond, method=self.jvp, tangent_grad=full
+        )
         if self.form == "full":
             return mean_square(r)
         return regression_loss(phi, r, self.tangent_norm)

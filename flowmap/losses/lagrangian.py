@@ -34,11 +34,14 @@ def lagrangian_residual(
     t: Tensor,
     cond: Condition | None = None,
     method: JVPMethod | None = None,
+    tangent_grad: bool = True,
 ) -> tuple[Tensor, Tensor]:
     r"""Return :math:`(r_L, \phi)`; the teacher sees :math:`\mathrm{sg}(X)` and carries no gradient.
-    The JVP (``method``) differentiates in :math:`t` only, never in the conditioning ``cond``."""
+    The JVP (``method``) differentiates in :math:`t` only, never in the conditioning ``cond``;
+    without ``tangent_grad`` :math:`r_L` carries no gradient through :math:`\partial_t\phi`."""
     cond = cond or {}
-    j = flow_map.jvp(x_s, s, t, dt=t.new_ones(t.shape), method=method, **cond)
+    one = t.new_ones(t.shape)
+    j = flow_map.jvp(x_s, s, t, dt=one, method=method, tangent_grad=tangent_grad, **cond)
     return j.dX - teacher(j.X.detach(), t, **cond).detach(), j.phi
 
 
@@ -91,7 +94,8 @@ class LagrangianLoss(FlowMapLoss):
         cond: Condition | None = None,
     ) -> Tensor:
         cond = cond or {}
-        r, phi = lagrangian_residual(flow_map, teacher, x_s, s, t, cond, self.jvp)
+        backprop = self.form == "backprop"
+        r, phi = lagrangian_residual(flow_map, teacher, x_s, s, t, cond, self.jvp, backprop)
         if self.form == "backprop":
             return mean_square(r)
         return regression_loss(phi, r, self.tangent_norm)

@@ -103,6 +103,15 @@ class MeanFlowLoss(FlowMapLoss):
                 direction = flow_map.velocity(x_s, s, **cond)
         warmup = tangent_warmup(step, self.tangent_warmup_steps)
         r, phi = eulerian_residual(
-            flow_map, direction, x_s, s, t, warmup, velocity=dx_s, cond=cond, method=self.jvp
+            flow_map,
+            direction,
+            x_s,
+            s,
+            t,
+            warmup,
+            velocity=dx_s,
+            cond=cond,
+            method=self.jvp,
+            tangent_grad=False,
         )
         return regression_loss(phi, r, self.tangent_norm)

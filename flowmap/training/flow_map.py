@@ -29,7 +29,24 @@ from flowmap.training.teachers import (
     student_spec,
 )
 
-__all__ = ["FlowMapModule"]
+__all__ = ["FlowMapModule", "check_strategy", "FSDP_JVP_TORCH"]
+
+#: the first torch whose ``torch.func.jvp`` runs through FSDP (2.11 fails: pytorch#182641)
+FSDP_JVP_TORCH = (2, 14)
+
+
+def check_strategy(strategy: object, loss: FlowMapLoss, version: str = torch.__version__) -> None:
+    """Refuse a sharded strategy (FSDP) with an autodiff-JVP loss on a torch that cannot run it."""
+    sharded = type(strategy).__name__ in ("FSDPStrategy", "ModelParallelStrategy")
+    major_minor = tuple(int(v) for v in version.split("+")[0].split(".")[:2])
+    if sharded and loss.autodiff_jvp and major_minor < FSDP_JVP_TORCH:
+        raise ValueError(
+            f"{type(loss).__name__} takes torch.func.jvp through the net, which FSDP supports "
+            f"from torch {'.'.join(map(str, FSDP_JVP_TORCH))} on, not {version}; upgrade torch, "
+            "use strategy ddp, or a stop-gradient loss (a regression form, MeanFlow) with "
+            "jvp: {mode: finite_difference}."
+        )
+
 
 # The frozen teacher (and a DiffusionStudent's own label dropout) is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start")
@@ -200,6 +217,8 @@ class FlowMapModule(FlowModuleBase):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         data = getattr(dm, "hparams", None)
         check_student(self._teacher, self.conditioning, self.loss, self.data_shape, data)
+        if stage == "fit" and self._trainer is not None:
+            check_strategy(self._trainer.strategy, self.loss)
         teacher = self.teacher
         if self.hparams.warm_start and stage == "fit" and teacher is not None:
             if self.student.has_net_to_copy(teacher):  # a function teacher has none: nothing to do
