@@ -5,6 +5,7 @@ the same samples; each rank holds one half, and the diagonal rows are those with
 """
 
 import copy
+import json
 from pathlib import Path
 
 import lightning as L
@@ -184,6 +185,49 @@ def test_ddp_self_distillation_gradients_match_single_process(tmp_path, loss):
     torch.manual_seed(0)
     module = build(FixedNoiseFlowMap, {"net": NET} | ({"loss": loss} if loss else {}))
     _assert_same(*_ddp_and_single(module, tmp_path))
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {"class_path": "flowmap.losses.LagrangianLoss"},  # backprop through the JVP's tangent
+        {
+            "class_path": "flowmap.losses.EulerianLoss",
+            "init_args": {"form": "regression", "weighting": {"kind": "learned"}},
+        },
+        {"class_path": "flowmap.losses.MeanFlowLoss"},
+    ],
+    ids=["lagrangian", "eulerian-learned-weighting", "meanflow"],
+)
+def test_fsdp_gradients_of_each_jvp_loss_match_single_process(tmp_path, loss):
+    """Lightning's FSDP2 strategy (ModelParallelStrategy: net, EMA and loss sharded over 2 CPU
+    ranks) with torch.func.jvp through the sharded net; its checkpoint loads and samples."""
+    import subprocess
+    import sys
+
+    from flowmap.training import load_module
+    from flowmap.training.flow_map import FSDP_JVP_TORCH
+
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if version < FSDP_JVP_TORCH:
+        pytest.skip(f"torch.func.jvp runs through FSDP from torch {FSDP_JVP_TORCH} on")
+    script = Path(__file__).with_name("fsdp_fit.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), json.dumps(loss)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    single = build(FixedNoiseFlowMap, {"net": NET, "loss": loss})
+    single.setup("fit")
+    single._terms(single.student, _full_batch())["loss"].backward()
+    _assert_same(ranks, {n: p.grad for n, p in single.named_parameters() if p.grad is not None})
+    restored = load_module(FixedNoiseFlowMap, tmp_path / "last.ckpt")
+    assert int(restored.ema.n_averaged) == 1
+    assert torch.isfinite(restored.generate(torch.randn(8, 2), nfe=1).x).all()
 
 
 def _fid_rank(rank: int, world: int, port: int, out: str, real, fake) -> None:

@@ -161,6 +161,31 @@ class FlowModuleBase(L.LightningModule):
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 
+    # ----------------------------------------------------------------- sharding (FSDP2)
+    def sharded_modules(self) -> list[nn.Module]:
+        """The modules :meth:`configure_model` shards: the net and its EMA (a frozen teacher
+        stays whole on every rank)."""
+        return [self.net] + ([self.ema.module] if self.ema is not None else [])
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (FSDP2), shard by data: each of
+        :meth:`sharded_modules` becomes one ``fully_shard`` unit over the data-parallel mesh."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "flowmap shards by data only; give ModelParallelStrategy "
+                "data_parallel_size=<devices> and tensor_parallel_size=1."
+            )
+        data = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for module in self.sharded_modules():
+            if not isinstance(module, FSDPModule):
+                fully_shard(module, mesh=data)
+
     # ----------------------------------------------------------------- classes
     @property
     def num_classes(self) -> int | None:

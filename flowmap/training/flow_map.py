@@ -260,6 +260,11 @@ class FlowMapModule(FlowModuleBase):
         return teacher
 
     # ----------------------------------------------------------------- training
+    def sharded_modules(self) -> list[nn.Module]:
+        """The net, its EMA and a loss with parameters (a learned weighting)."""
+        own = [self.loss] if any(True for _ in self.loss.parameters()) else []
+        return super().sharded_modules() + own
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in (self.net, self.loss) for p in m.parameters() if p.requires_grad]
 
