@@ -189,6 +189,15 @@ def loss_steps(
         return step
 
     steps = {"cfm": make(lambda net: cfm_loss(lambda x, t: net(x, t, t), data, path))}
+    if isinstance(teacher_net, UNet):
+
+        def channels_last(net: nn.Module) -> torch.Tensor:
+            if not net.channels_last:  # the UNet's channels_last option, set on this copy
+                net.channels_last = True
+                net.to(memory_format=torch.channels_last)
+            return cfm_loss(lambda x, t: net(x, t, t), data, path)
+
+        steps["cfm (channels_last)"] = make(channels_last)
     for label, (cls, opts) in VARIANTS.items():
         opts = dict(opts)
         if opts.get("jvp") is AUTOCAST and (precision == "fp32" or _group_norm(teacher_net)):
