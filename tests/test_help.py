@@ -40,6 +40,7 @@ def test_fit_help_leads_with_flowmap_components_and_is_short(capsys, command):
         "flowmap.training.FlowMapModule",
         "flowmap.nets.MLP",
         "flowmap.nets.UNet",
+        "flowmap.nets.DiT",
         "flowmap.losses.LagrangianLoss",
         "flowmap.losses.EulerianLoss",
         "flowmap.losses.SemigroupLoss",
@@ -49,7 +50,7 @@ def test_fit_help_leads_with_flowmap_components_and_is_short(capsys, command):
         assert name in out
     # options with their docstring descriptions and defaults
     flat = " ".join(out.split())  # an option's description may wrap onto more lines
-    assert "--model.net.width hidden width [MLP: 256]" in flat
+    assert "--model.net.width hidden width [DiT: null, MLP: 256]" in flat
     assert re.search(r"--model\.loss\.teacher_max_gap [^\[]* \[Eulerian: 0\.125\]", flat)
     assert "--model.ema_decay EMA of the net" in flat
     assert f"flowmap {command} --help-all" in out and "--model.help" in out

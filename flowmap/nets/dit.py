@@ -90,8 +90,11 @@ class DiT(nn.Module):
         image_size: side of the (square) input.
         in_channels: image channels.
         patch_size: side :math:`p` of a patch; must divide ``image_size``.
-        size: the DiT paper's ``"S"``, ``"B"``, ``"L"`` or ``"XL"`` (width, depth, heads).
-        width, depth, heads: override the size's values (``None``: the size's).
+        size: the DiT paper's ``"S"``, ``"B"``, ``"L"`` or ``"XL"``: its width, depth and heads,
+            each unless given (not ``None``) below.
+        width: hidden width.
+        depth: number of blocks.
+        heads: attention heads.
         mlp_ratio: hidden width of each block's MLP over ``width``.
         time_dim: sinusoidal feature size of each time.
         time_scale: the highest frequency of the sinusoidal time features (rad per unit time).
