@@ -118,3 +118,16 @@ def test_flow_map_passes_conditioning_only_to_nets_that_take_it():
     assert plain(x, s, s, y=None).shape == x.shape  # None is not passed on
     with pytest.raises(ValueError, match="built without classes"):
         plain(x, s, s, y=torch.arange(4))
+
+
+def test_a_velocity_call_skips_the_gap_branch_and_keeps_it_in_the_graph():
+    """φ(x, t, t) with one time tensor: the gap term g(0) - g(0) = 0 is not computed, the output
+    equals the computed one bit for bit, and the branch still gets a (zero) gradient, as DDP needs."""
+    emb = TwoTimeEmbedding(16)
+    for p in emb.gap.parameters():
+        p.data.normal_(0, 1.0)
+    t = torch.rand(32)
+    fast = emb(t, t)
+    assert torch.equal(fast, emb(t, t.clone()))  # s, t equal but not one tensor: computed
+    fast.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in emb.gap.parameters())
