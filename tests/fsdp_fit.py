@@ -18,7 +18,13 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from flowmap.training import build  # noqa: E402
-from tests.test_distributed import NET, FixedNoiseFlowMap, _full_batch, _HalfPerRank  # noqa: E402
+from tests.test_distributed import (  # noqa: E402
+    NET,
+    FixedNoiseFlowMap,
+    _full_batch,
+    _HalfPerRank,
+    one_step_trainer,
+)
 
 
 class FullGradients(L.Callback):
@@ -40,18 +46,7 @@ def main(out: Path, loss: dict) -> None:
     strategy = ModelParallelStrategy(
         data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_steps=1,
-        use_distributed_sampler=False,  # each rank already holds its half
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[FullGradients(out)],
-    )
+    trainer = one_step_trainer(strategy, FullGradients(out))
     trainer.fit(module, _HalfPerRank(_full_batch()))
     trainer.save_checkpoint(out / "last.ckpt")
 

@@ -72,21 +72,26 @@ class FixedNoiseFlowMap(FlowMapModule):
         return super()._terms(flow_map, x1, x0=x0, pairs=TimePairs(s, t, s == t))
 
 
-def _ddp_and_single(module: L.LightningModule, tmp_path: Path, full: torch.Tensor | None = None):
-    full = _full_batch() if full is None else full
-    single = copy.deepcopy(module)
-    trainer = L.Trainer(
+def one_step_trainer(strategy: object, callback: L.Callback) -> L.Trainer:
+    """One optimiser step on 2 CPU ranks, each rank on its own half of the batch, nothing else."""
+    return L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy=strategy,
         max_steps=1,
         use_distributed_sampler=False,  # each rank already holds its half
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[_Grads(tmp_path)],
+        callbacks=[callback],
     )
+
+
+def _ddp_and_single(module: L.LightningModule, tmp_path: Path, full: torch.Tensor | None = None):
+    full = _full_batch() if full is None else full
+    single = copy.deepcopy(module)
+    trainer = one_step_trainer("ddp_spawn", _Grads(tmp_path))
     trainer.fit(module, _HalfPerRank(full))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # one process on the whole batch
