@@ -12,6 +12,8 @@ The public API:
 * :class:`Sampler` — anything with ``generate(x0, nfe, method) -> Solution``.
 * :class:`FlowMap` — :math:`X(s,t,x) = x + (t-s)\,\phi(x,s,t)`, so :math:`X(s,s,x) = x`; its
   diagonal :math:`\phi(x,t,t)` is a velocity; ``jvp`` gives :math:`X` and its derivative.
+* :class:`JVPMethod` — how that derivative is taken: autodiff or a finite difference (for
+  stop-gradient targets), its precision, row chunks recomputed in the backward.
 * :class:`FlowMapLoss` — base of the losses: ``loss(flow_map, x1, teacher, step=k)``.
 * :class:`LagrangianLoss` — :math:`r_L = \partial_t X(s,t,x_s) - b_t(\mathrm{sg}\,X(s,t,x_s))`.
 * :class:`EulerianLoss` — :math:`r_E = \partial_s X(s,t,x_s) + \nabla_x X(s,t,x_s)\, b_s(x_s)`.
@@ -34,7 +36,7 @@ Layers, each importing only those before it: the math core (``io``, ``paths``, `
 ``training``, ``apps``.
 """
 
-from flowmap.flowmap import FlowMap
+from flowmap.flowmap import FlowMap, JVPMethod
 from flowmap.losses import EulerianLoss, FlowMapLoss, LagrangianLoss, MeanFlowLoss, SemigroupLoss
 from flowmap.ode import sample_flow_map, solve_ode
 from flowmap.paths import AffinePath
@@ -49,6 +51,7 @@ __all__ = [
     "Velocity",
     "Sampler",
     "FlowMap",
+    "JVPMethod",
     "FlowMapLoss",
     "LagrangianLoss",
     "EulerianLoss",
