@@ -209,3 +209,21 @@ def test_fsdp_with_an_autodiff_jvp_loss_is_refused_on_a_torch_that_cannot_run_it
     check_strategy(fsdp, SemigroupLoss(), "2.11.0")
     check_strategy(object(), LagrangianLoss(), "2.11.0")  # DDP and one device: any torch
     assert EulerianLoss(form="regression").autodiff_jvp and MeanFlowLoss().autodiff_jvp
+
+
+def test_sharding_by_tensor_parallelism_is_refused_in_one_sentence():
+    from flowmap.training import FlowMapModule
+
+    class Mesh:  # stands for a (data_parallel, tensor_parallel) device mesh of 1 × 2
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name):
+            return type("Dim", (), {"size": lambda self: 1 if name == "data_parallel" else 2})()
+
+    module = FlowMapModule(net=MLP((2,), width=8, depth=1))
+    module._device_mesh = Mesh()
+    with pytest.raises(ValueError, match="shards by data only; give ModelParallelStrategy"):
+        module.configure_model()
+    module._device_mesh = None
+    module.configure_model()  # no mesh: nothing to shard
+    assert not type(module.net).__name__.startswith("FSDP")
