@@ -227,3 +227,23 @@ def test_sharding_by_tensor_parallelism_is_refused_in_one_sentence():
     module._device_mesh = None
     module.configure_model()  # no mesh: nothing to shard
     assert not type(module.net).__name__.startswith("FSDP")
+
+
+def test_finite_difference_of_a_guided_class_conditional_map_equals_autodiff():
+    """Labels and scales go to both ends of the stencil and are never differentiated."""
+    torch.manual_seed(0)
+    net = MLP((2,), width=32, depth=1, num_classes=3, guidance_input=True)
+    for p in net.parameters():
+        if bool((p == 0).all()):
+            p.data.normal_(0, 0.3)
+    fm = FlowMap(net)
+    x, s, t = _batch(64)
+    cond = {"y": torch.randint(-1, 3, (64,)), "w": 1 + 3 * torch.rand(64)}
+    dx, one = torch.randn_like(x), torch.ones_like(s)
+    exact = fm.jvp(x, s, t, dx=dx, ds=one, **cond)
+    fd = fm.jvp(x, s, t, dx=dx, ds=one, method=FD, tangent_grad=False, **cond)
+    assert _relative(fd.dphi, exact.dphi) < 1e-3
+    other = fm.jvp(
+        x, s, t, dx=dx, ds=one, method=FD, tangent_grad=False, **{**cond, "y": (cond["y"] + 2) % 3}
+    )
+    assert _relative(other.dphi, exact.dphi) > 1e-2  # the labels reach the net
