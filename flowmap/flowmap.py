@@ -36,8 +36,9 @@ class JVPMethod:
             for stop-gradient targets only (MeanFlow, sCM, the regression forms; FastGen and
             AnyFlow at scale). Its evaluations are plain forwards, so fused attention and FSDP
             serve them; the primal :math:`\phi` is an ordinary forward with gradients.
-        precision: ``"float32"`` (autocast off for the JVP) or ``"autocast"`` (autodiff in the
-            surrounding autocast dtype, e.g. bf16); a finite difference is always float32. A
+        precision: ``"float32"`` (autocast off for the JVP and its primal :math:`\phi`) or
+            ``"autocast"`` (autodiff in the surrounding autocast dtype, e.g. bf16); a finite
+            difference always runs with autocast off (float64 nets stay float64). A
             net with GroupNorm (flowmap's U-Net) takes float32 only: torch's forward AD under
             autocast hands the next convolution a float32 tangent (torch 2.14).
         eps: :math:`\varepsilon` of the finite difference.
@@ -209,7 +210,8 @@ class FlowMap(nn.Module):
         if tangent_grad and method.mode == "autodiff":
             value, dphi = self._autodiff(primals, given, kwargs, method)
         else:
-            value = self.net(x, primals["s"], primals["t"], **kwargs).to(x.dtype)
+            with self._precision(method, x):
+                value = self.net(x, primals["s"], primals["t"], **kwargs).to(x.dtype)
             with torch.no_grad():
                 if method.mode == "finite_difference":
                     dphi = self._finite_difference(primals, given, kwargs, method.eps)
@@ -223,6 +225,13 @@ class FlowMap(nn.Module):
         if dx is not None:
             dX = dX + given["x"].to(value.dtype)
         return FlowMapJVP(X=x + gap * value, dX=dX, phi=value, dphi=dphi)
+
+    @staticmethod
+    def _precision(method: JVPMethod, x: Tensor) -> contextlib.AbstractContextManager:
+        """Autocast off (``precision="float32"``), or the surrounding precision."""
+        if method.precision == "float32":
+            return torch.autocast(device_type=x.device.type, enabled=False)
+        return contextlib.nullcontext()
 
     def _autodiff(
         self, primals: dict[str, Tensor], given: dict[str, Tensor], kwargs: dict, method: JVPMethod
@@ -241,10 +250,7 @@ class FlowMap(nn.Module):
                 at = {**kw, **dict(zip(keys, args))}
                 return self.net(at["x"], at["s"], at["t"], **cond)
 
-            precision = contextlib.nullcontext()
-            if method.precision == "float32":
-                precision = torch.autocast(device_type=x.device.type, enabled=False)
-            with precision, sdpa_kernel(SDPBackend.MATH):
+            with self._precision(method, x), sdpa_kernel(SDPBackend.MATH):
                 value, dphi = torch.func.jvp(phi, tuple(kw[k] for k in keys), tangents)
             return value.to(x.dtype), dphi.to(x.dtype)
 
@@ -264,7 +270,8 @@ class FlowMap(nn.Module):
         r"""Central difference :math:`(\phi(p + \varepsilon v) - \phi(p - \varepsilon v))/2\varepsilon`
         along :math:`v = (\dot x, \dot s, \dot t)`, taken in float64 from two float32 evaluations
         batched in one call; one-sided (:math:`p` and :math:`p \pm \varepsilon v`) in a row whose
-        stencil would take a time out of :math:`[0, 1]` on one side only."""
+        stencil would take a time out of :math:`[0, 1]` on one side; refused where it would on
+        both."""
         s, t = primals["s"], primals["t"]
         ds, dt = given.get("s", torch.zeros_like(s)), given.get("t", torch.zeros_like(t))
 
@@ -273,8 +280,13 @@ class FlowMap(nn.Module):
             return (a >= 0) & (a <= 1) & (b >= 0) & (b <= 1)
 
         up, down = inside(1.0), inside(-1.0)
-        lo = torch.where(down | ~up, -1.0, 0.0).to(s.dtype)  # stencil ends, in steps of eps
-        hi = torch.where(up | ~down, 1.0, 0.0).to(s.dtype)
+        if not bool((up | down).all()):
+            raise ValueError(
+                f"No finite-difference stencil of eps {eps:g} fits in [0, 1] along this tangent "
+                "at some row (its times leave the interval both ways); lower eps or use autodiff."
+            )
+        lo = torch.where(down, -1.0, 0.0).to(s.dtype)  # stencil ends, in steps of eps
+        hi = torch.where(up, 1.0, 0.0).to(s.dtype)
         steps = torch.cat([lo, hi]) * eps
         at = {k: torch.cat([v, v]) for k, v in primals.items()}
         for k, v in given.items():

@@ -247,3 +247,25 @@ def test_finite_difference_of_a_guided_class_conditional_map_equals_autodiff():
         x, s, t, dx=dx, ds=one, method=FD, tangent_grad=False, **{**cond, "y": (cond["y"] + 2) % 3}
     )
     assert _relative(other.dphi, exact.dphi) > 1e-2  # the labels reach the net
+
+
+def test_a_stop_gradient_tangent_keeps_its_primal_in_float32_under_autocast():
+    """precision float32: φ of the no-grad path is the float32 JVP's φ, not a bf16 forward."""
+    fm = FlowMap(_net())
+    x, s, t = _batch(64)
+    one = torch.ones_like(t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        both = fm.jvp(x, s, t, dt=one)
+        for method in (None, FD):
+            j = fm.jvp(x, s, t, dt=one, method=method, tangent_grad=False)
+            assert j.phi.dtype == torch.float32
+            assert torch.allclose(j.phi, both.phi, atol=1e-6)
+
+
+def test_a_finite_difference_that_fits_in_the_unit_interval_neither_way_is_refused():
+    fm = FlowMap(_net())
+    x, one = torch.randn(2, 2), torch.ones(2)
+    s, t = torch.tensor([0.0, 0.2]), torch.tensor([1.0, 0.7])  # row 0: s - eps < 0, t + eps > 1
+    with pytest.raises(ValueError, match="No finite-difference stencil of eps 0.001 fits"):
+        fm.jvp(x, s, t, ds=one, dt=one, method=FD, tangent_grad=False)
+    fm.jvp(x[1:], s[1:], t[1:], ds=one[1:], dt=one[1:], method=FD, tangent_grad=False)
