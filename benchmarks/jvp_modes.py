@@ -15,6 +15,7 @@ no EMA, no schedule.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shlex
@@ -28,7 +29,7 @@ import torch
 from self_distillation import Data
 from torch import nn
 
-from flowmap.flowmap import FlowMap, JVPMethod
+from flowmap.flowmap import FlowMap
 from flowmap.metrics.intervals import t_interval
 from flowmap.nets import MLP, UNet
 from flowmap.ode import sample_consistency, sample_flow_map
@@ -47,8 +48,8 @@ def make_net(kind: str, seed: int) -> nn.Module:
 def run(preset: str, mode: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One training run: the per-step losses, the wall time and FID at 1 and 2 jumps."""
     spec = PRESETS[preset]
-    loss = spec.build_loss()
-    loss.jvp = loss._jvp_method(JVPMethod(mode), through_tangent=False)
+    config = {**spec.loss, "init_args": {**spec.loss.get("init_args", {}), "jvp": {"mode": mode}}}
+    loss = dataclasses.replace(spec, loss=config).build_loss()
     data = Data("digits", args.batch, 0, seed)
     fm = FlowMap(make_net(args.net, seed))
     opt = torch.optim.Adam([*fm.parameters(), *loss.parameters()], lr=args.lr)

@@ -211,10 +211,9 @@ def test_fsdp_gradients_of_each_jvp_loss_match_single_process(tmp_path, loss):
     import sys
 
     from flowmap.training import load_module
-    from flowmap.training.flow_map import FSDP_JVP_TORCH
+    from flowmap.training.flow_map import FSDP_JVP_TORCH, fsdp_runs_jvp
 
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    if version < FSDP_JVP_TORCH:
+    if not fsdp_runs_jvp():
         pytest.skip(f"torch.func.jvp runs through FSDP from torch {FSDP_JVP_TORCH} on")
     script = Path(__file__).with_name("fsdp_fit.py")
     done = subprocess.run(

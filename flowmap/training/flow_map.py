@@ -29,17 +29,21 @@ from flowmap.training.teachers import (
     student_spec,
 )
 
-__all__ = ["FlowMapModule", "check_strategy", "FSDP_JVP_TORCH"]
+__all__ = ["FlowMapModule", "check_strategy", "fsdp_runs_jvp", "FSDP_JVP_TORCH"]
 
 #: the first torch whose ``torch.func.jvp`` runs through FSDP (2.11 fails: pytorch#182641)
 FSDP_JVP_TORCH = (2, 14)
 
 
+def fsdp_runs_jvp(version: str = torch.__version__) -> bool:
+    """Whether this torch (``"2.14.1+cu130"``) runs ``torch.func.jvp`` through FSDP."""
+    return tuple(int(v) for v in version.split("+")[0].split(".")[:2]) >= FSDP_JVP_TORCH
+
+
 def check_strategy(strategy: object, loss: FlowMapLoss, version: str = torch.__version__) -> None:
     """Refuse a sharded strategy (FSDP) with an autodiff-JVP loss on a torch that cannot run it."""
     sharded = type(strategy).__name__ in ("FSDPStrategy", "ModelParallelStrategy")
-    major_minor = tuple(int(v) for v in version.split("+")[0].split(".")[:2])
-    if sharded and loss.autodiff_jvp and major_minor < FSDP_JVP_TORCH:
+    if sharded and loss.autodiff_jvp and not fsdp_runs_jvp(version):
         raise ValueError(
             f"{type(loss).__name__} takes torch.func.jvp through the net, which FSDP supports "
             f"from torch {'.'.join(map(str, FSDP_JVP_TORCH))} on, not {version}; upgrade torch, "
