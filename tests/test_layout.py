@@ -3,7 +3,7 @@ no module imports itself back through others (no import circle, function-level i
 and no module or function outgrows what a reader can hold.
 
 Order (bottom first): the math core (io, paths, protocols, conditioning, flowmap, ode, oracles, in
-that order), nets, teachers, losses, presets, data, metrics, training, apps. A new arrow pointing
+that order), nets, teachers, losses, presets, data, codecs, metrics, training, apps. A new arrow pointing
 back up fails here.
 """
 
@@ -26,6 +26,7 @@ LAYERS = [
     "flowmap.losses",
     "flowmap.presets",
     "flowmap.data",
+    "flowmap.codecs",  # latent data: a pixel data module through a codec (teachers.spec builds it)
     "flowmap.metrics",
     "flowmap.training",
     "flowmap.apps",

@@ -201,6 +201,7 @@ _ADAPTIVE = ("teacher/dopri5", "teacher/adaptive")
 #: within this factor of the adaptive reference; flow-map rows always do.
 NEAR_TEACHER = 3.0
 FLOOR_LABEL = "floor: held-out data vs data (noise level, not a bound)"
+CODEC_FLOOR_LABEL = "codec floor: decode(encode(held-out data)) vs data"
 CLIPPED_LABEL = "above the axis (true value written over it)"
 
 
@@ -355,6 +356,8 @@ def quality_vs_steps_figure(results: Mapping[str, Any]) -> tuple[plt.Figure, tup
     dodge = {m: (i - (len(fixed) - 1) / 2) * 0.04 for i, m in enumerate(fixed)}  # in log2(NFE)
     fig, (ax, ax_end) = plt.subplots(1, 2, figsize=(13, 6.4))
     bottom, top = _y_range(quality, floor)
+    if results.get("codec_floor") is not None and _finite(results["codec_floor"]):
+        top = max(top, results["codec_floor"]["ci_high"] * 1.05)
     clipped: dict[int, list[tuple[float, str, float]]] = {}  # nfe → (x, colour, value)
 
     for panel, series in ((ax, quality), (ax_end, endpoint)):
@@ -368,6 +371,13 @@ def quality_vs_steps_figure(results: Mapping[str, Any]) -> tuple[plt.Figure, tup
         line = Line2D([], [], color="k", ls="--", lw=1)
         handles.append((Patch(facecolor=band.get_facecolor(), edgecolor="none"), line))
         labels.append(FLOOR_LABEL)
+    coded = results.get("codec_floor")
+    if coded is not None and _finite(coded):
+        band = ax.axhspan(coded["ci_low"], coded["ci_high"], color="tab:brown", alpha=0.12, lw=0)
+        ax.axhline(coded["value"], color="tab:brown", ls=":", lw=1.2)
+        line = Line2D([], [], color="tab:brown", ls=":", lw=1.2)
+        handles.append((Patch(facecolor=band.get_facecolor(), edgecolor="none"), line))
+        labels.append(CODEC_FLOOR_LABEL)
     if clipped:
         handles.append(Line2D([], [], marker="^", ms=9, color="0.4", ls="none"))
         labels.append(CLIPPED_LABEL)

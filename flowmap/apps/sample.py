@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from flowmap.apps.kit import CommandParser, check_writable_file, positive_int
+from flowmap.codecs import LatentCodec, build_codec, trained_codec
 from flowmap.io import read_npz
+from flowmap.protocols import Solution
 from flowmap.training.loading import load_sampler
 from flowmap.training.threads import set_threads
 
@@ -91,6 +93,12 @@ def parser() -> CommandParser:
         "guided; default: a teacher's 1, a flow map's trained scale)",
     )
     p.add_argument(
+        "--codec",
+        default=None,
+        help="latent models: decode samples with this codec (a diffusers AutoencoderKL folder); "
+        "default: the codec of the checkpoint's training data, if any",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         required=True,
@@ -122,16 +130,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise ValueError("--invert needs --data-npz, the data to map to noise.")
     set_threads()
     module, kind, _, _ = load_sampler(args.ckpt)
+    codec = (
+        build_codec(args.codec) if args.codec else trained_codec(module.__dict__.get("trained_on"))
+    )
     if args.invert:
         if not hasattr(module, "invert"):
             raise ValueError(
                 f"--invert needs a flow-map checkpoint, but {args.ckpt!r} is a {kind}."
             )
-        x1, saved = read_samples(args.data_npz, tuple(module.data_shape))
+        x1, saved = read_samples(args.data_npz, tuple(module.data_shape), codec)
         labels = _labels(module, args.label, len(x1))
         if args.label is None and saved is not None and module.num_classes is not None:
             labels = saved  # each sample inverts under the class it was drawn for
-        sol = module.invert(x1, args.nfe, y=labels, guidance=args.guidance)
+        z1 = x1 if codec is None else codec.encode(x1, sample=False)
+        sol = module.invert(z1, args.nfe, y=labels, guidance=args.guidance)
         arrays = {"noise": sol.x.numpy(), "samples": x1.numpy()}
     else:
         g = torch.Generator().manual_seed(args.seed)
@@ -142,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             kw["guidance"] = args.guidance
         sol = module.generate(x0, args.nfe, args.method, **kw)
         arrays = {"samples": sol.x.numpy(), "noise": x0.numpy()}
+        if codec is not None:  # latents kept; samples and picture in pixels
+            arrays["latents"] = arrays["samples"]
+            sol = Solution(codec.decode(sol.x), sol.nfe)
+            arrays["samples"] = sol.x.numpy()
     if labels is not None:
         arrays["labels"] = labels.numpy()
     from flowmap.apps.pictures import class_grid_picture, samples_picture  # matplotlib here
@@ -183,17 +199,25 @@ def _labels(module: Any, label: int | None, n: int) -> torch.Tensor | None:
     return torch.arange(n) * k // n
 
 
-def read_samples(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``samples`` (checked against ``shape``) and, if saved, their ``labels``."""
+def read_samples(
+    path: Path, shape: tuple[int, ...], codec: LatentCodec | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``samples`` (checked against ``shape``, through ``codec`` for pixels of a latent model)
+    and, if saved, their ``labels``."""
     z = read_npz(path, "--data-npz", "pass the .npz that `flowmap sample` wrote")
     with z:
         if "samples" not in z.files:
             raise ValueError(f"--data-npz {str(path)!r} has no 'samples' array to invert.")
         x1 = torch.as_tensor(z["samples"]).float()
         labels = torch.as_tensor(z["labels"]).long() if "labels" in z.files else None
-    if tuple(x1.shape[1:]) != shape:
+    try:
+        got = tuple(x1.shape[1:]) if codec is None else codec.latent_shape(x1.shape[1:])
+    except ValueError:
+        got = ()
+    if got != shape:
         raise ValueError(
             f"--data-npz {str(path)!r} holds samples of shape {list(x1.shape[1:])}, but the "
-            f"checkpoint's data have shape {list(shape)}."
+            f"checkpoint's data have shape {list(shape)}"
+            + (" (its latents; give the pixels its codec encodes)." if codec else ".")
         )
     return x1, labels

@@ -85,6 +85,8 @@ def headline(
     if ref is not None:
         table.add_row(f"teacher, adaptive solve (NFE {ref['nfe']})", _pm(ref), "", "")
     table.add_row("floor: held-out data (noise level)", _pm(results.get("floor")), "", "")
+    if results.get("codec_floor") is not None:
+        table.add_row("codec floor: decode(encode(held-out))", _pm(results["codec_floor"]), "", "")
     for method, by in rows.items():
         if (
             method.endswith("dopri5")

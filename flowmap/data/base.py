@@ -34,7 +34,16 @@ __all__ = [
 
 #: DataModule arguments that change how the data is served, not which distribution it is.
 LOADER_ARGS = frozenset(
-    {"batch_size", "n_val", "num_workers", "seed", "download", "check_integrity", "_instantiator"}
+    {
+        "batch_size",
+        "n_val",
+        "num_workers",
+        "seed",
+        "download",
+        "check_integrity",
+        "cache",
+        "_instantiator",
+    }
 )
 
 
@@ -43,14 +52,21 @@ def dataset_identity(hparams: dict[str, Any] | None) -> dict[str, Any]:
     that choose the distribution, e.g. ``name``, ``root``, ``labels``): two checkpoints with equal
     identities were trained on the same data.
 
+    A nested ``data`` spec (the pixel data of a latent data module) is named the same way.
     ``labels=False`` is left out: it is the default, and a checkpoint saved before the argument
     existed (no ``labels`` key) was trained on the same unlabelled data.
     """
-    return {
+    out = {
         k: v
         for k, v in (hparams or {}).items()
         if k not in LOADER_ARGS and not (k == "labels" and v is False)
     }
+    inner = out.get("data")  # a data module seen through another (latents of pixel data)
+    if isinstance(inner, dict) and "class_path" in inner:
+        out["data"] = dataset_identity(
+            {"_class_path": inner["class_path"], **dict(inner.get("init_args") or {})}
+        )
+    return out
 
 
 def describe_dataset(identity: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from flowmap.codecs import codec_of, pixel_data
 from flowmap.metrics.evaluation import W2_GROUP_SIZE, Evaluator
 from flowmap.ode import STAGES
 from flowmap.protocols import Sampler
@@ -159,21 +160,23 @@ class SampleQuality(L.Callback):
             return
         method = self.solver if self.solver in module.methods else None
         stages = STAGES.get(method, 1) if method else 1
-        dm = trainer.datamodule
-        if trainer.sanity_checking or dm is None or not hasattr(dm, "reference_samples"):
+        data = trainer.datamodule
+        if trainer.sanity_checking or data is None or not hasattr(data, "reference_samples"):
             return
+        dm, codec = pixel_data(data), codec_of(data)  # latents are measured decoded
         shape = tuple(dm.data_shape)
         if getattr(dm, "is_image", False) and shape != (1, 8, 8) and self.feature is None:
             return
         evaluator, n = self.evaluator(dm), self.sample_count(dm)
         g = torch.Generator().manual_seed(self.seed)
-        x0 = torch.randn(n, *shape, generator=g).to(module.device)
+        x0 = torch.randn(n, *data.data_shape, generator=g).to(module.device)
         k = getattr(module, "num_classes", None)
         labels = {} if k is None else {"y": (torch.arange(n) % k).to(module.device)}
         for nfe in self.nfe:
             if nfe % stages:  # not a whole number of solver steps
                 continue
-            x = module.generate(x0, nfe, method, **labels).x.float().cpu()
+            x = module.generate(x0, nfe, method, **labels).x
+            x = (x if codec is None else data.decode(x)).float().cpu()
             for name, est in evaluator.measure(x).estimates().items():
                 module.log(f"val/{name}@{nfe}", est.value, rank_zero_only=False, sync_dist=False)
 

@@ -167,7 +167,7 @@ def _check_shapes(teacher: Any, flowmaps: dict[str, Any], shape: tuple[int, ...]
 
 def _measure_row(row: Row, s: Setting, exact: Tensor | None, batch: int) -> Measured:
     """Sample ``row`` on the shared noise and measure it (its endpoint against ``exact``)."""
-    sol = run_batched(row.run, s.x0, s.y, batch)
+    sol = run_batched(row.run, s.x0, s.y, batch, s.decode)
     if row.nfe and sol.nfe != row.nfe:
         raise RuntimeError(f"{row.key} used {sol.nfe} NFE, not {row.nfe}.")
     x = stored(s.evaluator, sol.x)
@@ -189,9 +189,13 @@ def measure_rows(
     headline = s.evaluator.headline
     with Progress(transient=False) as bar:
         total = sum(len(rows) for rows in plans.values()) + (s.floor_x is not None)
+        total += s.codec_floor_x is not None
         task = bar.add_task("report rows", total=total)
         if s.floor_x is not None:
             floor = s.evaluator.measure(s.floor_x)
+            bar.advance(task)
+        if s.codec_floor_x is not None:
+            s.codec_floor = s.evaluator.measure(s.codec_floor_x)
             bar.advance(task)
         for rows in plans.values():
             exact = None
@@ -270,6 +274,10 @@ def _steps_report(run: Run) -> dict[str, Any]:
     entries = run.entries()
     assert run.floor is not None and s.floor_x is not None  # a steps setting has a floor
     results = steps_results(meta, entries, run.measured(), run.floor, s.evaluator)
+    if s.codec_floor is not None:
+        coded = s.codec_floor.estimates()
+        results["codec_floor"] = coded[s.evaluator.headline].as_dict()
+        results["codec_floor_metrics"] = {k: e.as_dict() for k, e in coded.items()}
     nfes = [n for n in cfg.nfe if n <= 8]
     results["round_trip"] = round_trips(teacher, run.flowmaps, s.x0, nfes, s.groups, cfg.batch_size)
     if "ddim" in getattr(teacher, "methods", ()):

@@ -76,6 +76,19 @@ def _goal_lines(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _codec_floor_lines(results: dict[str, Any]) -> list[str]:
+    """The codec floor of a latent report: what the codec alone costs."""
+    coded = results.get("codec_floor")
+    if coded is None:
+        return []
+    name = results["metric"].upper()
+    return [
+        f"- codec floor: the same held-out set through the codec, decode(encode(x)) with the "
+        f"posterior mean, against the same reference: {name} {cell(coded)} — what the latent "
+        "space alone costs; rows are decoded samples."
+    ]
+
+
 def steps_markdown(results: dict[str, Any], skipped: list[str]) -> str:
     metric = results["metric"]
     name = metric.upper()
@@ -91,6 +104,7 @@ def steps_markdown(results: dict[str, Any], skipped: list[str]) -> str:
         f"{results['group_size']} samples used as independent replicates — {results['interval_note']}",
         f"- floor: {results['floor_sets']}: {name} {cell(fl)}. Not a lower bound: a model can "
         "land below it; a row whose interval overlaps the floor's cannot be told from data here.",
+        *_codec_floor_lines(results),
         *_goal_lines(results),
         f"- command: `{results['command']}`",
         f"- machine: {results['machine']}",

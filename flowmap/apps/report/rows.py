@@ -105,15 +105,20 @@ def sampling_device() -> torch.device:
 
 
 def run_batched(
-    run: Callable[[Tensor, Tensor | None], Solution], x0: Tensor, y: Tensor | None, batch: int
+    run: Callable[[Tensor, Tensor | None], Solution],
+    x0: Tensor,
+    y: Tensor | None,
+    batch: int,
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> Solution:
-    """``run`` on ``x0`` (and labels ``y``) in chunks of ``batch`` on :func:`sampling_device`;
-    samples back on the CPU, the NFE the most any chunk used."""
+    """``run`` on ``x0`` (and labels ``y``) in chunks of ``batch`` on :func:`sampling_device`,
+    each chunk decoded to pixels there when ``decode`` is given (latent rows); samples back on
+    the CPU, the NFE the most any chunk used."""
     outs, nfe, device = [], 0, sampling_device()
     ys = y.split(batch) if y is not None else [None] * len(x0.split(batch))
     for xs, yc in zip(x0.split(batch), ys):
         sol = run(xs.to(device), None if yc is None else yc.to(device))
-        outs.append(sol.x.cpu())
+        outs.append((sol.x if decode is None else decode(sol.x)).cpu())
         nfe = max(nfe, sol.nfe)
     return Solution(torch.cat(outs), nfe)
 

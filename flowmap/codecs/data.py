@@ -1,0 +1,248 @@
+r"""Latents as training data: a pixel data module seen through a codec.
+
+Training batches are pixels encoded on the device after transfer (online: a fresh posterior draw
+:math:`z = (\mu + \sigma\epsilon - \mathrm{shift})\cdot\mathrm{scale}` each time), or, with a
+``cache`` file, the posterior moments of the train split computed once and drawn from per step
+(FastGen's cached latents). Validation batches are posterior means. Metrics and pictures use the
+pixel data module (:attr:`LatentDataModule.pixels`) and :meth:`LatentDataModule.decode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import instantiate_module
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from flowmap.codecs.base import LatentCodec, codec_identity
+from flowmap.codecs.spec import build_codec
+from flowmap.data.base import (
+    FiniteFlowDataModule,
+    FlowDataModule,
+    TensorSamples,
+    from_uint8,
+    mix_seed,
+)
+from flowmap.io import load_safetensors
+from flowmap.teachers.spec import is_spec
+
+__all__ = ["LatentDataModule", "codec_of", "pixel_data", "trained_codec"]
+
+#: sample at most this many images through the codec at once
+ENCODE_BATCH = 256
+
+
+def _build_pixels(data: Mapping[str, Any]) -> FlowDataModule:
+    if not is_spec(data):
+        raise ValueError(
+            "LatentDataModule's data is the pixel data module as a spec, e.g. {class_path: "
+            f"flowmap.data.DigitsDataModule, init_args: {{batch_size: 128}}}}, not {data!r}."
+        )
+    hp = {"_class_path": data["class_path"], **dict(data.get("init_args") or {})}
+    # built inside the CLI's instantiation of the latent module, the pixel module would record
+    # the latent module's arguments as its own hyperparameters: it records its own instead
+    token = _given_hyperparameters.set(None)
+    try:
+        return instantiate_module(FlowDataModule, hp)
+    finally:
+        _given_hyperparameters.reset(token)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LatentDataModule(FlowDataModule):
+    r"""The latents :math:`z` of a pixel data module's images through a codec: ``data_shape`` is
+    the latent shape; labels, classes and batch size are the pixel data's.
+
+    Args:
+        data: the pixel data module, ``{class_path, init_args}``.
+        codec: a diffusers ``AutoencoderKL`` folder or a ``class_path`` spec of a
+            :class:`~flowmap.codecs.LatentCodec`.
+        cache: a ``.safetensors`` file for the train split's posterior moments: written on the
+            first fit, then read (and checked to be of this codec and data); ``None``: encode
+            every batch on the device.
+        sample: draw latents from the posterior (``False``: its mean).
+    """
+
+    def __init__(
+        self,
+        data: dict[str, Any],
+        codec: str | dict[str, Any],
+        cache: str | None = None,
+        sample: bool = True,
+    ) -> None:
+        pixels = _build_pixels(data)
+        super().__init__(pixels.batch_size, pixels.n_val, pixels.num_workers)
+        self.save_hyperparameters()
+        full = {k: v for k, v in pixels.hparams.items() if not k.startswith("_")}
+        self.hparams["data"] = {"class_path": data["class_path"], "init_args": full}
+        self.pixels = pixels
+        self.codec: LatentCodec = build_codec(codec)
+        self.latent = self.codec.latent_shape(pixels.data_shape)  # a wrong shape: one sentence
+        self.labels = pixels.labels
+        if cache is not None and not isinstance(pixels, FiniteFlowDataModule):
+            raise ValueError(
+                f"Cached latents need a finite data set, and {type(pixels).__name__} streams "
+                "fresh samples; drop cache to encode every batch."
+            )
+        self.cache, self.sample = cache, sample
+        self._moments: tuple[Tensor, Tensor | None, Tensor | None] | None = None
+
+    # ----------------------------------------------------------------- the data contract
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return self.latent
+
+    @property
+    def name(self) -> str:
+        """``digits latents``: the pixel data's name, as reports print it."""
+        return f"{getattr(self.pixels, 'name', None) or type(self.pixels).__name__} latents"
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.pixels.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        return self.pixels.class_names
+
+    def setup(self, stage: str | None = None) -> None:
+        self.pixels.setup(stage)
+        if self.cache is not None and stage in (None, "fit"):
+            self._moments = self.cached_moments()
+
+    def reference_samples(self, n: int, split: str = "test", seed: int = 0) -> Tensor:
+        """Posterior means of ``pixels.reference_samples(n, split, seed)``."""
+        return self.encode(self.pixels.reference_samples(n, split, seed), sample=False)
+
+    def train_dataloader(self) -> Any:
+        """Pixel batches (encoded after transfer), or with a cache ``[mean, std]`` pairs
+        ``(B, 2, *latent)`` drawn from after transfer."""
+        if self.cache is None:
+            return self.pixels.train_dataloader()
+        if self._moments is None:
+            self._moments = self.cached_moments()
+        mean, std, labels = self._moments
+        pairs = torch.stack([mean, torch.zeros_like(mean) if std is None else std], 1)
+        if self.batch_size > len(pairs):
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the {len(pairs)} cached latents."
+            )
+        return DataLoader(
+            TensorSamples(pairs, labels if self.labels else None),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(mix_seed(getattr(self.pixels, "seed", 0), 1)),
+        )
+
+    def val_dataloader(self) -> Any:
+        """The pixel data's validation batches (encoded to posterior means after transfer)."""
+        return self.pixels.val_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Pixels → latents on the batch's device (training: a posterior draw or the cache's
+        moments; validation: the posterior mean)."""
+        x, rest = (batch, None) if isinstance(batch, Tensor) else (batch[0], list(batch[1:]))
+        trainer = self.trainer
+        training = trainer is not None and trainer.training
+        if training and self.cache is not None:
+            z = self.draw(x)
+        else:
+            z = self.encode(x, sample=self.sample and training)
+        return z if rest is None else [z, *rest]
+
+    # ----------------------------------------------------------------- codec helpers
+    @staticmethod
+    def draw(pairs: Tensor) -> Tensor:
+        r"""Latents from cached ``[mean, std]`` pairs ``(B, 2, *latent)``: :math:`\mu + \sigma\epsilon`."""
+        mean, std = pairs.unbind(1)
+        return mean + std * torch.randn_like(mean)
+
+    def encode(self, x: Tensor, sample: bool = True) -> Tensor:
+        """Scaled latents of pixels ``x`` (in chunks, on ``x``'s device)."""
+        self.codec.to(x.device)
+        return torch.cat([self.codec.encode(c, sample=sample) for c in x.split(ENCODE_BATCH)])
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Pixels of scaled latents ``z`` (in chunks, on ``z``'s device)."""
+        self.codec.to(z.device)
+        return torch.cat([self.codec.decode(c) for c in z.split(ENCODE_BATCH)])
+
+    # ----------------------------------------------------------------- the cache
+    def cached_moments(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(mean, std, labels)`` of the train split in latent space, from ``cache`` (written
+        first if missing); a cache of another codec or data is refused in one sentence."""
+        path = Path(str(self.cache))
+        ident = codec_identity(self.codec)
+        pixels: Any = self.pixels
+        n = pixels.num_samples("train")
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("codec") != ident:
+                raise ValueError(
+                    f"The latent cache {str(path)!r} was written with another codec; delete it "
+                    "or give another cache path."
+                )
+            if meta.get("count") != str(n):
+                raise ValueError(
+                    f"The latent cache {str(path)!r} holds {meta.get('count')} latents but this "
+                    f"data has {n} training images; delete it or give another cache path."
+                )
+            state = load_safetensors(path, "latent cache")
+        else:
+            state = self._write_cache(path, ident, n)
+        return state["mean"], state.get("std"), state.get("labels")
+
+    def _write_cache(self, path: Path, ident: str, n: int) -> dict[str, Tensor]:
+        from safetensors.torch import save_file
+
+        pixels: Any = self.pixels
+        images = pixels.split_data("train")
+        images = from_uint8(images) if images.dtype == torch.uint8 else images.float()
+        device = _device()
+        self.codec.to(device)
+        means, stds = [], []
+        with torch.no_grad():
+            for c in images.split(ENCODE_BATCH):
+                m, s = self.codec.normalised_moments(c.to(device))
+                means.append(m.float().cpu())
+                stds.append(torch.zeros_like(m).cpu() if s is None else s.float().cpu())
+        state = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
+        if pixels.labels:
+            state["labels"] = pixels.split_labels("train").contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp), metadata={"codec": ident, "count": str(n)})
+        tmp.replace(path)
+        return state
+
+
+def pixel_data(dm: Any) -> Any:
+    """The pixel data module behind ``dm`` (``dm`` itself when it serves pixels)."""
+    return getattr(dm, "pixels", dm) if isinstance(dm, LatentDataModule) else dm
+
+
+def codec_of(dm: Any) -> LatentCodec | None:
+    """The codec of a latent data module (``None`` for pixel data)."""
+    return dm.codec if isinstance(dm, LatentDataModule) else None
+
+
+def trained_codec(hparams: Mapping[str, Any] | None) -> LatentCodec | None:
+    """The codec of the data a checkpoint was trained on (its ``datamodule_hyper_parameters``),
+    ``None`` for pixel data or an unrecorded one."""
+    hp = dict(hparams or {})
+    if not str(hp.get("_class_path", "")).endswith(".LatentDataModule") or "codec" not in hp:
+        return None
+    return build_codec(hp["codec"])
