@@ -1,6 +1,8 @@
 """Latent codecs: the identity codec changes nothing, the AutoencoderKL wrapper is the VAE with its
 config's affine, cached latents draw from the right posterior, and wrong input is one sentence."""
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -204,3 +206,51 @@ def test_codec_identity_follows_the_weights_and_the_affine(vae_folder, tmp_path)
 
     save_file(state, str(tmp_path / "retrained" / "diffusion_pytorch_model.safetensors"))
     assert codec_identity(build_codec(str(tmp_path / "retrained"))) != codec_identity(a)
+
+
+@pytest.mark.slow
+def test_latent_digits_pipeline_reports_decoded_rows_beside_the_codec_floor(tmp_path, capsys):
+    """Codec → latent teacher → latent maps → report on pixels, tiny; then `flowmap sample`
+    decodes, and a student fitted on another codec's latents is refused."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    from flowmap.apps.cli import main as flowmap_main
+    from flowmap.apps.lightning_cli import cli_main
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    spec = importlib.util.spec_from_file_location(
+        "latent_pipeline", recipes / "digits_latent/pipeline.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    res = module.main(["--out", str(tmp_path), "--tiny", "--losses", "lagrangian"])
+    assert res["dataset"] == "digits latents" and res["metric"] == "fid"
+    assert res["codec_floor"]["value"] > 0 and res["floor"]["value"] > 0
+    assert "codec floor" in (tmp_path / "report.md").read_text()
+    with np.load(tmp_path / "samples.npz") as z:  # rows are decoded pixels
+        assert z["floor"].shape[1:] == z[z.files[0]].shape[1:] == (1, 8, 8)
+    ckpt = json.loads((tmp_path / "lagrangian" / "done.json").read_text())["checkpoint"]
+    out = tmp_path / "s.npz"
+    assert flowmap_main(["sample", "--ckpt", ckpt, "--n", "6", "--out", str(out)]) in (0, None)
+    with np.load(out) as z:
+        assert z["samples"].shape == (6, 1, 8, 8) and z["latents"].shape == (6, 2, 4, 4)
+    # the student's data through another codec than the teacher's: one sentence, no step
+    other = tmp_path / "other-codec"
+    tiny_vae(other)
+    teacher = json.loads((tmp_path / "teacher" / "done.json").read_text())["checkpoint"]
+    with pytest.raises(ValueError, match=r"was trained on LatentDataModule\(.*codec="):
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(recipes / "digits_latent/lagrangian.yaml"),
+                f"--model.teacher={teacher}",
+                f"--data.init_args.codec={other}",
+                "--trainer.max_steps=1",
+                f"--trainer.default_root_dir={tmp_path / 'refused'}",
+            ]
+        )
+    assert not list((tmp_path / "refused").rglob("*.ckpt"))

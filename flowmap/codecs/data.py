@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import instantiate_module
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from safetensors import safe_open
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from flowmap.codecs.base import LatentCodec, codec_identity
 from flowmap.codecs.spec import build_codec
 from flowmap.data.base import (
     FiniteFlowDataModule,
     FlowDataModule,
-    TensorSamples,
     from_uint8,
     mix_seed,
 )
@@ -93,7 +93,6 @@ class LatentDataModule(FlowDataModule):
                 "fresh samples; drop cache to encode every batch."
             )
         self.cache, self.sample = cache, sample
-        self._moments: tuple[Tensor, Tensor | None, Tensor | None] | None = None
 
     # ----------------------------------------------------------------- the data contract
     @property
@@ -113,10 +112,18 @@ class LatentDataModule(FlowDataModule):
     def class_names(self) -> tuple[str, ...] | None:
         return self.pixels.class_names
 
+    def prepare_data(self) -> None:
+        """The pixel data's, then the cache written if missing (once, on rank 0)."""
+        self.pixels.prepare_data()
+        if self.cache is not None and not Path(self.cache).is_file():
+            self.write_cache()
+
     def setup(self, stage: str | None = None) -> None:
         self.pixels.setup(stage)
         if self.cache is not None and stage in (None, "fit"):
-            self._moments = self.cached_moments()
+            if not Path(self.cache).is_file():  # used outside a Trainer: no prepare_data
+                self.write_cache()
+            self.check_cache()
 
     def reference_samples(self, n: int, split: str = "test", seed: int = 0) -> Tensor:
         """Posterior means of ``pixels.reference_samples(n, split, seed)``."""
@@ -127,16 +134,13 @@ class LatentDataModule(FlowDataModule):
         ``(B, 2, *latent)`` drawn from after transfer."""
         if self.cache is None:
             return self.pixels.train_dataloader()
-        if self._moments is None:
-            self._moments = self.cached_moments()
-        mean, std, labels = self._moments
-        pairs = torch.stack([mean, torch.zeros_like(mean) if std is None else std], 1)
+        pairs = CachedLatents(str(self.cache), labels=self.labels)
         if self.batch_size > len(pairs):
             raise ValueError(
                 f"batch_size={self.batch_size} is larger than the {len(pairs)} cached latents."
             )
         return DataLoader(
-            TensorSamples(pairs, labels if self.labels else None),
+            pairs,
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=True,
@@ -178,55 +182,83 @@ class LatentDataModule(FlowDataModule):
         return torch.cat([self.codec.decode(c) for c in z.split(ENCODE_BATCH)])
 
     # ----------------------------------------------------------------- the cache
-    def cached_moments(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(mean, std, labels)`` of the train split in latent space, from ``cache`` (written
-        first if missing); a cache of another codec or data is refused in one sentence."""
-        path = Path(str(self.cache))
-        ident = codec_identity(self.codec)
-        pixels: Any = self.pixels
-        n = pixels.num_samples("train")
-        if path.is_file():
-            from safetensors import safe_open
+    def check_cache(self) -> None:
+        """Refuse, in one sentence, a cache written with another codec or for other data."""
+        path, n = str(self.cache), self.pixels.num_samples("train")
+        meta = CachedLatents(path).metadata
+        if meta.get("codec") != codec_identity(self.codec):
+            raise ValueError(
+                f"The latent cache {path!r} was written with another codec; delete it or give "
+                "another cache path."
+            )
+        if meta.get("count") != str(n):
+            raise ValueError(
+                f"The latent cache {path!r} holds {meta.get('count')} latents but this data has "
+                f"{n} training images; delete it or give another cache path."
+            )
 
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("codec") != ident:
-                raise ValueError(
-                    f"The latent cache {str(path)!r} was written with another codec; delete it "
-                    "or give another cache path."
-                )
-            if meta.get("count") != str(n):
-                raise ValueError(
-                    f"The latent cache {str(path)!r} holds {meta.get('count')} latents but this "
-                    f"data has {n} training images; delete it or give another cache path."
-                )
-            state = load_safetensors(path, "latent cache")
-        else:
-            state = self._write_cache(path, ident, n)
-        return state["mean"], state.get("std"), state.get("labels")
+    def cached_moments(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(mean, std, labels)`` of the train split in latent space, read whole from the
+        checked cache (labels ``None`` if it has none)."""
+        self.check_cache()
+        state = load_safetensors(str(self.cache), "latent cache")
+        return state["mean"], state["std"], state.get("labels")
 
-    def _write_cache(self, path: Path, ident: str, n: int) -> dict[str, Tensor]:
+    def write_cache(self) -> None:
+        """Encode the train split once (on the GPU if there is one) into ``cache``: the posterior
+        moments in latent space, the labels, and the codec's identity and the count."""
         from safetensors.torch import save_file
 
         pixels: Any = self.pixels
         images = pixels.split_data("train")
-        images = from_uint8(images) if images.dtype == torch.uint8 else images.float()
         device = _device()
         self.codec.to(device)
         means, stds = [], []
         with torch.no_grad():
             for c in images.split(ENCODE_BATCH):
+                c = from_uint8(c) if c.dtype == torch.uint8 else c.float()
                 m, s = self.codec.normalised_moments(c.to(device))
                 means.append(m.float().cpu())
                 stds.append(torch.zeros_like(m).cpu() if s is None else s.float().cpu())
         state = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
-        if pixels.labels:
+        if isinstance(pixels, FiniteFlowDataModule) and pixels.labels:
             state["labels"] = pixels.split_labels("train").contiguous()
+        path = Path(str(self.cache))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"codec": ident, "count": str(n)})
+        meta = {"codec": codec_identity(self.codec), "count": str(len(images))}
+        save_file(state, str(tmp), metadata=meta)
         tmp.replace(path)
-        return state
+
+
+class CachedLatents(Dataset):
+    """The ``[mean, std]`` pair ``(2, *latent)`` of each cached latent (and its label), read
+    from the safetensors file item by item (memory-mapped: an ImageNet cache never sits in RAM)."""
+
+    def __init__(self, path: str, labels: bool = False) -> None:
+        self.path, self.labels = path, labels
+        self._file: Any = None
+        with safe_open(path, framework="pt") as f:
+            self.metadata = f.metadata() or {}
+            self._len = f.get_slice("mean").get_shape()[0]
+            if labels and "labels" not in f.keys():
+                raise ValueError(f"The latent cache {path!r} has no labels; write it again.")
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> Tensor | tuple[Tensor, Tensor]:
+        if self._file is None:  # opened in the process (a loader worker) that reads it
+            self._file = safe_open(self.path, framework="pt")
+        pair = torch.stack(
+            [self._file.get_slice("mean")[index], self._file.get_slice("std")[index]]
+        )
+        if not self.labels:
+            return pair
+        return pair, self._file.get_slice("labels")[index]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None}
 
 
 def pixel_data(dm: Any) -> Any:
