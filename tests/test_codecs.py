@@ -16,7 +16,7 @@ from flowmap.codecs import (
     trained_codec,
 )
 from flowmap.data import DigitsDataModule
-from flowmap.data.base import dataset_identity
+from flowmap.data.base import dataset_identity, from_uint8
 from flowmap.nets import UNet
 from flowmap.training import VelocityModule
 
@@ -143,8 +143,8 @@ def test_cached_latents_draw_from_the_posterior_with_its_mean_and_std(vae_folder
     )
     first = pixels.split_data("train")[:4]  # digits are stored in model space, float32
     m, s = dm.codec.normalised_moments(first)
-    torch.testing.assert_close(mean[:4], m, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(std[:4], s, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean[:4], m, atol=2e-3, rtol=2e-3)  # float16 cache
+    torch.testing.assert_close(std[:4], s, atol=2e-3, rtol=2e-3)
     # one cached sample drawn 4000 times: its draws have the cached mean and std
     pair = torch.stack([mean[:1], std[:1]], 1).expand(4000, -1, -1, -1, -1)
     torch.manual_seed(0)
@@ -254,3 +254,22 @@ def test_latent_digits_pipeline_reports_decoded_rows_beside_the_codec_floor(tmp_
             ]
         )
     assert not list((tmp_path / "refused").rglob("*.ckpt"))
+
+
+def test_an_image_folder_streams_into_the_cache_in_its_split_order(tmp_path):
+    from tests.fakes import make_image_folder
+
+    root = make_image_folder(tmp_path / "images", n=10, size=8)
+    folder = {
+        "class_path": "flowmap.data.ImageFolderDataModule",
+        "init_args": {"root": str(root), "image_size": 8, "batch_size": 2},
+    }
+    identity = {"class_path": "flowmap.codecs.IdentityCodec"}
+    dm = LatentDataModule(folder, identity, cache=str(tmp_path / "c.safetensors"))
+    dm.prepare_data()
+    dm.setup("fit")
+    mean, std, _ = dm.cached_moments()
+    split = torch.cat(list(dm.pixels.iter_split("train", 3)))  # streamed, 3 files at a time
+    assert torch.equal(split, from_uint8(dm.pixels.split_data("train")))
+    torch.testing.assert_close(mean, split, atol=4e-3, rtol=0)  # float16 storage
+    assert torch.equal(std, torch.zeros_like(std))

@@ -11,6 +11,7 @@ between model space and pixels.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -304,6 +305,12 @@ class FiniteFlowDataModule(FlowDataModule):
     def num_samples(self, split: str) -> int:
         """Number of samples in ``split``."""
         return len(self.split_data(split))
+
+    def iter_split(self, split: str, chunk: int) -> Iterator[Tensor]:
+        """``split`` in order, ``chunk`` samples at a time, float32 in model space (a dataset
+        read from files may stream them instead of holding the split)."""
+        for part in self.split_data(split).split(chunk):
+            yield _to_model_space(part)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the splits this stage needs (train and test for ``fit``; test otherwise), and

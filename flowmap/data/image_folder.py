@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from flowmap.data.base import FiniteFlowDataModule
+from flowmap.data.base import FiniteFlowDataModule, from_uint8
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataModule", "list_images"]
 
@@ -125,6 +126,17 @@ class ImageFolderDataModule(FiniteFlowDataModule):
     def files(self, split: str) -> list[str]:
         """Paths of the images of ``split`` (``"train"`` or ``"test"``), sorted."""
         return list(self._files[split])
+
+    def num_samples(self, split: str) -> int:
+        return len(self._files[split])
+
+    def iter_split(self, split: str, chunk: int) -> Iterator[Tensor]:
+        """The files of ``split`` decoded ``chunk`` at a time, never all held (a latent cache of
+        a large folder streams through this)."""
+        files = self._files[split]
+        for i in range(0, len(files), chunk):
+            part = [load_image(p, self.image_size, self.channels) for p in files[i : i + chunk]]
+            yield from_uint8(torch.stack(part))
 
     def _load_split(self, split: str) -> Tensor:
         images = [load_image(p, self.image_size, self.channels) for p in self._files[split]]
