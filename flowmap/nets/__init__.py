@@ -3,7 +3,18 @@
 from flowmap.nets.adapter import TwoTimeAdapter
 from flowmap.nets.dit import DiT
 from flowmap.nets.embedding import SinusoidalEmbedding, TwoTimeEmbedding
+from flowmap.nets.lora import LoRA, merge_lora, trainable_fraction
 from flowmap.nets.mlp import MLP
 from flowmap.nets.unet import UNet
 
-__all__ = ["DiT", "MLP", "UNet", "TwoTimeAdapter", "SinusoidalEmbedding", "TwoTimeEmbedding"]
+__all__ = [
+    "DiT",
+    "MLP",
+    "UNet",
+    "TwoTimeAdapter",
+    "SinusoidalEmbedding",
+    "TwoTimeEmbedding",
+    "LoRA",
+    "merge_lora",
+    "trainable_fraction",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import warnings
@@ -93,9 +94,38 @@ class EMAWithWarmup:
         self.decay = decay
 
     def __call__(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        if averaged.data_ptr() == current.data_ptr():  # a frozen parameter the EMA shares
+            return averaged
         n = float(num_averaged)
         beta = min(self.decay, (1.0 + n) / (10.0 + n))
         return beta * averaged + (1.0 - beta) * current
+
+
+def _ema_of(net: nn.Module, decay: float) -> AveragedModel:
+    """The EMA of ``net``: a copy of its trainable parameters and buffers; its frozen parameters
+    (a LoRA student's base) are ``net``'s own objects, never copied, and stay bit-exact
+    (:class:`EMAWithWarmup` leaves a shared tensor as it is)."""
+    ema = AveragedModel(nn.Module(), avg_fn=EMAWithWarmup(decay), use_buffers=True)
+    shared: dict[int, Any] = {id(p): p for p in net.parameters() if not p.requires_grad}
+    ema.module = copy.deepcopy(net, memo=shared)  # the memo hands back the frozen ones
+    ema.requires_grad_(False)
+    return ema
+
+
+def _drop_frozen(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
+    for key in module._frozen_keys():
+        state.pop(prefix + key, None)
+
+
+def _note_load_prefix(module: nn.Module, state: Any, prefix: str, *rest: Any) -> None:
+    module._frozen_loading_prefix = prefix
+
+
+def _forgive_frozen(module: nn.Module, keys: Any) -> None:
+    prefix = module.__dict__.pop("_frozen_loading_prefix", None)
+    if prefix is not None:
+        frozen = {prefix + k for k in module._frozen_keys()}
+        keys.missing_keys[:] = [k for k in keys.missing_keys if k not in frozen]
 
 
 def fork_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -114,7 +144,8 @@ def fork_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
 class FlowModuleBase(L.LightningModule):
     """Holds ``self.net`` and its EMA copy (``torch.optim.swa_utils.AveragedModel``).
 
-    The EMA covers the trained net only (never a frozen teacher); it is updated after every
+    The EMA covers the trained net only (never a frozen teacher, and a net's frozen parameters,
+    a LoRA student's base, are shared with it, not copied); it is updated after every
     optimiser step, saved in the checkpoint's ``state_dict`` (so resume is exact) and used for
     validation, sampling and as a teacher.
     """
@@ -143,9 +174,24 @@ class FlowModuleBase(L.LightningModule):
         self.net = net
         self.ema = None
         if ema_decay is not None:
-            self.ema = AveragedModel(net, avg_fn=EMAWithWarmup(ema_decay), use_buffers=True)
-            self.ema.requires_grad_(False)
+            self.ema = _ema_of(net, ema_decay)
+        #: names of the net's frozen parameters kept out of the state dict (see below)
+        self._frozen: tuple[str, ...] = ()
         self.data_shape = tuple(data_shape) if data_shape is not None else None
+
+    def leave_frozen_out_of_state_dict(self) -> None:
+        """From now on, the net's frozen parameters (and the EMA's, the same objects) are left
+        out of this module's state dict and not missing when one is loaded: a LoRA student's
+        base, which its module rebuilds from the teacher."""
+        self._frozen = tuple(n for n, p in self.net.named_parameters() if not p.requires_grad)
+        self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_pre_hook(_note_load_prefix)
+        self.register_load_state_dict_post_hook(_forgive_frozen)
+
+    def _frozen_keys(self) -> list[str]:
+        """The state-dict keys of the frozen parameters left out, in the net and its EMA."""
+        keys = [f"net.{n}" for n in self._frozen]
+        return keys + ([f"ema.module.{n}" for n in self._frozen] if self.ema is not None else [])
 
     # ----------------------------------------------------------------- EMA and sampling net
     @property

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from flowmap.conditioning import NULL_CLASS, Conditioning
 from flowmap.flowmap import FlowMap
 from flowmap.losses import FlowMapLoss, LagrangianLoss
+from flowmap.nets.lora import LoRA, merge_lora
 from flowmap.ode import sample_consistency, sample_flow_map
 from flowmap.paths import AffinePath
 from flowmap.protocols import Solution, Velocity
@@ -99,6 +100,14 @@ class FlowMapModule(FlowModuleBase):
         guidance_law: the training law of :math:`w`: ``"fixed"``, ``"uniform"`` or
             ``"log_uniform"`` on ``[low, high]`` (improved MeanFlow and TVM: log-uniform on
             [1, 8]).
+        adapter: low-rank adapters, ``{class_path: flowmap.nets.LoRA, init_args: {rank: 8}}``
+            (:class:`~flowmap.nets.LoRA`): the student is the warm-started copy of the teacher's
+            network with its linear and convolution layers frozen and adapted,
+            :math:`W' = W + (\alpha/r)\,BA`, and its gap branch trained in full. It needs a
+            teacher with a network and ``warm_start``; the teacher is then loaded as the module
+            is built (loading the student too: its checkpoint holds the adapters and the gap
+            branch only, and rebuilds the rest from the teacher it names, which must be the
+            very same file). :meth:`merge_adapters` folds them in for sampling.
 
     A class-conditional map :math:`X(s, t, x \mid c, w)` trains on ``(x, y)`` batches; the
     losses pass the labels and scales to the map and the teacher and never differentiate in
@@ -124,19 +133,31 @@ class FlowMapModule(FlowModuleBase):
         label_dropout: float = 0.1,
         guidance: float | Sequence[float] = 1.0,
         guidance_law: str = "fixed",
+        adapter: LoRA | None = None,
     ) -> None:
         super().__init__()
         refuse_run_folder(teacher)  # a run's folder or config.yaml where its checkpoint belongs
+        adapter = _check_adapter(adapter, teacher, warm_start)
         # a Python teacher is not a hyperparameter: checkpoints hold plain data only
         if is_spec(teacher) and not is_plain_data(teacher):  # built in Python: not a hyperparameter
             teacher = build_teacher(teacher)
         plain = teacher is None or isinstance(teacher, str) or is_spec(teacher)
         self.save_hyperparameters(ignore=[] if plain else ["teacher"])
+        if adapter is not None and not is_plain_data(self.hparams.get("adapter")):
+            self.hparams["adapter"] = adapter.spec()  # built in Python: its config, plain data
         net = self._student_net(net, teacher, plain)
         self.loss = loss if loss is not None else LagrangianLoss()
         if teacher is not None:  # without one it is checked in setup (a loaded map needs none)
             self.loss.check_teacher(True)
+        resolved = None
+        if adapter is not None:  # the frozen base is the teacher's: loaded and copied now
+            resolved = resolve_teacher(teacher, schedule)
+            net = _adapted(net, resolved, adapter)
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
+        #: the LoRA adapters (``None``: the net trains in full); ``merged``: folded in
+        self.adapter, self.merged = adapter, False
+        if adapter is not None:  # the base is the teacher's: no checkpoint holds it
+            self.leave_frozen_out_of_state_dict()
         conditional = self.num_classes is not None
         self.conditioning = Conditioning.of(
             self.num_classes,
@@ -148,7 +169,9 @@ class FlowMapModule(FlowModuleBase):
         self.path = AffinePath(schedule or "linear")
         #: the resolved teacher (None: self-distilling, or a spec not yet loaded, see setup)
         self._teacher: ResolvedTeacher | None = None
-        if not plain:  # a Python teacher: nothing to load, resolved now
+        if resolved is not None:
+            self._adopt(resolved)
+        elif not plain:  # a Python teacher: nothing to load, resolved now
             self._adopt(resolve_teacher(teacher, schedule))
 
     def _student_net(
@@ -221,10 +244,21 @@ class FlowMapModule(FlowModuleBase):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         data = getattr(dm, "hparams", None)
         check_student(self._teacher, self.conditioning, self.loss, self.data_shape, data)
+        if stage == "fit" and self.merged:
+            raise ValueError(
+                "This LoRA student's adapters were merged for sampling; load it again from its "
+                "checkpoint to train it."
+            )
         if stage == "fit" and self._trainer is not None:
             check_strategy(self._trainer.strategy, self.loss)
+            if self.adapter is not None and _sharded(self._trainer.strategy):
+                raise ValueError(
+                    "A LoRA student shares its frozen base with its EMA, which sharding (FSDP) "
+                    "cannot split; train it with strategy ddp (only the adapters are synced)."
+                )
         teacher = self.teacher
-        if self.hparams.warm_start and stage == "fit" and teacher is not None:
+        warm = self.hparams.warm_start and self.adapter is None  # an adapted net started warm
+        if warm and stage == "fit" and teacher is not None:
             if self.student.has_net_to_copy(teacher):  # a function teacher has none: nothing to do
                 self.student.warm_start(teacher)  # the EMA copies the net at its first update
 
@@ -243,6 +277,28 @@ class FlowMapModule(FlowModuleBase):
         super().on_load_checkpoint(checkpoint)
         self._saved_teacher = checkpoint.get("flowmap_teacher")
         self._saved_teacher_sha = checkpoint.get("flowmap_teacher_sha256")
+        saved, teacher = self._saved_teacher_sha, self._teacher
+        mine = None if teacher is None else teacher.identity
+        if self.adapter is not None and saved and mine and saved != mine:
+            raise ValueError(
+                f"This LoRA student's adapters were trained on another teacher (SHA-256 "
+                f"{saved[:12]}…) than {teacher.name!r} ({mine[:12]}…), whose weights would be "
+                "its base; load it with the teacher it was distilled from."
+            )
+
+    # ----------------------------------------------------------------- LoRA
+    def merge_adapters(self) -> FlowMapModule:
+        r"""Fold the LoRA adapters into plain weights, :math:`W \leftarrow W + (\alpha/r)\,BA`,
+        in the net and its EMA (:func:`~flowmap.nets.merge_lora`): for sampling only (one
+        ordinary forward a layer); the merged module neither trains nor saves as a LoRA student.
+        A no-op without adapters or once merged; returns the module."""
+        if self.adapter is None or self.merged:
+            return self
+        self.net = merge_lora(self.net)
+        if self.ema is not None:
+            self.ema.module = merge_lora(self.ema.module)
+        self._frozen, self.merged = (), True  # its state dict is now the whole network's
+        return self
 
     def on_train_start(self) -> None:
         """Refuse to resume a distillation as a self-distillation: a Python teacher is not in the
@@ -381,3 +437,41 @@ class FlowMapModule(FlowModuleBase):
         return sample_flow_map(
             self.sampling_flow_map, x1, steps=self._check_nfe(nfe), t0=1.0, t1=0.0, cond=cond
         )
+
+
+# --------------------------------------------------------------------------- LoRA students
+def _sharded(strategy: object) -> bool:
+    return type(strategy).__name__ in ("FSDPStrategy", "ModelParallelStrategy")
+
+
+def _check_adapter(adapter: Any, teacher: Any, warm_start: bool) -> LoRA | None:
+    """The adapter as a :class:`~flowmap.nets.LoRA` (:meth:`~flowmap.nets.LoRA.of`), checked
+    against the module's settings before any work."""
+    adapter = LoRA.of(adapter)
+    if adapter is None:
+        return None
+    if teacher is None:
+        raise ValueError(
+            "LoRA adapters train on a copy of the teacher's network, and a self-distilled map has "
+            "no teacher; give the module a teacher, or drop the adapter."
+        )
+    if not warm_start:
+        raise ValueError(
+            "LoRA adapters train on a warm-started copy of the teacher's network; set "
+            "warm_start: true, or drop the adapter to train the net in full."
+        )
+    LoRA.check_available()
+    return adapter
+
+
+def _adapted(net: nn.Module, teacher: ResolvedTeacher, adapter: LoRA) -> nn.Module:
+    """``net`` warm-started from ``teacher``, then given ``adapter``'s adapters."""
+    student = FlowMap(net, teacher.path)
+    if not student.has_net_to_copy(teacher.velocity):
+        raise ValueError(
+            f"LoRA adapters train on a copy of the teacher's network, and the teacher "
+            f"{teacher.name!r} has none; drop the adapter and give the student a net of its own "
+            "(warm_start: false)."
+        )
+    student.warm_start(teacher.velocity)
+    return adapter.apply(net)

@@ -29,7 +29,8 @@ class Loaded(NamedTuple):
 
 
 def load_sampler(path: str, kind: str | None = None, need_shape: bool = True) -> Loaded:
-    """The model ``path`` names (:class:`Loaded`), the file read once. ``kind`` refuses a
+    """The model ``path`` names (:class:`Loaded`), the file read once (a LoRA student's
+    adapters merged, :meth:`~flowmap.training.FlowMapModule.merge_adapters`). ``kind`` refuses a
     checkpoint of another kind; ``need_shape`` a model that does not say its data shape."""
     if not is_module_checkpoint(path):
         module, sha = load_teacher(path)
@@ -46,14 +47,16 @@ def load_sampler(path: str, kind: str | None = None, need_shape: bool = True) ->
             "by `flowmap fit`."
         )
     module = rebuild_module(cls, path)
+    if isinstance(module, FlowMapModule):  # a LoRA student samples from merged weights
+        module.merge_adapters()
     if need_shape and module.data_shape is None:
         raise CheckpointError(f"{path!r} does not record its data shape; retrain it.")
     return Loaded(module, ckpt["flowmap_module"], None, ckpt)
 
 
 def load_flowmap(spec: str) -> tuple[str, str, Loaded]:
-    """``label=path`` or ``path`` → (label, path, what :func:`load_sampler` read); the label
-    defaults to the loss's name."""
+    """``label=path`` or ``path`` → (label, path, what :func:`load_sampler` read, a LoRA
+    student merged); the label defaults to the loss's name."""
     label, path = spec.split("=", 1) if "=" in spec else ("", spec)
     loaded = load_sampler(path, "FlowMapModule", need_shape=False)
     return label or loaded.module.loss.name, path, loaded
