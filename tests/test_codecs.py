@@ -273,3 +273,83 @@ def test_an_image_folder_streams_into_the_cache_in_its_split_order(tmp_path):
     assert torch.equal(split, from_uint8(dm.pixels.split_data("train")))
     torch.testing.assert_close(mean, split, atol=4e-3, rtol=0)  # float16 storage
     assert torch.equal(std, torch.zeros_like(std))
+
+
+def _class_folder(root, classes=2, per_class=6, size=16):
+    """RGB images in one sub-folder per class (an ImageNet layout at toy size)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_imagenet256_latent_recipes_run_with_fast_dev_run_on_a_stand_in(tmp_path):
+    """The GPU recipes (DiT-B/2 on a VAE's latents, cached moments) on a CPU stand-in: a random
+    VAE, a folder of 16×16 images in two classes, a tiny DiT; one step each."""
+    from pathlib import Path
+
+    from flowmap.apps.lightning_cli import cli_main
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "imagenet256_latent"
+    tiny_vae(tmp_path / "vae", channels=3, latent=4)
+    images = _class_folder(tmp_path / "images")
+    pixels = {
+        "class_path": "flowmap.data.ImageFolderDataModule",
+        "init_args": {
+            "root": str(images),
+            "image_size": 16,
+            "channels": 3,
+            "labels": True,
+            "batch_size": 4,
+            "test_fraction": 0.25,
+        },
+    }
+    dit = [
+        "--model.net.init_args.image_size=8",
+        "--model.net.init_args.width=32",
+        "--model.net.init_args.depth=1",
+        "--model.net.init_args.heads=2",
+        "--model.net.init_args.num_classes=2",
+    ]
+    stand_in = [
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+        "--trainer.enable_progress_bar=false", f"--data.init_args.data={json.dumps(pixels)}",
+        f"--data.init_args.codec={tmp_path / 'vae'}", f"--data.init_args.cache={tmp_path / 'lat.safetensors'}", *dit,
+    ]  # fmt: skip
+
+    def one_step(config, *extra):
+        cli = cli_main(["--config", str(recipes / config), *stand_in, *extra], run=False)
+        before = torch.cat([p.detach().flatten().clone() for p in cli.model.net.parameters()])
+        cli.trainer.fit(cli.model, cli.datamodule)
+        after = torch.cat([p.detach().flatten() for p in cli.model.net.parameters()])
+        assert cli.trainer.global_step == 1 and not torch.equal(before, after)
+        assert cli.datamodule.data_shape == (4, 8, 8)
+        return cli
+
+    one_step(
+        "teacher.yaml",
+        "--trainer.fast_dev_run=true",
+        f"--trainer.default_root_dir={tmp_path / 'dev'}",
+    )
+    assert (tmp_path / "lat.safetensors").is_file()  # the cache, written on the first fit
+    root = tmp_path / "teacher"
+    one_step(
+        "teacher.yaml",
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0",
+        f"--trainer.default_root_dir={root}",
+    )
+    ckpt = root / "checkpoints" / "last.ckpt"
+    for loss in ("lagrangian", "eulerian", "semigroup"):
+        one_step(
+            f"{loss}.yaml",
+            "--trainer.fast_dev_run=true",
+            f"--model.teacher={ckpt}",
+            f"--trainer.default_root_dir={tmp_path / loss}",
+        )
