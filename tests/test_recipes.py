@@ -37,7 +37,8 @@ def test_flow_map_recipes_inject_their_loss_by_class_path(config):
     """A dataset's stage recipes are named after their loss (the presets: tests/test_presets.py)."""
     model = yaml.safe_load(config.read_text())["model"]
     assert model["class_path"] == "flowmap.training.FlowMapModule"
-    assert model["init_args"]["loss"]["class_path"] == f"flowmap.losses.{config.stem.title()}Loss"
+    loss = {"lora": "lagrangian"}.get(config.stem, config.stem)  # LoRA adapters, Lagrangian loss
+    assert model["init_args"]["loss"]["class_path"] == f"flowmap.losses.{loss.title()}Loss"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -46,6 +46,7 @@ def component_groups() -> list[_Group]:
     """flowmap's components as the CLI takes them: models, nets, losses (and their parts), data."""
     import torch
 
+    import flowmap.codecs
     import flowmap.data
     import flowmap.losses
     import flowmap.nets
@@ -61,7 +62,11 @@ def component_groups() -> list[_Group]:
         _Group("Losses (FlowMapModule)", "model.loss", list(flowmap.losses.LOSSES)),
         _Group("Time pairs of a loss", "model.loss.pairs", [flowmap.losses.TimePairSampler]),
         _Group("Loss weighting", "model.loss.weighting", [flowmap.losses.LossWeighting]),
-        _Group("Data", "data", _concrete(flowmap.data, FlowDataModule)),
+        _Group(
+            "Data",
+            "data",
+            [*_concrete(flowmap.data, FlowDataModule), flowmap.codecs.LatentDataModule],
+        ),
     ]
 
 
