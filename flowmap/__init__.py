@@ -32,8 +32,8 @@ Layers, each importing only those before it: the math core (``io``, ``paths``, `
 ``conditioning``, ``flowmap``, ``ode``, ``oracles``), ``nets`` (with ``TwoTimeAdapter``, the gap
 :math:`t - s` for any one-time network), ``teachers`` (models trained elsewhere, e.g.
 ``flowmap.teachers.DiffusionTeacher``, and ``DiffusionStudent``, such a teacher's own network as
-:math:`\phi`), ``losses``, ``presets``, ``data``, ``metrics``,
-``training``, ``apps``.
+:math:`\phi`), ``losses``, ``presets``, ``data``, ``codecs`` (latent codecs and the data module
+that serves latents), ``metrics``, ``training``, ``apps``.
 """
 
 from flowmap.flowmap import FlowMap, JVPMethod

@@ -254,6 +254,23 @@ def test_latent_digits_pipeline_reports_decoded_rows_beside_the_codec_floor(tmp_
             ]
         )
     assert not list((tmp_path / "refused").rglob("*.ckpt"))
+    # a latent teacher given pixel data: one sentence, no step
+    with pytest.raises(
+        ValueError, match=r"trained on data of shape \[2, 4, 4\] but this data has shape \[1, 8, 8\]"
+    ):
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(recipes / "digits_latent/lagrangian.yaml"),
+                f"--model.teacher={teacher}",
+                "--data=flowmap.data.DigitsDataModule",
+                "--data.batch_size=32",
+                "--trainer.max_steps=1",
+                f"--trainer.default_root_dir={tmp_path / 'refused'}",
+            ]
+        )
+    assert not list((tmp_path / "refused").rglob("*.ckpt"))
 
 
 def test_an_image_folder_streams_into_the_cache_in_its_split_order(tmp_path):
