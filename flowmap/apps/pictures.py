@@ -355,9 +355,10 @@ def quality_vs_steps_figure(results: Mapping[str, Any]) -> tuple[plt.Figure, tup
     fixed = [m for m in quality if m not in _ADAPTIVE]
     dodge = {m: (i - (len(fixed) - 1) / 2) * 0.04 for i, m in enumerate(fixed)}  # in log2(NFE)
     fig, (ax, ax_end) = plt.subplots(1, 2, figsize=(13, 6.4))
+    codec_floor = results.get("codec_floor")  # latent data: what the codec alone costs
     bottom, top = _y_range(quality, floor)
-    if results.get("codec_floor") is not None and _finite(results["codec_floor"]):
-        top = max(top, results["codec_floor"]["ci_high"] * 1.05)
+    if codec_floor is not None and _finite(codec_floor):
+        top = max(top, codec_floor["ci_high"] * 1.05)
     clipped: dict[int, list[tuple[float, str, float]]] = {}  # nfe → (x, colour, value)
 
     for panel, series in ((ax, quality), (ax_end, endpoint)):
@@ -365,19 +366,16 @@ def quality_vs_steps_figure(results: Mapping[str, Any]) -> tuple[plt.Figure, tup
     _mark_clipped(ax, clipped, top)
 
     handles, labels = ax.get_legend_handles_labels()
-    if floor is not None and _finite(floor):
-        band = ax.axhspan(floor["ci_low"], floor["ci_high"], color="k", alpha=0.12, lw=0)
-        ax.axhline(floor["value"], color="k", ls="--", lw=1)
-        line = Line2D([], [], color="k", ls="--", lw=1)
-        handles.append((Patch(facecolor=band.get_facecolor(), edgecolor="none"), line))
-        labels.append(FLOOR_LABEL)
-    coded = results.get("codec_floor")
-    if coded is not None and _finite(coded):
-        band = ax.axhspan(coded["ci_low"], coded["ci_high"], color="tab:brown", alpha=0.12, lw=0)
-        ax.axhline(coded["value"], color="tab:brown", ls=":", lw=1.2)
-        line = Line2D([], [], color="tab:brown", ls=":", lw=1.2)
-        handles.append((Patch(facecolor=band.get_facecolor(), edgecolor="none"), line))
-        labels.append(CODEC_FLOOR_LABEL)
+    floors = ((floor, "k", "--", FLOOR_LABEL), (codec_floor, "tab:brown", ":", CODEC_FLOOR_LABEL))
+    for estimate, colour, style, label in floors:
+        if estimate is not None and _finite(estimate):  # the value and its interval as a band
+            band = ax.axhspan(
+                estimate["ci_low"], estimate["ci_high"], color=colour, alpha=0.12, lw=0
+            )
+            ax.axhline(estimate["value"], color=colour, ls=style, lw=1)
+            line = Line2D([], [], color=colour, ls=style, lw=1)
+            handles.append((Patch(facecolor=band.get_facecolor(), edgecolor="none"), line))
+            labels.append(label)
     if clipped:
         handles.append(Line2D([], [], marker="^", ms=9, color="0.4", ls="none"))
         labels.append(CLIPPED_LABEL)
