@@ -231,7 +231,14 @@ def test_a_lora_checkpoint_holds_no_base_and_reloads_to_the_same_samples(teacher
     assert any(k.startswith("ema.module.") and ".lora_B." in k for k in keys)
     assert paths["lora"].stat().st_size < 0.6 * paths["full"].stat().st_size
     assert raw["flowmap_teacher_sha256"] and raw["hyper_parameters"]["adapter"] == LORA | {
-        "init_args": {"rank": 2, "alpha": None, "targets": None, "full": None, "dropout": 0.0}
+        "init_args": {
+            "rank": 2,
+            "alpha": None,
+            "targets": None,
+            "full": None,
+            "dropout": 0.0,
+            "bias": "none",
+        }
     }
 
     x0 = torch.randn(8, 1, 8, 8)
@@ -282,6 +289,8 @@ def test_bad_lora_input_is_refused_in_one_sentence_before_any_work(monkeypatch):
         LoRA(alpha=0)
     with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
         LoRA(dropout=1.0)
+    with pytest.raises(ValueError, match="bias is 'none' or 'all'"):
+        LoRA(bias="lora_only")
     with pytest.raises(ValueError, match="LoRA full names 'time.gapp', which is no module of MLP"):
         FlowMapModule(teacher=teacher, adapter=LoRA(full=["time.gapp"]))
     with pytest.raises(ValueError, match="LoRA target 'attention' matches no linear"):
@@ -306,6 +315,14 @@ def test_named_targets_and_full_modules_choose_what_trains():
     assert trained == {"blocks.0.film", "blocks.1.film", "out.2"}
     assert all(p.requires_grad for p in net.time.parameters())
     assert not any(p.requires_grad for p in net.inp.parameters())
+
+
+def test_bias_all_trains_every_bias_and_no_base_weight():
+    net = LoRA(rank=2, bias="all").apply(MLP((2,), width=16, depth=2))
+    for name, p in net.named_parameters():
+        lora, gap = ".lora_" in name, name.startswith("time.gap.")
+        assert p.requires_grad == (lora or gap or name.endswith("bias")), name
+    assert any(p.requires_grad for n, p in net.named_parameters() if n.endswith("base_layer.bias"))
 
 
 def test_a_sharded_strategy_is_refused(teachers):

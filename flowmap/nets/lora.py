@@ -70,6 +70,8 @@ class LoRA:
             :class:`~flowmap.teachers.DiffusionStudent`) and a guidance-scale input
             (``condition.scale``), the parts a teacher never trained.
         dropout: dropout on the adapters' input.
+        bias: ``"none"`` (every base bias frozen) or ``"all"`` (every bias of the net trains,
+            BitFit-style; a few parameters, kept in the checkpoint), as peft's ``bias``.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class LoRA:
         targets: Sequence[str] | None = None,
         full: Sequence[str] | None = None,
         dropout: float = 0.0,
+        bias: str = "none",
     ) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"The LoRA rank must be a whole number of at least 1, got {rank!r}.")
@@ -86,12 +89,14 @@ class LoRA:
             raise ValueError(f"The LoRA alpha must be positive (or unset: the rank), got {alpha}.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"The LoRA dropout must lie in [0, 1), got {dropout}.")
+        if bias not in ("none", "all"):
+            raise ValueError(f"The LoRA bias is 'none' or 'all', got {bias!r}.")
         for what, names in (("targets", targets), ("full", full)):
             if isinstance(names, str):
                 raise ValueError(f"LoRA {what} takes a list of module names, e.g. [{names!r}].")
         if targets is not None and not targets:
             raise ValueError("LoRA targets is an empty list; leave it unset to adapt every layer.")
-        self.rank, self.dropout = rank, float(dropout)
+        self.rank, self.dropout, self.bias = rank, float(dropout), bias
         self.alpha = float(rank if alpha is None else alpha)
         self.targets = None if targets is None else list(targets)
         self.full = None if full is None else list(full)
@@ -120,6 +125,7 @@ class LoRA:
                 "targets": self.targets,
                 "full": self.full,
                 "dropout": self.dropout,
+                "bias": self.bias,
             },
         }
 
@@ -210,8 +216,10 @@ class LoRA:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. on a custom module's name
             net = peft.inject_adapter_in_model(config, net)
+        trains_bias = self.bias == "all"
         for name, p in net.named_parameters():
-            p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+            adapter = ".lora_A." in name or ".lora_B." in name
+            p.requires_grad_(adapter or (trains_bias and name.endswith("bias")))
         for prefix in full:
             for name, m in net.named_modules():
                 if _inside(name, prefix):
