@@ -44,12 +44,18 @@ NETS = {  # the recipes' U-Nets: digits (0.73M) and CIFAR-10 (38.6M)
 }  # fmt: skip
 
 
-def train(teacher: str, out: Path, lrs: list[float], steps: int | None) -> dict[str, str]:
-    """The full student and one LoRA student per learning rate (reused when already trained)."""
+def train(
+    teacher: str, out: Path, lrs: list[float], steps: int | None, variants: list[str]
+) -> dict[str, str]:
+    """The full student, one LoRA student per learning rate and one per variant
+    (``label=overrides`` of ``lora.yaml``), each reused when already trained."""
     extra = [f"--trainer.max_steps={steps}"] if steps else []
     runs = {"full": (RECIPES / "lagrangian.yaml", [])}
     for lr in lrs:
         runs[f"lora-lr{lr:g}"] = (RECIPES / "lora.yaml", [f"--model.lr={lr}"])
+    for variant in variants:
+        label, _, overrides = variant.partition("=")
+        runs[label] = (RECIPES / "lora.yaml", shlex.split(overrides))
     ckpts = {}
     for label, (config, overrides) in runs.items():
         over = [f"--model.teacher={teacher}", "--trainer.enable_progress_bar=false", *overrides]
@@ -132,13 +138,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--lora-lr", type=float, nargs="+", default=[3e-4, 1e-3])
     p.add_argument("--steps", type=int, default=None, help="override the recipes' max_steps")
+    p.add_argument(
+        "--variant",
+        nargs="*",
+        default=[],
+        help="more LoRA students, each LABEL='--model.lr=3e-3 --model.adapter.init_args.bias=all'",
+    )
     p.add_argument("--rank", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5, help="timed steps per cost measurement")
     p.add_argument("--n-samples", type=int, default=10000)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    ckpts = train(args.teacher, args.out, args.lora_lr, args.steps)
+    ckpts = train(args.teacher, args.out, args.lora_lr, args.steps, args.variant)
     seconds = {k: json.loads((args.out / k / "done.json").read_text())["seconds"] for k in ckpts}
     nfes = [1, 2, 4]
     report = report_main(
