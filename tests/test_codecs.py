@@ -256,7 +256,8 @@ def test_latent_digits_pipeline_reports_decoded_rows_beside_the_codec_floor(tmp_
     assert not list((tmp_path / "refused").rglob("*.ckpt"))
     # a latent teacher given pixel data: one sentence, no step
     with pytest.raises(
-        ValueError, match=r"trained on data of shape \[2, 4, 4\] but this data has shape \[1, 8, 8\]"
+        ValueError,
+        match=r"trained on data of shape \[2, 4, 4\] but this data has shape \[1, 8, 8\]",
     ):
         cli_main(
             [
