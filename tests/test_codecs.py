@@ -371,3 +371,19 @@ def test_imagenet256_latent_recipes_run_with_fast_dev_run_on_a_stand_in(tmp_path
             f"--model.teacher={ckpt}",
             f"--trainer.default_root_dir={tmp_path / loss}",
         )
+
+
+def test_a_training_draw_is_a_function_of_the_step_so_a_resumed_run_replays_it(vae_folder):
+    from types import SimpleNamespace
+
+    folder, _ = vae_folder
+    dm = LatentDataModule(DIGITS, str(folder))
+    x = dm.pixels.reference_samples(8, "train")
+    dm.trainer = SimpleNamespace(training=True, global_step=7, global_rank=0)
+    first = dm.on_after_batch_transfer(x, 0)
+    torch.manual_seed(123)  # the global RNG (the module's noise) plays no part
+    assert torch.equal(dm.on_after_batch_transfer(x, 0), first)
+    dm.trainer.global_step = 8
+    assert not torch.equal(dm.on_after_batch_transfer(x, 0), first)
+    dm.trainer.training = False  # validation: the posterior mean
+    torch.testing.assert_close(dm.on_after_batch_transfer(x, 0), dm.codec.encode(x, sample=False))

@@ -159,23 +159,31 @@ class LatentDataModule(FlowDataModule):
         x, rest = (batch, None) if isinstance(batch, Tensor) else (batch[0], list(batch[1:]))
         trainer = self.trainer
         training = trainer is not None and trainer.training
-        if training and self.cache is not None:
-            z = self.draw(x)
+        if training:  # the draw's noise is a function of (seed, step, rank): resume replays it
+            seed = mix_seed(
+                getattr(self.pixels, "seed", 0), 2, trainer.global_step, trainer.global_rank
+            )
+            g = torch.Generator(device=x.device).manual_seed(seed)
+            z = self.draw(x, g) if self.cache is not None else self.encode(x, self.sample, g)
         else:
-            z = self.encode(x, sample=self.sample and training)
+            z = self.encode(x, sample=False)
         return z if rest is None else [z, *rest]
 
     # ----------------------------------------------------------------- codec helpers
     @staticmethod
-    def draw(pairs: Tensor) -> Tensor:
+    def draw(pairs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         r"""Latents from cached ``[mean, std]`` pairs ``(B, 2, *latent)``: :math:`\mu + \sigma\epsilon`."""
         mean, std = pairs.float().unbind(1)
-        return mean + std * torch.randn_like(mean)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return mean + std * noise
 
-    def encode(self, x: Tensor, sample: bool = True) -> Tensor:
+    def encode(
+        self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Scaled latents of pixels ``x`` (in chunks, on ``x``'s device)."""
         self.codec.to(x.device)
-        return torch.cat([self.codec.encode(c, sample=sample) for c in x.split(ENCODE_BATCH)])
+        chunks = x.split(ENCODE_BATCH)
+        return torch.cat([self.codec.encode(c, sample, generator) for c in chunks])
 
     def decode(self, z: Tensor) -> Tensor:
         """Pixels of scaled latents ``z`` (in chunks, on ``z``'s device)."""
@@ -262,7 +270,7 @@ class CachedLatents(Dataset):
 
 def pixel_data(dm: Any) -> Any:
     """The pixel data module behind ``dm`` (``dm`` itself when it serves pixels)."""
-    return getattr(dm, "pixels", dm) if isinstance(dm, LatentDataModule) else dm
+    return dm.pixels if isinstance(dm, LatentDataModule) else dm
 
 
 def codec_of(dm: Any) -> LatentCodec | None:
