@@ -19,6 +19,8 @@ import torch
 __all__ = [
     "UnsafeFileError",
     "PICKLE_SUFFIXES",
+    "DIFFUSERS_WEIGHTS",
+    "diffusers_weights",
     "file_sha256",
     "load_safetensors",
     "read_npz",
@@ -27,6 +29,26 @@ __all__ = [
 
 #: files that carry pickles (torch.save, pickle): never read from a foreign weights folder
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: the weights file of a diffusers model folder (``save_pretrained``)
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def diffusers_weights(model_dir: Path, what: str = "model") -> Path:
+    """``model_dir``'s :data:`DIFFUSERS_WEIGHTS`; a folder without it (pickle weights only, or
+    none) is refused in one sentence."""
+    weights = model_dir / DIFFUSERS_WEIGHTS
+    if weights.is_file():
+        return weights
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    raise ValueError(
+        f"The {what} folder {str(model_dir)!r} has no {DIFFUSERS_WEIGHTS}"
+        + (
+            f" but pickle weights ({', '.join(pickles)}), which flowmap never unpickles; re-save "
+            f"the {what} with save_pretrained(safe_serialization=True)."
+            if pickles
+            else f"; save the {what} with save_pretrained."
+        )
+    )
 
 
 class UnsafeFileError(ValueError):

@@ -89,7 +89,7 @@ def test_per_channel_latents_mean_and_std_give_a_per_channel_affine(tmp_path):
 
 def test_a_pickle_only_vae_and_a_missing_folder_are_refused(tmp_path):
     tiny_vae(tmp_path / "pickled", safe=False)
-    with pytest.raises(ValueError, match="never unpickles; re-save it with save_pretrained"):
+    with pytest.raises(ValueError, match="never unpickles; re-save the VAE with save_pretrained"):
         AutoencoderKLCodec(str(tmp_path / "pickled"))
     with pytest.raises(ValueError, match="does not exist"):
         build_codec(str(tmp_path / "nowhere"))

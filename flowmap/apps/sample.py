@@ -130,9 +130,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise ValueError("--invert needs --data-npz, the data to map to noise.")
     set_threads()
     module, kind, _, _ = load_sampler(args.ckpt)
-    codec = (
-        build_codec(args.codec) if args.codec else trained_codec(module.__dict__.get("trained_on"))
-    )
+    trained_on = getattr(module, "trained_on", None)  # a flowmap checkpoint's data
+    codec = build_codec(args.codec) if args.codec else trained_codec(trained_on)
     if args.invert:
         if not hasattr(module, "invert"):
             raise ValueError(

@@ -17,11 +17,9 @@ from typing import Any
 from torch import Tensor
 
 from flowmap.codecs.base import LatentCodec
-from flowmap.io import PICKLE_SUFFIXES, load_safetensors
+from flowmap.io import DIFFUSERS_WEIGHTS, diffusers_weights, load_safetensors
 
 __all__ = ["AutoencoderKLCodec"]
-
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def _vae_folder(folder: str) -> Path:
@@ -34,17 +32,7 @@ def _vae_folder(folder: str) -> Path:
         )
     for d in (root, root / "vae"):
         if (d / "config.json").is_file():
-            pickles = sorted(p.name for p in d.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-            if not (d / WEIGHTS).is_file():
-                raise ValueError(
-                    f"The VAE folder {str(d)!r} has no {WEIGHTS}"
-                    + (
-                        f" but pickle weights ({', '.join(pickles)}), which flowmap never "
-                        "unpickles; re-save it with save_pretrained(safe_serialization=True)."
-                        if pickles
-                        else "; save the VAE with save_pretrained."
-                    )
-                )
+            diffusers_weights(d, "VAE")  # safetensors, or a one-sentence refusal
             return d
     raise ValueError(
         f"The codec folder {folder!r} holds no config.json (looked in it and in vae/); save the "
@@ -87,7 +75,7 @@ class AutoencoderKLCodec(LatentCodec):
             cfg_scale if scale is None else scale, cfg_shift if shift is None else shift
         )
         self.vae = diffusers.AutoencoderKL.from_config(config)
-        state = load_safetensors(d / WEIGHTS, "AutoencoderKL weights")
+        state = load_safetensors(d / DIFFUSERS_WEIGHTS, "AutoencoderKL weights")
         missing, unexpected = self.vae.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -98,7 +86,7 @@ class AutoencoderKLCodec(LatentCodec):
         self.vae.requires_grad_(False).eval()
         self.folder = str(folder)
         self.config = {k: v for k, v in config.items() if not k.startswith("_")}
-        self.weight_files = (str(d / WEIGHTS), str(d / "config.json"))
+        self.weight_files = (str(d / DIFFUSERS_WEIGHTS), str(d / "config.json"))
 
     @staticmethod
     def _affine_from(config: dict[str, Any]) -> tuple[Any, Any]:

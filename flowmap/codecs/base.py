@@ -36,9 +36,6 @@ class LatentCodec(nn.Module, ABC):
     Subclasses implement :meth:`moments`, :meth:`decode_raw` and :meth:`latent_shape`.
     """
 
-    #: whether :meth:`moments` returns a spread (a sampling posterior) or ``None`` (deterministic)
-    stochastic: bool = True
-
     def __init__(
         self, scale: float | Sequence[float] = 1.0, shift: float | Sequence[float] = 0.0
     ) -> None:
@@ -136,8 +133,6 @@ def codec_identity(codec: LatentCodec) -> str:
 class IdentityCodec(LatentCodec):
     """Pixels are the latents: :math:`z = x` (scale 1, shift 0, deterministic), so training and
     sampling through it are those of pixel space, bit for bit."""
-
-    stochastic = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flowmap.io import PICKLE_SUFFIXES, load_safetensors
+from flowmap.io import DIFFUSERS_WEIGHTS, diffusers_weights, load_safetensors
 from flowmap.teachers.diffusion import DiffusionTeacher
 from flowmap.teachers.schedules import DiscreteVPSchedule, native_schedule
 
@@ -35,7 +35,6 @@ __all__ = ["DiffusersTeacher", "schedule_from_config", "MODEL_CLASSES", "SCHEDUL
 MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
 VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")
 SCHEDULER_CLASSES = (*VP_SCHEDULERS, "FlowMatchEulerDiscreteScheduler")
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def _diffusers() -> Any:
@@ -160,7 +159,7 @@ class DiffusersTeacher(DiffusionTeacher):
             sched_file = _find(root, ("scheduler_config.json",), ("scheduler",))
             #: the files that define this teacher (its identity for reports)
             self.weight_files = [
-                str(model_dir / WEIGHTS),
+                str(model_dir / DIFFUSERS_WEIGHTS),
                 str(model_dir / "config.json"),
                 str(sched_file),
             ]
@@ -183,19 +182,8 @@ class DiffusersTeacher(DiffusionTeacher):
                 "transformer/ and scheduler/ sub-folders); save the model and its scheduler "
                 "with save_pretrained."
             )
-        model_dir = config_file.parent
-        pickles = [p.name for p in model_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
-        if not (model_dir / WEIGHTS).is_file():
-            raise ValueError(
-                f"The model folder {str(model_dir)!r} has no {WEIGHTS}"
-                + (
-                    f" but pickle weights ({', '.join(sorted(pickles))}), which flowmap never "
-                    "unpickles; re-save the model with save_pretrained(safe_serialization=True)."
-                    if pickles
-                    else "; save the model with save_pretrained."
-                )
-            )
-        return _read_json(config_file), _read_json(sched_file), model_dir / WEIGHTS
+        weights = diffusers_weights(config_file.parent)
+        return _read_json(config_file), _read_json(sched_file), weights
 
     def architecture(self) -> dict[str, Any]:
         """This teacher as plain data without its weights: a ``class_path`` spec that builds the

@@ -17,7 +17,7 @@ from flowmap.apps.report.results import stored
 from flowmap.apps.report.rows import sampling_device
 from flowmap.codecs import codec_of, pixel_data
 from flowmap.data.base import FlowDataModule, to_uint8
-from flowmap.metrics.evaluation import Evaluator, Measurement
+from flowmap.metrics.evaluation import Evaluator
 from flowmap.training import CheckpointError
 
 __all__ = ["Setting", "build_datamodule", "dataset_name", "guided_setting", "steps_setting"]
@@ -57,7 +57,6 @@ class Setting:
     decode: Callable[[Tensor], Tensor] | None = None
     #: decode(encode(floor set)): what the codec alone costs (latent data only)
     codec_floor_x: Tensor | None = None
-    codec_floor: Measurement | None = None
 
     @property
     def n(self) -> int:
