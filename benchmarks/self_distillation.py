@@ -47,10 +47,12 @@ from flowmap.data.toy2d import toy2d_sample
 from flowmap.flowmap import FlowMap
 from flowmap.losses import cfm_loss
 from flowmap.metrics.evaluation import Evaluator
+from flowmap.metrics.intervals import t_interval
 from flowmap.nets import MLP
 from flowmap.ode import sample_consistency, sample_flow_map, solve_ode
 from flowmap.paths import AffinePath
 from flowmap.presets import PRESETS, table
+from flowmap.training.guard import DivergenceError, DivergenceGuard
 
 NFES = (1, 2, 4, 8)
 TOYS = ("checkerboard", "8gaussians", "moons")
@@ -59,7 +61,6 @@ SELF = tuple(n for n, p in PRESETS.items() if not p.needs_teacher)
 DISTIL = tuple(n for n, p in PRESETS.items() if p.needs_teacher)
 #: ablations of a preset: (preset, replaced init_args)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lsd_learned": ("lsd", {"weighting": {"kind": "learned"}}),  # Boffi et al.'s weighting
     "meanflow_p1": ("meanflow", {"weighting": {"kind": "adaptive", "p": 1.0, "eps": 1e-3}}),
     # the peer's choices in flowmap's loss: p = 0.5, half the batch on the diagonal
     "meanflow_peer_settings": (
@@ -149,15 +150,32 @@ def make_net(shape: tuple[int, ...], seed: int) -> MLP:
 
 
 def train(
-    step_loss: Callable[[Tensor, int], Tensor], params: list[nn.Parameter], data: Data, args: Any
+    step_loss: Callable[[Tensor, int], Tensor],
+    params: list[nn.Parameter],
+    data: Data,
+    args: Any,
+    fm: FlowMap | None = None,
 ) -> dict[str, Any]:
-    """The one loop of every row: Adam at ``args.lr``, ``args.steps`` steps."""
+    """The one loop of every row: Adam at ``args.lr``, ``args.steps`` steps; with the row's map
+    ``fm``, a :class:`~flowmap.training.DivergenceGuard` stops a run that leaves the data's scale
+    (or whose loss is non-finite) and records the step."""
     opt = torch.optim.Adam(params, lr=args.lr)
+    guard = DivergenceGuard(keep=False)
     start = time.perf_counter()
     for k in range(args.steps):
-        loss = step_loss(data(), k)
-        if not torch.isfinite(loss):
-            return {"diverged_at": k, "wall_s": time.perf_counter() - start}
+        x1 = data()
+        loss = step_loss(x1, k)
+        try:
+            if fm is not None:
+                guard(fm, x1, step=k, loss=loss)
+            elif not torch.isfinite(loss):
+                raise DivergenceError(f"The loss is {float(loss)} at step {k}.")
+        except DivergenceError as err:
+            return {
+                "diverged_at": k,
+                "why": str(err).split(". ")[0],
+                "wall_s": time.perf_counter() - start,
+            }
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -200,20 +218,26 @@ def scaled_to_budget(spec: Any, steps: int) -> Any:
     return spec
 
 
+def teacher_path(out: Path, data: Data, args: Any) -> Path:
+    """Where the CFM teacher of ``data`` at ``args.seed`` is kept."""
+    return out / "teachers" / f"{data.target}_s{args.seed}.pt"
+
+
 def row_parts(method: str, data: Data, args: Any, out: Path | None) -> dict[str, Any]:
     """What a row trains and samples: ``step_loss(x1, k)``, ``params``, ``sampler(x0, nfe)`` and,
     for a peer, ``own`` (its own ``sample``). ``out=None`` (timing only) skips the teacher's
     training and distils an untrained copy of the net instead."""
     net = make_net(data.shape, args.seed)
     fm = FlowMap(net)
-    teacher_file = out / "teachers" / f"{data.target}.pt" if out is not None else None
-    parts: dict[str, Any] = {"own": None}
+    teacher_file = teacher_path(out, data, args) if out is not None else None
+    parts: dict[str, Any] = {"own": None, "fm": fm}
     if method == "cfm_teacher":
         if teacher_file is not None:  # trained once, shared with the distilled rows
             net = teacher_net(data, args, teacher_file)
             fm = FlowMap(net)
         parts["step_loss"] = cfm_step(net)
         parts["params"] = list(net.parameters())
+        parts["fm"] = None  # a velocity, not a map: its loss alone is watched
         parts["sampler"] = lambda x0, nfe: solve_ode(fm.velocity, x0, "euler", nfe=nfe).x
     elif method in PEERS:
         model = peer(method, net, data.shape)
@@ -260,9 +284,9 @@ def run_row(method: str, data: Data, args: Any, out: Path) -> dict[str, Any]:
     """Train ``method`` on ``data`` and measure it."""
     parts = row_parts(method, data, args, out)
     if method == "cfm_teacher":  # row_parts trained it (teacher_net); its training record
-        result = json.loads((out / "teachers" / f"{data.target}.json").read_text())
+        result = json.loads((teacher_path(out, data, args)).with_suffix(".json").read_text())
     else:
-        result = train(parts["step_loss"], parts["params"], data, args)
+        result = train(parts["step_loss"], parts["params"], data, args, parts["fm"])
     row: dict[str, Any] = {"method": method, "target": data.target, **result}
     row["s_per_step"] = row["wall_s"] / args.steps
     row.update(measure(parts["sampler"], data, args, "quality"))
@@ -329,32 +353,34 @@ def cmd_run(args: argparse.Namespace) -> None:
     rows = args.out / "rows"
     rows.mkdir(parents=True, exist_ok=True)
     methods = ALL if args.methods == ["all"] else args.methods
-    for target in args.targets:
-        data = None
-        for method in methods:
-            path = rows / f"{target}__{method}.json"
-            if path.is_file():
-                print(f"{target} {method}: done, skipped", flush=True)
-                continue
-            if data is None:
-                batch = args.digits_batch if target == "digits" else args.batch
-                data = Data(target, batch, args.n, args.seed)
-            row = run_row(method, data, args, args.out)
-            row.update(
-                steps=args.steps,
-                batch=data.batch,
-                lr=args.lr,
-                seed=args.seed,
-                threads=torch.get_num_threads(),
-                floor=None if data.image else data.floor.as_dict(),
-            )
-            path.write_text(json.dumps(row, indent=1))
-            q = row["quality"]
-            print(
-                f"{target} {method}: {row['wall_s']:.0f} s, "
-                + " ".join(f"{k}:{_fmt(v)}" for k, v in q.items()),
-                flush=True,
-            )
+    for seed in args.seeds:
+        args.seed = seed
+        for target in args.targets:
+            data = None
+            for method in methods:
+                path = rows / f"{target}__{method}__s{seed}.json"
+                if path.is_file():
+                    print(f"{target} {method} seed {seed}: done, skipped", flush=True)
+                    continue
+                if data is None:
+                    batch = args.digits_batch if target == "digits" else args.batch
+                    data = Data(target, batch, args.n, seed)
+                row = run_row(method, data, args, args.out)
+                row.update(
+                    steps=args.steps,
+                    batch=data.batch,
+                    lr=args.lr,
+                    seed=seed,
+                    threads=torch.get_num_threads(),
+                    floor=None if data.image else data.floor.as_dict(),
+                )
+                path.write_text(json.dumps(row, indent=1))
+                q = row["quality"]
+                print(
+                    f"{target} {method} seed {seed}: {row['wall_s']:.0f} s, "
+                    + " ".join(f"{k}:{_fmt(v)}" for k, v in q.items()),
+                    flush=True,
+                )
     meta = args.out / "commands.json"  # every run that added rows, in order
     done = json.loads(meta.read_text()) if meta.is_file() else []
     done.append(
@@ -385,16 +411,6 @@ def _ratio(a: dict | None, b: dict | None) -> str:
     return f"{a['value'] / b['value']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def flat_from_4_to_8(q: dict) -> str:
-    """Whether the 4-NFE value lies inside the 8-NFE interval (else: better or worse at 8)."""
-    four, eight = q.get("4"), q.get("8")
-    if not four or not eight:
-        return "n/a"
-    if eight["ci_low"] <= four["value"] <= eight["ci_high"]:
-        return "yes"
-    return "no (8 better)" if four["value"] > eight["ci_high"] else "no (8 worse)"
-
-
 def kind(method: str) -> str:
     if method in PEERS:
         return "peer (rectified-flow-pytorch)"
@@ -422,6 +438,43 @@ def readme_table(out: Path) -> list[str]:
     return lines + [""]
 
 
+def over_seeds(rows: list[dict[str, Any]], key: str = "quality") -> dict[str, dict | None]:
+    """Per NFE: the mean over the rows' seeds with a t interval over them (one seed: its own
+    interval); ``None`` where a seed diverged or was non-finite."""
+    out: dict[str, dict | None] = {}
+    for n in map(str, NFES):
+        cells = [r.get(key, {}).get(n) if "diverged_at" not in r else None for r in rows]
+        if any(c is None for c in cells):
+            out[n] = None
+        elif len(cells) == 1:
+            out[n] = cells[0]
+        else:
+            out[n] = t_interval([c["value"] for c in cells]).as_dict()
+    return out
+
+
+def paired_ratio(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], nfe: int) -> str:
+    """Mean over seeds of the seed-paired ratio ours/theirs at ``nfe``, with a t interval (one
+    seed: the conservative ratio of the two intervals' ends)."""
+    by = {r["seed"]: r for r in theirs}
+    pairs = [(r, by[r["seed"]]) for r in ours if r["seed"] in by]
+    cells = [(a["quality"].get(str(nfe)), b["quality"].get(str(nfe))) for a, b in pairs]
+    if not cells or any(a is None or b is None for a, b in cells):
+        return "n/a"
+    if len(cells) == 1:
+        return _ratio(*cells[0])
+    e = t_interval([a["value"] / b["value"] for a, b in cells])
+    return f"{e.value:.2f} [{e.ci_low:.2f}, {e.ci_high:.2f}] ({len(cells)} seeds)"
+
+
+def no_worse_from_2_to_4(q: dict) -> str:
+    """Whether the 4-NFE value is inside the 2-NFE interval or better."""
+    two, four = q.get("2"), q.get("4")
+    if not two or not four:
+        return "n/a"
+    return "yes" if four["value"] <= two["ci_high"] else "no (4 worse)"
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     import matplotlib
 
@@ -433,28 +486,40 @@ def cmd_report(args: argparse.Namespace) -> None:
     targets = [t for t in (*TOYS, "digits") if any(r["target"] == t for r in rows)]
     order = {m: i for i, m in enumerate(ALL)}
     lines = [
-        "# Self-distillation: every preset and the peers, same net, data, budget and loop",
+        "# From scratch: every preset and the peers, same net, data, budget and loop",
         "",
         "- commands, in order: "
         + "; ".join(dict.fromkeys(f"`{m['command']}`" for m in meta))
         + "; then `python benchmarks/self_distillation.py report`",
         f"- machine: {meta[-1]['machine']}",
-        "- every row: `flowmap.nets.MLP` 4×256, Adam (no EMA, constant rate), one seed; quality "
-        "is exact W2 (2D, 4000 samples in 5 groups, mean ± 95% t interval) or FID in the digits "
-        "classifier's features (2000 samples, jackknife over 10 groups), at 1/2/4/8 flow-map "
-        "jumps (a one-time map re-noises between jumps).",
+        "- every row: `flowmap.nets.MLP` 4×256, Adam (no EMA, constant rate), trained once per "
+        "seed (the seed sets the net's initialisation, the batches and the evaluation "
+        "reference). Quality is exact W2 (2D, 4000 samples in 5 groups) or FID in the digits "
+        "classifier's features (2000 samples), at 1/2/4/8 flow-map jumps (a one-time map "
+        "re-noises between jumps) from one fixed noise set. A cell is the mean over the seeds "
+        "± the half-width of the 95% t interval over them (one seed: its own interval over "
+        "groups).",
+        "- a `DivergenceGuard` watches every row (one jump from noise beyond 100× the data's "
+        "scale, or a non-finite loss, stops it): a row that diverged says so.",
         "- distilled presets start from a copy of the `cfm_teacher` row's net and distil it; the "
         "teacher's own training time is not in their wall time. A preset's warm-up and "
         f"curriculum step counts, written for {PRESET_BUDGET} steps, are scaled to the budget.",
-        "- wall s and ms/step are as trained; other work shared the machine's second core for "
-        "part of the run, so compare costs in the preset table below (`speed`, idle machine).",
+        "- wall s is as trained (mean over seeds); other work shared the machine's second core "
+        "for part of the run, so compare costs in the preset table below (`speed`, idle "
+        "machine).",
         "- floor: fresh data against the reference groups; W2 on 800-point groups cannot resolve "
         "a sample set closer to the data than that.",
         "",
     ]
     fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
+    summary: dict[str, dict[str, Any]] = {}
     for ax, target in zip(axes[0], targets):
-        sel = sorted((r for r in rows if r["target"] == target), key=lambda r: order[r["method"]])
+        sel = [r for r in rows if r["target"] == target]
+        methods = sorted({r["method"] for r in sel}, key=lambda m: order[m])
+        by = {
+            m: sorted((r for r in sel if r["method"] == m), key=lambda r: r["seed"])
+            for m in methods
+        }
         r0 = sel[0]
         metric = r0["metric"].upper()
         lines += [f"## {target}", ""]
@@ -463,45 +528,49 @@ def cmd_report(args: argparse.Namespace) -> None:
         )
         if r0.get("floor"):
             lines.append(
-                f"Floor (fresh data against the reference, same groups): W2 {_fmt(r0['floor'])}."
+                f"Floor (fresh data against the reference, seed {r0['seed']}): W2 "
+                f"{_fmt(r0['floor'])}."
             )
         lines += [
             "",
-            f"| method | kind | {metric} 1 NFE | 2 NFE | 4 NFE | 8 NFE | 4 NFE inside 8's "
-            "interval | wall s | ms/step |",
+            f"| method | kind | seeds | {metric} 1 NFE | 2 NFE | 4 NFE | 8 NFE | 4 NFE no worse "
+            "than 2 | wall s |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in sel:
-            q = r["quality"]
+        summary[target] = {}
+        for m in methods:
+            q = over_seeds(by[m])
+            summary[target][m] = q
+            diverged = [
+                f"seed {r['seed']} at step {r['diverged_at']}" for r in by[m] if "diverged_at" in r
+            ]
+            note = f" (diverged: {', '.join(diverged)})" if diverged else ""
+            wall = sum(r["wall_s"] for r in by[m]) / len(by[m])
             cells = [_fmt(q.get(str(n))) for n in NFES]
-            note = f" (diverged at step {r['diverged_at']})" if "diverged_at" in r else ""
             lines.append(
-                f"| {r['method']}{note} | {kind(r['method'])} | " + " | ".join(cells) + f" | "
-                f"{flat_from_4_to_8(q)} | {r['wall_s']:.0f} | {1000 * r['s_per_step']:.1f} |"
+                f"| {m}{note} | {kind(m)} | {len(by[m])} | " + " | ".join(cells) + f" | "
+                f"{no_worse_from_2_to_4(q)} | {wall:.0f} |"
             )
             ys = [q[str(n)]["value"] if q.get(str(n)) else math.nan for n in NFES]
-            style = "--" if r["method"] in PEERS else ("-." if r["method"] in DISTIL else "-")
-            color = plt.get_cmap("tab20")(order[r["method"]] % 20)  # one colour per method
-            ax.plot(NFES, ys, style, marker="o", ms=3, color=color, label=r["method"])
-        own = [r for r in sel if "own_sampler" in r]
+            style = "--" if m in PEERS else ("-." if m in DISTIL else "-")
+            color = plt.get_cmap("tab20")(order[m] % 20)  # one colour per method
+            ax.plot(NFES, ys, style, marker="o", ms=3, color=color, label=m)
+        own = [m for m in methods if any("own_sampler" in r for r in by[m])]
         if own:
             lines += [
                 "",
                 "Peers through their own `sample` (multistep: Euler on the diagonal):",
                 "",
             ]
-            for r in own:
-                cells = [_fmt(r["own_sampler"].get(str(n))) for n in NFES]
-                lines.append(
-                    f"- {r['method']}: " + ", ".join(f"{n}: {c}" for n, c in zip(NFES, cells))
-                )
-        by = {r["method"]: r["quality"] for r in sel}
-        lines += ["", "Goals (ratio of values, interval from the ends of the two intervals):", ""]
+            for m in own:
+                q = over_seeds(by[m], "own_sampler")
+                lines.append(f"- {m}: " + ", ".join(f"{n}: {_fmt(q.get(str(n)))}" for n in NFES))
+        lines += ["", "Goals (seed-paired ratio ours / peer, mean and 95% t interval):", ""]
         for ours, theirs in (("lsd", "lsdflow"), ("meanflow", "meanflow_peer")):
             if ours in by and theirs in by:
                 lines.append(
-                    f"- {ours} / {theirs} at 1 NFE: {_ratio(by[ours].get('1'), by[theirs].get('1'))}"
-                    f"; at 2 NFE: {_ratio(by[ours].get('2'), by[theirs].get('2'))}"
+                    f"- {ours} / {theirs} at 1 NFE: {paired_ratio(by[ours], by[theirs], 1)}; "
+                    f"at 2 NFE: {paired_ratio(by[ours], by[theirs], 2)}"
                 )
         lines.append("")
         ax.set_title(target)
@@ -521,7 +590,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     fig.tight_layout()
     fig.savefig(args.out / "quality.png", dpi=120)
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    results = {"meta": meta, "over_seeds": summary, "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))
 
 
@@ -536,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--digits-batch", type=int, default=256)
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--n", type=int, default=4000, help="2D evaluation samples")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--out", type=Path, default=OUT)
     run.set_defaults(fn=cmd_run)

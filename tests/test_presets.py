@@ -3,6 +3,7 @@ map is its fixed point, and learns a 2D target in a short run. Also the math the
 MeanFlow's conditional target, the one-time map and its sampler, the dyadic pairs."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -297,13 +298,19 @@ def test_the_self_distillation_benchmark_runs_and_reports(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     common = ["--targets", "checkerboard", "--steps", "3", "--n", "100", "--out", str(tmp_path)]
-    bench.main(["run", "--methods", "lsd", "consistency_distillation", *common])
+    bench.main(
+        ["run", "--methods", "lsd", "consistency_distillation", "--seeds", "0", "1", *common]
+    )
     rows = sorted(p.name for p in (tmp_path / "rows").glob("*.json"))
-    assert rows == ["checkerboard__consistency_distillation.json", "checkerboard__lsd.json"]
-    assert (tmp_path / "teachers" / "checkerboard.pt").is_file()  # the distilled row's teacher
+    assert rows == [
+        f"checkerboard__{m}__s{k}.json" for m in ("consistency_distillation", "lsd") for k in (0, 1)
+    ]
+    assert (tmp_path / "teachers" / "checkerboard_s1.pt").is_file()  # a distilled row's teacher
     bench.main(["report", "--out", str(tmp_path)])
     report = (tmp_path / "report.md").read_text()
-    assert "| lsd | preset, from scratch |" in report and (tmp_path / "quality.png").is_file()
+    assert "| lsd | preset, from scratch | 2 |" in report and (tmp_path / "quality.png").is_file()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["over_seeds"]["checkerboard"]["lsd"]["1"]["n_seeds"] == 2
 
 
 def test_a_preset_yaml_fits_through_the_cli_and_its_checkpoint_samples(tmp_path):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from flowmap.conditioning import NULL_CLASS, Condition, rows
 from flowmap.flowmap import FlowMap, JVPMethod
-from flowmap.losses.pairs import TimePairs, TimePairSampler
+from flowmap.losses.pairs import MIN_SCRATCH_ETA, SCRATCH_ETA, TimePairs, TimePairSampler
 from flowmap.losses.weighting import LossWeighting
 from flowmap.paths import expand_like
 from flowmap.protocols import Velocity, declared_schedule
@@ -101,6 +101,9 @@ def chord_slope(
     return slope
 
 
+_UNWEIGHTED = LossWeighting("none")
+
+
 def _check_same_path(flow_map: FlowMap, teacher: Velocity) -> None:
     name = declared_schedule(teacher)
     if name is not None and name != flow_map.path.name:
@@ -159,8 +162,16 @@ class FlowMapLoss(nn.Module, ABC):
     :class:`LossWeighting`, and :math:`\ell` the subclass's :meth:`off_diagonal`.
 
     Args:
-        pairs: the time-pair sampler (default: uniform pairs, diagonal fraction 0.25).
-        weighting: the per-pair weighting (default: none).
+        pairs: the time-pair sampler (default: uniform pairs, diagonal fraction 0.25 with a
+            teacher, :data:`~flowmap.losses.pairs.SCRATCH_ETA` = 0.75 without).
+        weighting: the per-pair weighting (default: none, or the subclass's with a teacher).
+
+    From scratch (``teacher=None``) a default left unset takes its from-scratch value. A loss
+    whose off-diagonal target is the model's own (:attr:`trivial_at_identity`) has a trivial
+    minimiser there, the identity map :math:`\phi \equiv 0`; only the diagonal's flow matching
+    holds the map off it, so such a loss refuses a diagonal share below
+    :data:`~flowmap.losses.pairs.MIN_SCRATCH_ETA` and the learned weighting, which divides the
+    vanishing off-diagonal rows by their own loss without bound.
     """
 
     #: the key of the off-diagonal term in the returned dict (default: the class name, lower case,
@@ -176,11 +187,31 @@ class FlowMapLoss(nn.Module, ABC):
         cls._takes_dx_s, cls._takes_cond = "dx_s" in params, "cond" in params
 
     def __init__(
-        self, pairs: TimePairSampler | None = None, weighting: LossWeighting | None = None
+        self,
+        pairs: TimePairSampler | None = None,
+        weighting: LossWeighting | None = None,
+        distillation_weighting: LossWeighting | None = None,
     ) -> None:
         super().__init__()
         self.pairs = pairs if pairs is not None else TimePairSampler()
-        self.weighting = weighting if weighting is not None else LossWeighting("none")
+        if weighting is None and distillation_weighting is not None:
+            self.weighting = distillation_weighting
+        else:
+            self.weighting = weighting if weighting is not None else LossWeighting("none")
+        #: the sampler of a run without a teacher: the given one, or the from-scratch default
+        self.scratch_pairs = pairs if pairs is not None else TimePairSampler(eta=SCRATCH_ETA)
+        self._weighting_given = weighting is not None
+
+    #: whether the identity map :math:`\phi \equiv 0` zeroes the off-diagonal residual when the
+    #: model is its own teacher (Lagrangian, Eulerian, semigroup; not MeanFlow, whose target holds
+    #: the data's :math:`\dot x_s`)
+    trivial_at_identity: ClassVar[bool] = True
+
+    def settings(self, has_teacher: bool) -> tuple[TimePairSampler, LossWeighting]:
+        """The time-pair sampler and weighting of a run with or without a teacher."""
+        if has_teacher or self._weighting_given:
+            return (self.pairs if has_teacher else self.scratch_pairs), self.weighting
+        return self.scratch_pairs, _UNWEIGHTED  # from scratch, unweighted unless given
 
     #: whether the loss can distil a given teacher (MeanFlow's target is the data's own
     #: conditional velocity, so it cannot)
@@ -193,17 +224,38 @@ class FlowMapLoss(nn.Module, ABC):
         return True
 
     def check_teacher(self, has_teacher: bool) -> None:
-        """Refuse a teacher this loss cannot take, or self-distillation with no diagonal rows."""
+        """Refuse a teacher this loss cannot take, or settings that do not self-distil (see the
+        class docstring)."""
         if has_teacher and not self.accepts_teacher:
             raise ValueError(
                 f"{type(self).__name__} trains from the data's conditional velocity and takes no "
                 "teacher; drop the teacher to train from scratch, or distil with EulerianLoss."
             )
-        if not has_teacher and self.self_taught and self.pairs.eta == 0:
+        if has_teacher:
+            return
+        pairs, weighting = self.settings(False)
+        if self.self_taught and pairs.eta == 0:
             raise ValueError(
                 f"Self-distillation with {type(self).__name__} takes its teacher from the "
                 "model's own diagonal, which pairs.eta = 0 never trains; set pairs.eta > 0 "
                 "(Boffi et al. use 0.75) or give a teacher."
+            )
+        if not self.trivial_at_identity:
+            return
+        if pairs.eta < MIN_SCRATCH_ETA:
+            raise ValueError(
+                f"From scratch, {type(self).__name__} learns its velocity on the diagonal rows "
+                f"only, and with pairs.eta = {pairs.eta:g} the off-diagonal rows, which the "
+                "identity map fits exactly, pull the map onto the identity; set pairs.eta to at "
+                f"least {MIN_SCRATCH_ETA:g} (unset: {SCRATCH_ETA:g}) or give a teacher."
+            )
+        if weighting.kind == "learned":
+            raise ValueError(
+                f"From scratch, {type(self).__name__}'s off-diagonal rows are fitted to the "
+                "model's own map, which the identity map fits exactly, and a learned weighting "
+                "multiplies them by the inverse of their shrinking loss without bound until the "
+                "map collapses and then diverges; use weighting none (or adaptive, bounded by "
+                "its eps) or give a teacher."
             )
 
     @property
@@ -276,13 +328,14 @@ class FlowMapLoss(nn.Module, ABC):
                 "train a class-conditional map; add a cond argument and pass it to every call."
             )
         x0 = torch.randn_like(x1) if x0 is None else x0
-        p = pairs if pairs is not None else self.pairs(x1.shape[0], step=step, device=x1.device)
+        self.check_teacher(teacher is not None)
+        sampler, weighting = self.settings(teacher is not None)
+        p = pairs if pairs is not None else sampler(x1.shape[0], step=step, device=x1.device)
         p = p.to(x1)
         sample = flow_map.path.sample(x0, x1, p.s)
         x_s = sample.x_t
         d, off = p.diagonal, ~p.diagonal
         shared: _SharedTeacherCall | None = None
-        self.check_teacher(teacher is not None)
         dx_s = sample.dx_t
         if teacher is None:
 
@@ -302,7 +355,7 @@ class FlowMapLoss(nn.Module, ABC):
             if self._takes_cond:
                 extra["cond"] = rows(cond, off)
             ell = self.off_diagonal(flow_map, teacher, x_s[off], p.s[off], p.t[off], step, **extra)
-            total = total + self.weighting(ell, p.s[off], p.t[off]).sum()
+            total = total + weighting(ell, p.s[off], p.t[off]).sum()
             out[self.name] = ell.mean().detach()
         if d.any():
             if shared is not None:
@@ -310,7 +363,7 @@ class FlowMapLoss(nn.Module, ABC):
             diag = mean_square(
                 diagonal_residual(flow_map, x_s[d], p.t[d], diag_target, rows(cond, d))
             )
-            total = total + self.weighting(diag, p.s[d], p.t[d]).sum()
+            total = total + weighting(diag, p.s[d], p.t[d]).sum()
             out["diagonal"] = diag.mean().detach()
         out["loss"] = total / x1.shape[0]
         return out

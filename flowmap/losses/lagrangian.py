@@ -57,7 +57,8 @@ class LagrangianLoss(FlowMapLoss):
         jvp: how :math:`\\partial_t\\phi` is taken (:class:`~flowmap.flowmap.JVPMethod`); the
             backprop form needs autodiff.
         pairs: the time-pair sampler (:class:`~flowmap.losses.TimePairSampler`).
-        weighting: default adaptive with power one half,
+        weighting: default, distilling a teacher, adaptive with power one half (from scratch:
+            none),
             :math:`\\ell/\\mathrm{sg}(\\ell + \\varepsilon)^{1/2}` (``LossWeighting("adaptive",
             p=0.5)``): unweighted, the single jump lags on 2D mixtures; with the full power
             (``p=1``) it lags on digits; one half holds on both
@@ -74,9 +75,7 @@ class LagrangianLoss(FlowMapLoss):
         weighting: LossWeighting | None = None,
         jvp: JVPMethod | None = None,
     ) -> None:
-        super().__init__(
-            pairs, weighting if weighting is not None else LossWeighting("adaptive", p=0.5)
-        )
+        super().__init__(pairs, weighting, LossWeighting("adaptive", p=0.5))
         if form not in ("backprop", "regression"):
             raise ValueError(f"Unknown Lagrangian form {form!r}; choose backprop or regression.")
         self.form, self.tangent_norm = form, tangent_norm

@@ -60,6 +60,7 @@ class MeanFlowLoss(FlowMapLoss):
 
     name = "meanflow"
     accepts_teacher: ClassVar[bool] = False
+    trivial_at_identity: ClassVar[bool] = False
 
     def __init__(
         self,

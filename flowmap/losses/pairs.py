@@ -30,6 +30,9 @@ from flowmap.paths import as_time
 __all__ = [
     "sample_times",
     "TimePairs",
+    "DEFAULT_ETA",
+    "SCRATCH_ETA",
+    "MIN_SCRATCH_ETA",
     "TimePairSampler",
     "OneTimePairSampler",
     "TimeDistribution",
@@ -40,9 +43,14 @@ TimeDistribution = Literal["uniform", "logit_normal"]
 PairDistribution = Literal["uniform", "logit_normal", "gap", "dyadic"]
 TIME_DISTRIBUTIONS: tuple[str, ...] = get_args(TimeDistribution)
 PAIR_DISTRIBUTIONS: tuple[str, ...] = get_args(PairDistribution)
-#: The one default of the diagonal fraction η, tuned for distillation. Self-distillation from
-#: scratch learns its velocity from the diagonal alone and wants more (Boffi et al. use 0.75).
+#: The default diagonal fraction η of distillation.
 DEFAULT_ETA = 0.25
+#: The default diagonal fraction η from scratch (a loss with no teacher): its velocity is learned on
+#: the diagonal alone (Boffi et al. and MeanFlow use 0.75).
+SCRATCH_ETA = 0.75
+#: The least diagonal share a self-taught loss accepts from scratch: below it the off-diagonal rows,
+#: which the identity map fits exactly, pull the map onto the identity.
+MIN_SCRATCH_ETA = 0.5
 
 
 def sample_times(

@@ -9,6 +9,7 @@ from flowmap.training.callbacks import (
 )
 from flowmap.training.checkpoints import CheckpointError, load_module, read_checkpoint
 from flowmap.training.flow_map import FlowMapModule
+from flowmap.training.guard import DivergenceError, DivergenceGuard
 from flowmap.training.progress import FlowmapProgressBar
 from flowmap.training.velocity import VelocityModule
 
@@ -17,6 +18,8 @@ __all__ = [
     "FlowMapModule",
     "FlowModuleBase",
     "NonFiniteLossError",
+    "DivergenceError",
+    "DivergenceGuard",
     "build",
     "SampleQuality",
     "MatmulPrecision",

@@ -25,6 +25,7 @@ from flowmap.training.checkpoints import (
     resume_differences,
     resume_message,
 )
+from flowmap.training.guard import DivergenceError
 
 __all__ = [
     "FlowModuleBase",
@@ -50,7 +51,7 @@ warnings.filterwarnings("ignore", message=r"Attribute '(net|loss)' is an instanc
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DivergenceError):
     """A loss term became NaN or Inf; raised before the optimiser step, so no weight is spoiled."""
 
 

@@ -22,6 +22,7 @@ from flowmap.teachers import DiffusionStudent, DiffusionTeacher
 from flowmap.teachers.spec import build_component, build_teacher, is_plain_data, is_spec
 from flowmap.training.base import FlowModuleBase, fork_rng
 from flowmap.training.checkpoints import refuse_run_folder
+from flowmap.training.guard import DivergenceGuard
 from flowmap.training.teachers import (
     ResolvedTeacher,
     check_student,
@@ -109,6 +110,9 @@ class FlowMapModule(FlowModuleBase):
             branch only, and rebuilds the rest from the teacher it names, which must be the
             very same file). :meth:`merge_adapters` folds them in for sampling.
 
+        max_scale: stop when the map leaves the data's scale this many fold (null: never;
+            :class:`~flowmap.training.guard.DivergenceGuard`, also run before each checkpoint).
+
     A class-conditional map :math:`X(s, t, x \mid c, w)` trains on ``(x, y)`` batches; the
     losses pass the labels and scales to the map and the teacher and never differentiate in
     them. ``generate(x0, nfe, y=labels, guidance=w)`` samples it, one network evaluation a jump.
@@ -134,6 +138,7 @@ class FlowMapModule(FlowModuleBase):
         guidance: float | Sequence[float] = 1.0,
         guidance_law: str = "fixed",
         adapter: LoRA | None = None,
+        max_scale: float | None = 100.0,
     ) -> None:
         super().__init__()
         refuse_run_folder(teacher)  # a run's folder or config.yaml where its checkpoint belongs
@@ -169,6 +174,11 @@ class FlowMapModule(FlowModuleBase):
         self.path = AffinePath(schedule or "linear")
         #: the resolved teacher (None: self-distilling, or a spec not yet loaded, see setup)
         self._teacher: ResolvedTeacher | None = None
+        self._guard = (
+            None
+            if max_scale is None
+            else DivergenceGuard(max_scale, keep=False, advice=self._divergence_advice)
+        )
         if resolved is not None:
             self._adopt(resolved)
         elif not plain:  # a Python teacher: nothing to load, resolved now
@@ -263,6 +273,10 @@ class FlowMapModule(FlowModuleBase):
                 self.student.warm_start(teacher)  # the EMA copies the net at its first update
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        guard = self._guard
+        if guard is not None and guard.data_rms > 0 and self._trainer is not None:
+            # a diverged map is never written over the last good checkpoint
+            guard.check(self.student, self.global_step)
         super().on_save_checkpoint(checkpoint)
         teacher = self._teacher
         checkpoint["flowmap_teacher"] = (
@@ -354,6 +368,9 @@ class FlowMapModule(FlowModuleBase):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         terms = self._terms(self.student, batch)
         self.check_finite(terms)
+        if self._guard is not None:
+            x1, y = self.split_batch(batch)
+            self._guard(self.student, x1, self.global_step, y=y)
         self.log_terms("train", terms)
         return terms["loss"]
 

@@ -286,7 +286,7 @@ def check_student(
                 "Self-distilling a guided map needs label_dropout > 0: its guided target "
                 "takes the unconditional velocity from the map's own null-class diagonal."
             )
-        if guided and float(getattr(loss.pairs, "eta", 1.0)) == 0:
+        if guided and float(getattr(loss.settings(False)[0], "eta", 1.0)) == 0:
             raise ValueError(
                 "Self-distilling a guided map needs diagonal rows (pairs.eta > 0): its guided "
                 "target takes the unconditional velocity from the map's own diagonal."
