@@ -110,8 +110,7 @@ class FlowMapModule(FlowModuleBase):
             branch only, and rebuilds the rest from the teacher it names, which must be the
             very same file). :meth:`merge_adapters` folds them in for sampling.
 
-        max_scale: stop when the map leaves the data's scale this many fold (null: never;
-            :class:`~flowmap.training.guard.DivergenceGuard`, also run before each checkpoint).
+        max_scale: stop once jumps outgrow the data's scale so many fold.
 
     A class-conditional map :math:`X(s, t, x \mid c, w)` trains on ``(x, y)`` batches; the
     losses pass the labels and scales to the map and the teacher and never differentiate in
