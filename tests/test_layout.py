@@ -21,6 +21,7 @@ LAYERS = [
     "flowmap.flowmap",
     "flowmap.ode",
     "flowmap.oracles",
+    "flowmap.reflow",
     "flowmap.nets",
     "flowmap.teachers",  # a foreign teacher's student adapts its network (nets.adapter)
     "flowmap.losses",

@@ -4,6 +4,7 @@
 * ``flowmap fit --config recipes/toy2d/teacher.yaml [--trainer.max_steps=…]``
 * ``flowmap sample --ckpt C.ckpt --nfe 4 --n 1000 --out samples.npz``
 * ``flowmap report --teacher T.ckpt --flowmap lagrangian=L.ckpt … --out DIR`` (FID/W2 vs steps)
+* ``flowmap couple --teacher T.ckpt --n 50000 --out couplings.safetensors`` (a reflow's data)
 
 Every command has one error path (:func:`flowmap.apps.kit.run_command`).
 """
@@ -39,6 +40,10 @@ def _dispatch(args: list[str]) -> None:
         from flowmap.apps.sample import main as sample_main
 
         sample_main(rest)
+    elif command == "couple":
+        from flowmap.apps.couple import main as couple_main
+
+        couple_main(rest)
     elif command in TRAINER_COMMANDS:
         if any(a in ("-h", "--help") for a in rest):
             sys.stdout.write(command_help(command))

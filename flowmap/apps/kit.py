@@ -42,6 +42,7 @@ COMMANDS = {
     "validate": "run the validation loop (loss and sample quality) on a checkpoint",
     "sample": "draw samples from a teacher or flow-map checkpoint at a given NFE",
     "report": "FID (images) or W2 (2D data) against the number of sampling steps, with 95% intervals",
+    "couple": "pair noise with a teacher's ODE endpoints: the training data of a reflow",
 }
 #: The subcommands LightningCLI runs (the modules have no test_step or predict_step).
 TRAINER_COMMANDS = ("fit", "validate")

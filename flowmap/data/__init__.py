@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowmap.data.base import FlowDataModule, from_uint8, to_uint8
+from flowmap.data.couplings import CouplingDataModule
 from flowmap.data.digits import DigitsDataModule, load_digits_split
 from flowmap.data.image_folder import ImageFolderDataModule
 from flowmap.data.torchvision_data import TORCHVISION_NAMES, TorchvisionDataModule
@@ -21,6 +22,7 @@ from flowmap.data.toy2d import TOY2D_NAMES, Toy2DDataModule, toy2d_sample
 
 __all__ = [
     "DATASET_NAMES",
+    "CouplingDataModule",
     "TOY2D_NAMES",
     "DigitsDataModule",
     "FlowDataModule",

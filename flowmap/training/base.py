@@ -244,9 +244,12 @@ class FlowModuleBase(L.LightningModule):
     conditioning: Conditioning
 
     def split_batch(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-        """A batch ``x`` or ``(x, y)`` → ``(x, y)``, with the labels checked by the policy."""
+        """A batch ``x``, ``(x, y)`` or couplings ``{"x1", "x0"[, "y"]}`` → ``(x, y)``, with the
+        labels checked by the policy."""
         if isinstance(batch, Tensor):
             x, y = batch, None
+        elif isinstance(batch, dict):
+            x, y = batch["x1"], batch.get("y")
         else:
             x, y = batch[0], batch[1]
         if self.num_classes is None:

@@ -14,6 +14,7 @@ from flowmap.ode import FIXED_STEP_METHODS, solve_at_cost
 from flowmap.paths import AffinePath, as_time
 from flowmap.protocols import Solution
 from flowmap.training.base import FlowModuleBase, fork_rng
+from flowmap.training.checkpoints import load_module
 
 __all__ = ["VelocityModule"]
 
@@ -49,6 +50,11 @@ class VelocityModule(FlowModuleBase):
         lr_schedule: after the warm-up, ``"constant"`` or ``"cosine"`` decay to 0 at max_steps.
         label_dropout: probability of training a label as the null class (class-conditional
             nets; 0 gives a teacher that cannot be guided). Default 0.1, as in CFG's paper.
+        warm_start: a VelocityModule checkpoint whose (EMA) weights the net starts from, e.g. the
+            teacher whose couplings a reflow trains on (:class:`~flowmap.data.CouplingDataModule`).
+
+    A batch of couplings ``{"x0", "x1"[, "y"]}`` trains on its own noise: flow matching on the
+    pairs :math:`(x_0, x_1)` of a teacher's ODE is reflow (:mod:`flowmap.reflow`).
     """
 
     module_kind = "VelocityModule"
@@ -68,6 +74,7 @@ class VelocityModule(FlowModuleBase):
         data_shape: Sequence[int] | None = None,
         lr_schedule: str = "constant",
         label_dropout: float = 0.1,
+        warm_start: str | None = None,
     ) -> None:
         super().__init__()
         if time_distribution not in TIME_DISTRIBUTIONS:
@@ -119,7 +126,23 @@ class VelocityModule(FlowModuleBase):
     def _train_velocity(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         return self.net(x, t, t, **cond)
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        start = self.hparams.get("warm_start")
+        if start and stage == "fit" and self.global_step == 0 and not self._started:
+            source = load_module(VelocityModule, start)
+            try:
+                self.net.load_state_dict(source.sampling_net.state_dict())
+            except RuntimeError:
+                raise ValueError(
+                    f"warm_start {start!r} holds another architecture than this net; give the "
+                    "net config of that checkpoint."
+                ) from None
+            self._started = True  # the EMA copies the net at its first update
+
+    _started = False
+
+    def training_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> Tensor:
         hp = self.hparams
         x1, y = self.split_batch(batch)
         y = self.conditioning.drop(y)
@@ -127,6 +150,7 @@ class VelocityModule(FlowModuleBase):
             self._train_velocity,
             x1,
             self.path,
+            x0=_coupled_noise(batch),
             time_distribution=hp.time_distribution,
             loc=hp.time_loc,
             scale=hp.time_scale,
@@ -137,10 +161,12 @@ class VelocityModule(FlowModuleBase):
         return loss
 
     @fork_rng
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> None:
+        x0 = _coupled_noise(batch)
         batch, y = self.split_batch(batch)
         g = torch.Generator(device=batch.device).manual_seed(batch_idx)
-        x0 = torch.randn(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)
+        if x0 is None:
+            x0 = torch.randn(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)
         t = torch.rand(batch.shape[0], generator=g, device=batch.device)
         cond = {} if y is None else {"y": y}
         self.log_terms("val", {"loss": cfm_loss(self, batch, self.path, x0=x0, t=t, cond=cond)})
@@ -173,3 +199,8 @@ class VelocityModule(FlowModuleBase):
         if method in FIXED_STEP_METHODS:
             nfe = self._check_nfe(nfe)
         return solve_at_cost(self, x0, method, nfe, cost=cost, rtol=rtol, atol=atol, cond=cond)
+
+
+def _coupled_noise(batch: Tensor | dict[str, Tensor] | object) -> Tensor | None:
+    """The noise ``x0`` of a batch of couplings (``None``: draw fresh noise)."""
+    return batch.get("x0") if isinstance(batch, dict) else None
