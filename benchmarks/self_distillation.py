@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from flowmap.data.digits import load_digits_split
 from flowmap.data.toy2d import toy2d_sample
@@ -52,6 +53,7 @@ from flowmap.nets import MLP
 from flowmap.ode import sample_consistency, sample_flow_map, solve_ode
 from flowmap.paths import AffinePath
 from flowmap.presets import PRESETS, table
+from flowmap.training.base import EMAWithWarmup
 from flowmap.training.guard import DivergenceError, DivergenceGuard
 
 NFES = (1, 2, 4, 8)
@@ -71,7 +73,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
-ALL = ("cfm_teacher",) + SELF + tuple(VARIANTS) + DISTIL + PEERS
+#: rows sampled from an EMA of the net (FlowMapModule's: decay :data:`EMA_DECAY`, warmed up):
+#: ``<row>_ema`` is ``<row>`` with it, the peers too (like for like)
+EMA_DECAY = 0.999
+EMA_ROWS = ("lsd_ema", "meanflow_ema", "lsdflow_ema", "meanflow_peer_ema")
+ALL = ("cfm_teacher",) + SELF + tuple(VARIANTS) + DISTIL + PEERS + EMA_ROWS
 OUT = Path("benchmarks/results/self-distillation")
 
 
@@ -155,6 +161,7 @@ def train(
     data: Data,
     args: Any,
     fm: FlowMap | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """The one loop of every row: Adam at ``args.lr``, ``args.steps`` steps; with the row's map
     ``fm``, a :class:`~flowmap.training.DivergenceGuard` stops a run that leaves the data's scale
@@ -179,6 +186,8 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step()
     return {"wall_s": time.perf_counter() - start}
 
 
@@ -224,16 +233,18 @@ def teacher_path(out: Path, data: Data, args: Any) -> Path:
 
 
 def row_parts(method: str, data: Data, args: Any, out: Path | None) -> dict[str, Any]:
-    """What a row trains and samples: ``step_loss(x1, k)``, ``params``, ``sampler(x0, nfe)`` and,
-    for a peer, ``own`` (its own ``sample``). ``out=None`` (timing only) skips the teacher's
-    training and distils an untrained copy of the net instead."""
+    """What a row trains and samples: ``step_loss(x1, k)``, ``params``, ``sampler(x0, nfe)``, the
+    ``net`` and, for a peer, ``own`` (its own ``sample``). ``out=None`` (timing only) skips the
+    teacher's training and distils an untrained copy of the net instead."""
+    if method in EMA_ROWS:  # the same row; run_row samples it from the EMA of its net
+        return row_parts(method.removesuffix("_ema"), data, args, out)
     net = make_net(data.shape, args.seed)
     fm = FlowMap(net)
     teacher_file = teacher_path(out, data, args) if out is not None else None
-    parts: dict[str, Any] = {"own": None, "fm": fm}
+    parts: dict[str, Any] = {"own": None, "fm": fm, "net": net}
     if method == "cfm_teacher":
         if teacher_file is not None:  # trained once, shared with the distilled rows
-            net = teacher_net(data, args, teacher_file)
+            net = parts["net"] = teacher_net(data, args, teacher_file)
             fm = FlowMap(net)
         parts["step_loss"] = cfm_step(net)
         parts["params"] = list(net.parameters())
@@ -285,6 +296,14 @@ def run_row(method: str, data: Data, args: Any, out: Path) -> dict[str, Any]:
     parts = row_parts(method, data, args, out)
     if method == "cfm_teacher":  # row_parts trained it (teacher_net); its training record
         result = json.loads((teacher_path(out, data, args)).with_suffix(".json").read_text())
+    elif method in EMA_ROWS:
+        ema = AveragedModel(parts["net"], avg_fn=EMAWithWarmup(EMA_DECAY))  # FlowMapModule's
+        result = train(
+            parts["step_loss"], parts["params"], data, args, parts["fm"],
+            lambda: ema.update_parameters(parts["net"]),
+        )  # fmt: skip
+        parts["net"].load_state_dict(ema.module.state_dict())  # sampled from the EMA
+        parts["own"] = None  # a peer's own sampler would need the swap inside it
     else:
         result = train(parts["step_loss"], parts["params"], data, args, parts["fm"])
     row: dict[str, Any] = {"method": method, "target": data.target, **result}
@@ -412,6 +431,8 @@ def _ratio(a: dict | None, b: dict | None) -> str:
 
 
 def kind(method: str) -> str:
+    if method in EMA_ROWS:
+        return kind(method.removesuffix("_ema")) + f", EMA {EMA_DECAY}"
     if method in PEERS:
         return "peer (rectified-flow-pytorch)"
     if method == "cfm_teacher":
@@ -566,7 +587,14 @@ def cmd_report(args: argparse.Namespace) -> None:
                 q = over_seeds(by[m], "own_sampler")
                 lines.append(f"- {m}: " + ", ".join(f"{n}: {_fmt(q.get(str(n)))}" for n in NFES))
         lines += ["", "Goals (seed-paired ratio ours / peer, mean and 95% t interval):", ""]
-        for ours, theirs in (("lsd", "lsdflow"), ("meanflow", "meanflow_peer")):
+        for ours, theirs in (
+            ("lsd", "lsdflow"),
+            ("meanflow", "meanflow_peer"),
+            ("lsd_ema", "lsdflow"),
+            ("meanflow_ema", "meanflow_peer"),
+            ("lsd_ema", "lsdflow_ema"),
+            ("meanflow_ema", "meanflow_peer_ema"),
+        ):
             if ours in by and theirs in by:
                 lines.append(
                     f"- {ours} / {theirs} at 1 NFE: {paired_ratio(by[ours], by[theirs], 1)}; "
