@@ -36,12 +36,12 @@ class CouplingDataModule(FlowDataModule):
     """Serves a couplings file as ``{"x0", "x1"[, "y"]}`` batches.
 
     Args:
-        path: the safetensors file of :func:`flowmap.reflow.save_couplings`.
-        batch_size: training (and validation) batch size.
-        n_val: couplings held out (the file's last ones) for validation and metrics.
-        labels: yield the file's class labels ``y`` (it must hold them).
-        seed: seed of the training shuffle.
-        num_workers: DataLoader worker processes.
+        path: a couplings file (``flowmap couple``).
+        batch_size: training batch size.
+        n_val: couplings held out.
+        labels: yield labels ``y``.
+        seed: seed of the shuffle.
+        num_workers: DataLoader workers.
     """
 
     def __init__(
