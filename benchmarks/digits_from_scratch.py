@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from flowmap.apps.report.results import machine_description
 from flowmap.data.digits import load_digits_split
 from flowmap.flowmap import FlowMap
 from flowmap.losses import LagrangianLoss, cfm_loss
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         teacher_fid = evaluator.measure(end.x.clamp(-1, 1)).estimates()["fid"].as_dict()
     result = {
         "command": "python " + shlex.join(sys.argv),
-        "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch "
-        f"threads, torch {torch.__version__}",
+        "machine": f"{machine_description()}, {torch.get_num_threads()} torch threads",
         "preset": args.preset,
         "ms_per_step": cost,
         "budget": f"{TEACHER_STEPS} CFM + {DISTIL_STEPS} Lagrangian steps at batch {BATCH}",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import shlex
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowmap.apps.report.results import machine_description
 from flowmap.data.digits import load_digits_split
 from flowmap.data.toy2d import toy2d_sample
 from flowmap.flowmap import FlowMap
@@ -198,6 +198,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         )
         row["distilled_reflow"] = map_rows(fm_r, setup, x0)
         row.update(
+            command="python " + shlex.join(sys.argv),
+            machine=f"{machine_description()}, {torch.get_num_threads()} torch threads",
             couplings=args.couplings,
             reflow_steps=args.reflow_steps,
             teacher_steps=None if setup.image else args.teacher_steps,
@@ -221,16 +223,6 @@ def cmd_run(args: argparse.Namespace) -> None:
             {k: row["reflow"][k] for k in ("euler_error", "straightness")},
             flush=True,
         )
-    meta = args.out / "commands.json"
-    done = json.loads(meta.read_text()) if meta.is_file() else []
-    done.append(
-        {
-            "command": "python " + shlex.join(sys.argv),
-            "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch "
-            f"threads, torch {torch.__version__}",
-        }
-    )
-    meta.write_text(json.dumps(done, indent=1))
 
 
 def _cell(values: list[dict | None]) -> dict | None:
@@ -256,7 +248,7 @@ def _scalar(values: list[float]) -> str:
 
 def cmd_report(args: argparse.Namespace) -> None:
     rows = [json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json"))]
-    meta = json.loads((args.out / "commands.json").read_text())
+    meta = [{"command": r["command"], "machine": r["machine"]} for r in rows]
     lines = [
         "# Reflow beside distillation, from one teacher at equal compute",
         "",
