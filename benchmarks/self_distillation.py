@@ -474,18 +474,29 @@ def over_seeds(rows: list[dict[str, Any]], key: str = "quality") -> dict[str, di
     return out
 
 
+#: the goals' pairs: (flowmap's row, the peer's row)
+GOAL_PAIRS = (
+    ("lsd", "lsdflow"),
+    ("meanflow", "meanflow_peer"),
+    ("lsd_ema", "lsdflow"),
+    ("meanflow_ema", "meanflow_peer"),
+    ("lsd_ema", "lsdflow_ema"),
+    ("meanflow_ema", "meanflow_peer_ema"),
+)
+
+
 def paired_ratio(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], nfe: int) -> str:
-    """Mean over seeds of the seed-paired ratio ours/theirs at ``nfe``, with a t interval (one
-    seed: the conservative ratio of the two intervals' ends)."""
-    by = {r["seed"]: r for r in theirs}
-    pairs = [(r, by[r["seed"]]) for r in ours if r["seed"] in by]
+    """Mean over seeds (and targets) of the paired ratio ours/theirs at ``nfe``, with a t
+    interval (one pair: the conservative ratio of the two intervals' ends)."""
+    by = {(r["target"], r["seed"]): r for r in theirs}
+    pairs = [(r, by[r["target"], r["seed"]]) for r in ours if (r["target"], r["seed"]) in by]
     cells = [(a["quality"].get(str(nfe)), b["quality"].get(str(nfe))) for a, b in pairs]
     if not cells or any(a is None or b is None for a, b in cells):
         return "n/a"
     if len(cells) == 1:
         return _ratio(*cells[0])
     e = t_interval([a["value"] / b["value"] for a, b in cells])
-    return f"{e.value:.2f} [{e.ci_low:.2f}, {e.ci_high:.2f}] ({len(cells)} seeds)"
+    return f"{e.value:.2f} [{e.ci_low:.2f}, {e.ci_high:.2f}] ({len(cells)} pairs)"
 
 
 def no_worse_from_2_to_4(q: dict) -> str:
@@ -587,14 +598,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                 q = over_seeds(by[m], "own_sampler")
                 lines.append(f"- {m}: " + ", ".join(f"{n}: {_fmt(q.get(str(n)))}" for n in NFES))
         lines += ["", "Goals (seed-paired ratio ours / peer, mean and 95% t interval):", ""]
-        for ours, theirs in (
-            ("lsd", "lsdflow"),
-            ("meanflow", "meanflow_peer"),
-            ("lsd_ema", "lsdflow"),
-            ("meanflow_ema", "meanflow_peer"),
-            ("lsd_ema", "lsdflow_ema"),
-            ("meanflow_ema", "meanflow_peer_ema"),
-        ):
+        for ours, theirs in GOAL_PAIRS:
             if ours in by and theirs in by:
                 lines.append(
                     f"- {ours} / {theirs} at 1 NFE: {paired_ratio(by[ours], by[theirs], 1)}; "
@@ -606,6 +610,17 @@ def cmd_report(args: argparse.Namespace) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("NFE (jumps)")
         ax.set_ylabel(metric)
+    two_d = [r for r in rows if r["target"] != "digits"]
+    lines += ["## Every 2D target at once", "", "Paired ratios over every (target, seed):", ""]
+    for ours, theirs in GOAL_PAIRS:
+        a = [r for r in two_d if r["method"] == ours]
+        b = [r for r in two_d if r["method"] == theirs]
+        if a and b:
+            lines.append(
+                f"- {ours} / {theirs} at 1 NFE: {paired_ratio(a, b, 1)}; at 2 NFE: "
+                f"{paired_ratio(a, b, 2)}"
+            )
+    lines.append("")
     lines += readme_table(args.out)
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}  # every method
     axes[0][-1].legend(
