@@ -63,6 +63,8 @@ SELF = tuple(n for n, p in PRESETS.items() if not p.needs_teacher)
 DISTIL = tuple(n for n, p in PRESETS.items() if p.needs_teacher)
 #: ablations of a preset: (preset, replaced init_args)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # more long jumps: t - s ~ U[0, 1] instead of the triangle's density 2(1 - gap)
+    "lsd_gap": ("lsd", {"pairs": {"distribution": "gap", "eta": 0.75}}),
     "meanflow_p1": ("meanflow", {"weighting": {"kind": "adaptive", "p": 1.0, "eps": 1e-3}}),
     # the peer's choices in flowmap's loss: p = 0.5, half the batch on the diagonal
     "meanflow_peer_settings": (

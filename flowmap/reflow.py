@@ -20,9 +20,11 @@ Couplings are stored as safetensors (``x0``, ``x1``, optionally ``y``) by
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,7 +34,14 @@ from flowmap.ode import solve_adaptive, solve_ode
 from flowmap.paths import as_time
 from flowmap.protocols import Velocity
 
-__all__ = ["draw_couplings", "save_couplings", "load_couplings", "straightness", "euler_error"]
+__all__ = [
+    "draw_couplings",
+    "save_couplings",
+    "load_couplings",
+    "couplings_source",
+    "straightness",
+    "euler_error",
+]
 
 
 @torch.no_grad()
@@ -72,18 +81,31 @@ def draw_couplings(
 
 
 def save_couplings(
-    path: str | os.PathLike[str], couplings: Mapping[str, Tensor], teacher: str = ""
+    path: str | os.PathLike[str],
+    couplings: Mapping[str, Tensor],
+    teacher: str = "",
+    data: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``{"x0", "x1"[, "y"]}`` to a safetensors file, ``teacher`` (its identity) in the
-    metadata. Returns the path."""
+    """Write ``{"x0", "x1"[, "y"]}`` to a safetensors file, with the ``teacher``'s identity and
+    the hyperparameters of the ``data`` it was trained on (JSON) in the metadata. Returns the path."""
     from safetensors.torch import save_file
 
     _check(couplings, str(path))
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in couplings.items()}
-    save_file(tensors, str(p), metadata={"teacher": teacher, "count": str(len(tensors["x0"]))})
+    meta = {"teacher": teacher, "count": str(len(tensors["x0"])), "data": json.dumps(data or {})}
+    save_file(tensors, str(p), metadata=meta)
     return p
+
+
+def couplings_source(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The hyperparameters of the data the couplings' teacher was trained on (``{}``: unknown)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return dict(json.loads(meta.get("data") or "{}"))
 
 
 def load_couplings(path: str | os.PathLike[str]) -> dict[str, Tensor]:

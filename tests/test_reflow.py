@@ -152,6 +152,25 @@ def test_flowmap_couple_feeds_a_warm_started_reflow_fit(toy_teacher, tmp_path, c
     start = dict(teacher.sampling_net.named_parameters())
     moved = [float((p - start[k]).abs().max()) for k, p in reflowed.net.named_parameters()]
     assert 0 < max(moved) < 0.05  # started at the teacher's weights, then moved a little
+    # the reflowed teacher stands for its teacher's data: it distils on it (and resumes)
+    student = tmp_path / "student"
+    cli_main(
+        [
+            "fit",
+            "--config",
+            "recipes/toy2d/lagrangian.yaml",
+            *TINY_NET,
+            f"--model.teacher={run / 'checkpoints' / 'last.ckpt'}",
+            "--data.name=8gaussians",
+            "--data.batch_size=64",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={student}",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+        ]
+    )
+    assert read_checkpoint(student / "checkpoints" / "last.ckpt")["global_step"] == 2
     with pytest.raises(ValueError, match="holds another architecture than this net"):
         cli_main(["fit", "--config", "recipes/toy2d/teacher_reflow.yaml", "--trainer.callbacks=[]",
                   f"--trainer.default_root_dir={tmp_path / 'other'}", "--trainer.max_steps=1",

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         atol=args.rtol,
     )
     identity = f"{Path(args.teacher).name} sha256:{file_sha256(args.teacher)}"
-    save_couplings(args.out, couplings, teacher=identity)
+    save_couplings(args.out, couplings, teacher=identity, data=getattr(module, "trained_on", None))
     probe = couplings["x0"][:512]
     cond = None if labels is None else {"y": labels[:512]}
     err = euler_error(module, probe, couplings["x1"][:512], cond=cond)

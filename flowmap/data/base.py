@@ -53,10 +53,16 @@ def dataset_identity(hparams: dict[str, Any] | None) -> dict[str, Any]:
     that choose the distribution, e.g. ``name``, ``root``, ``labels``): two checkpoints with equal
     identities were trained on the same data.
 
-    A nested ``data`` spec (the pixel data of a latent data module) is named the same way.
+    A nested ``data`` spec (the pixel data of a latent data module) is named the same way; a
+    ``source_data`` (the data behind a teacher's couplings) is the identity itself.
     ``labels=False`` is left out: it is the default, and a checkpoint saved before the argument
     existed (no ``labels`` key) was trained on the same unlabelled data.
     """
+    source = (hparams or {}).get("source_data")
+    if not source and str((hparams or {}).get("_class_path", "")).endswith("CouplingDataModule"):
+        source = _couplings_source((hparams or {}).get("path"))
+    if isinstance(source, dict) and source:
+        return dataset_identity(source)
     out = {
         k: v
         for k, v in (hparams or {}).items()
@@ -68,6 +74,16 @@ def dataset_identity(hparams: dict[str, Any] | None) -> dict[str, Any]:
             {"_class_path": inner["class_path"], **dict(inner.get("init_args") or {})}
         )
     return out
+
+
+def _couplings_source(path: Any) -> dict[str, Any]:
+    """The data behind a couplings file (``{}`` if it cannot be read)."""
+    from flowmap.reflow import couplings_source
+
+    try:
+        return couplings_source(path)
+    except Exception:  # a missing or foreign file: the couplings name themselves
+        return {}
 
 
 def describe_dataset(identity: dict[str, Any]) -> str:

@@ -4,7 +4,8 @@ The file is :func:`flowmap.reflow.save_couplings`'s safetensors (``flowmap coupl
 Batches are ``{"x0", "x1"[, "y"]}``: a :class:`~flowmap.training.VelocityModule` trains by flow
 matching on these pairs instead of independent noise, which gives the rectified flow of the teacher.
 The last ``n_val`` couplings are held out for validation and are the reference of metrics (the
-teacher's samples, not the data's).
+teacher's samples, not the data's). The data it stands for is the teacher's (the file says which):
+a reflowed teacher distils on the original data like its own teacher.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from flowmap.data.base import FlowDataModule, mix_seed
-from flowmap.reflow import load_couplings
+from flowmap.reflow import couplings_source, load_couplings
 
 __all__ = ["CouplingDataModule"]
 
@@ -76,6 +77,12 @@ class CouplingDataModule(FlowDataModule):
             keep = ("x0", "x1", "y") if self.labels else ("x0", "x1")
             self._tensors = {k: t[k].float() if k != "y" else t[k].long() for k in keep}
         return self._tensors
+
+    def setup(self, stage: str | None = None) -> None:
+        """Name the teacher's data as this data's source (``source_data``, in the checkpoint)."""
+        source = couplings_source(self.path)
+        if source:
+            self.hparams["source_data"] = source
 
     @property
     def data_shape(self) -> tuple[int, ...]:
