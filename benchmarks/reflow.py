@@ -129,10 +129,10 @@ def distil(
 
 
 @torch.no_grad()
-def teacher_rows(net: nn.Module, setup: Setup, x0: Tensor) -> dict[str, Any]:
+def teacher_rows(net: nn.Module, setup: Setup, x0: Tensor, rtol: float) -> dict[str, Any]:
     v = velocity_of(net)
     row = {str(n): setup.measure(solve_ode(v, x0, "euler", nfe=n).x) for n in NFES}
-    end = solve_adaptive(v, x0)
+    end = solve_adaptive(v, x0, rtol=rtol, atol=rtol)
     row["adaptive"], row["adaptive_nfe"] = setup.measure(end.x), end.nfe
     probe = x0[:2000]
     row["euler_error"] = euler_error(v, probe, end.x[:2000])
@@ -171,10 +171,11 @@ def cmd_run(args: argparse.Namespace) -> None:
             cfm(teacher, setup, args.teacher_steps, args.lr)
             row["teacher_s"] = clock() - t0
         teacher.requires_grad_(False)
-        row["teacher"] = teacher_rows(teacher, setup, x0)
+        row["teacher"] = teacher_rows(teacher, setup, x0, args.rtol)
         t0 = clock()
+        tol = {"rtol": args.rtol, "atol": args.rtol}
         pairs = draw_couplings(
-            velocity_of(teacher), args.couplings, setup.shape, seed=100 + seed, batch=2000
+            velocity_of(teacher), args.couplings, setup.shape, seed=100 + seed, batch=2000, **tol
         )
         row["couplings_s"] = clock() - t0
         reflowed = copy.deepcopy(teacher).requires_grad_(True)
@@ -183,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         row["reflow_train_s"] = clock() - t1
         row["reflow_s"] = clock() - t0
         reflowed.requires_grad_(False)
-        row["reflow"] = teacher_rows(reflowed, setup, x0)
+        row["reflow"] = teacher_rows(reflowed, setup, x0, args.rtol)
         fm, k = distil(
             copy.deepcopy(teacher).requires_grad_(True),
             teacher,
@@ -202,6 +203,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             machine=f"{machine_description()}, {torch.get_num_threads()} torch threads",
             couplings=args.couplings,
             reflow_steps=args.reflow_steps,
+            rtol=args.rtol,
             teacher_steps=None if setup.image else args.teacher_steps,
             lr=args.lr,
             distil_lr=args.distil_lr,
@@ -274,7 +276,8 @@ def cmd_report(args: argparse.Namespace) -> None:
             else f"teacher `{r0['teacher_source']}`"
         )
         lines += [
-            f"{len(sel)} seed(s); {budget}; reflow: {r0['couplings']} couplings (dopri5) and "
+            f"{len(sel)} seed(s); {budget}; reflow: {r0['couplings']} couplings (dopri5, rtol "
+            f"{r0.get('rtol', 1e-5):g}) and "
             f"{r0['reflow_steps']} flow-matching steps from the teacher's weights; distillation: "
             "LagrangianLoss() from the teacher's weights for the reflow's wall clock (couplings "
             f"included): {_scalar([r['distilled_steps'] for r in sel])} steps at lr "
@@ -337,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--teacher-steps", type=int, default=3000)
     run.add_argument("--couplings", type=int, default=50_000)
     run.add_argument("--reflow-steps", type=int, default=2000)
+    run.add_argument("--rtol", type=float, default=1e-5, help="dopri5's tolerance (= atol)")
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--distil-lr", type=float, default=1e-4)
     run.add_argument("--threads", type=int, default=1)

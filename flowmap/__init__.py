@@ -29,7 +29,7 @@ The public API:
 * :func:`load_module` — a flowmap checkpoint, read with ``weights_only=True`` and checked.
 
 Layers, each importing only those before it: the math core (``io``, ``paths``, ``protocols``,
-``conditioning``, ``flowmap``, ``ode``, ``oracles``), ``nets`` (with ``TwoTimeAdapter``, the gap
+``conditioning``, ``flowmap``, ``ode``, ``oracles``, ``reflow``), ``nets`` (with ``TwoTimeAdapter``, the gap
 :math:`t - s` for any one-time network), ``teachers`` (models trained elsewhere, e.g.
 ``flowmap.teachers.DiffusionTeacher``, and ``DiffusionStudent``, such a teacher's own network as
 :math:`\phi`), ``losses``, ``presets``, ``data``, ``codecs`` (latent codecs and the data module
