@@ -197,12 +197,12 @@ def test_ddp_self_distillation_gradients_match_single_process(tmp_path, loss):
     [
         {"class_path": "flowmap.losses.LagrangianLoss"},  # backprop through the JVP's tangent
         {
-            "class_path": "flowmap.losses.EulerianLoss",
-            "init_args": {"form": "regression", "weighting": {"kind": "learned"}},
+            "class_path": "flowmap.losses.MeanFlowLoss",  # a loss with parameters (sCT's
+            "init_args": {"weighting": {"kind": "learned"}},  # learned weighting)
         },
         {"class_path": "flowmap.losses.MeanFlowLoss"},
     ],
-    ids=["lagrangian", "eulerian-learned-weighting", "meanflow"],
+    ids=["lagrangian", "meanflow-learned-weighting", "meanflow"],
 )
 def test_fsdp_gradients_of_each_jvp_loss_match_single_process(tmp_path, loss):
     """Lightning's FSDP2 strategy (ModelParallelStrategy: net, EMA and loss sharded over 2 CPU

@@ -351,7 +351,10 @@ class FlowMapModule(FlowModuleBase):
         """The EMA flow map (raw weights if EMA is off)."""
         return FlowMap(self.sampling_net, self.path, scale=self.guidance_range[0])
 
-    def _terms(self, flow_map: FlowMap, batch: Any, **kw: Any) -> dict[str, Tensor]:
+    def _terms(
+        self, flow_map: FlowMap, batch: Any, guard: bool = False, **kw: Any
+    ) -> dict[str, Tensor]:
+        """The loss terms of ``batch``; with ``guard``, the divergence guard watches the map."""
         spec = self.hparams.get("teacher")
         if (isinstance(spec, str) or is_spec(spec)) and self._teacher is None:
             raise RuntimeError("The teacher is loaded in setup(); run through a Trainer.")
@@ -359,17 +362,16 @@ class FlowMapModule(FlowModuleBase):
         cond = self.conditioning.training_condition(y)
         teacher = self._teacher_on(x1.device)
         terms = self.loss(flow_map, x1, teacher, step=self.global_step, **cond, **kw)
+        if guard and self._guard is not None:
+            self._guard(flow_map, x1, self.global_step, y=y)
         labelled = cond["w"][cond["y"] != NULL_CLASS] if "w" in cond else None
         if labelled is not None and len(labelled):  # the scales the guidance law drew, logged
             terms["guidance"] = labelled.mean().detach()
         return terms
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        terms = self._terms(self.student, batch)
+        terms = self._terms(self.student, batch, guard=True)
         self.check_finite(terms)
-        if self._guard is not None:
-            x1, y = self.split_batch(batch)
-            self._guard(self.student, x1, self.global_step, y=y)
         self.log_terms("train", terms)
         return terms["loss"]
 
