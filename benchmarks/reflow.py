@@ -56,7 +56,7 @@ PATH = AffinePath("linear")
 class Setup:
     """Data, evaluator, net and budgets of one target."""
 
-    def __init__(self, target: str, seed: int, args: Any) -> None:
+    def __init__(self, target: str, seed: int) -> None:
         self.target, self.seed, self.image = target, seed, target == "digits"
         self.g = torch.Generator().manual_seed(seed + 1)
         if self.image:
@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         if file.is_file():
             print(f"{file}: done, skipped")
             continue
-        setup = Setup(args.target, seed, args)
+        setup = Setup(args.target, seed)
         x0 = torch.randn(setup.n_eval, *setup.shape, generator=torch.Generator().manual_seed(7))
         row: dict[str, Any] = {"target": args.target, "seed": seed, "metric": setup.metric}
         clock = time.perf_counter

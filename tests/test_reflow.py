@@ -171,7 +171,9 @@ def test_flowmap_couple_feeds_a_warm_started_reflow_fit(toy_teacher, tmp_path, c
         ]
     )
     assert read_checkpoint(student / "checkpoints" / "last.ckpt")["global_step"] == 2
-    with pytest.raises(ValueError, match="holds another architecture than this net"):
+    with pytest.raises(
+        ValueError, match="needs the student net to have the teacher's architecture"
+    ):
         cli_main(["fit", "--config", "recipes/toy2d/teacher_reflow.yaml", "--trainer.callbacks=[]",
                   f"--trainer.default_root_dir={tmp_path / 'other'}", "--trainer.max_steps=1",
                   f"--model.warm_start={toy_teacher[1]}", f"--data.path={couplings}",

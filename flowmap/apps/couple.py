@@ -5,7 +5,7 @@
 Each noise :math:`x_0` (seeded) is paired with the teacher's ODE endpoint (dopri5, ``--rtol``) and
 written as safetensors (``x0``, ``x1``, and ``y`` for a class-conditional teacher, its classes in
 equal shares) with the teacher's identity; ``flowmap fit`` with
-``flowmap.data.CouplingDataModule`` then trains the rectified flow (``recipes/toy2d/reflow.yaml``).
+``flowmap.data.CouplingDataModule`` then trains the rectified flow (``recipes/toy2d/teacher_reflow.yaml``).
 """
 
 from __future__ import annotations

@@ -66,8 +66,8 @@ class CouplingDataModule(FlowDataModule):
             t = load_couplings(self.path)
             if self.labels and "y" not in t:
                 raise ValueError(
-                    f"The couplings {self.path!r} hold no labels y; draw them from a labelled "
-                    "teacher (flowmap couple --labels) or set labels: false."
+                    f"The couplings {self.path!r} hold no labels y (their teacher was not "
+                    "class-conditional); set labels: false."
                 )
             if len(t["x0"]) <= self.n_val:
                 raise ValueError(

@@ -165,6 +165,8 @@ class FlowMapLoss(nn.Module, ABC):
         pairs: the time-pair sampler (default: uniform pairs, diagonal fraction 0.25 with a
             teacher, :data:`~flowmap.losses.pairs.SCRATCH_ETA` = 0.75 without).
         weighting: the per-pair weighting (default: none, or the subclass's with a teacher).
+        distillation_weighting: a subclass's default weighting with a teacher (e.g. Lagrangian's
+            adaptive); from scratch an unset weighting is none.
 
     From scratch (``teacher=None``) a default left unset takes its from-scratch value. A loss
     whose off-diagonal target is the model's own (:attr:`trivial_at_identity`) has a trivial
@@ -194,10 +196,8 @@ class FlowMapLoss(nn.Module, ABC):
     ) -> None:
         super().__init__()
         self.pairs = pairs if pairs is not None else TimePairSampler()
-        if weighting is None and distillation_weighting is not None:
-            self.weighting = distillation_weighting
-        else:
-            self.weighting = weighting if weighting is not None else LossWeighting("none")
+        given = weighting if weighting is not None else distillation_weighting
+        self.weighting = given if given is not None else LossWeighting("none")
         #: the sampler of a run without a teacher: the given one, or the from-scratch default
         self.scratch_pairs = pairs if pairs is not None else TimePairSampler(eta=SCRATCH_ETA)
         self._weighting_given = weighting is not None

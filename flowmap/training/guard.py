@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -118,7 +117,8 @@ class DivergenceGuard:
                 f"data's scale (limit {limit:.3g}×). {self.advice()}"
             )
         if self.keep:
-            self.last_good = {k: v.detach().to("cpu", copy=True) for k, v in _state(flow_map)}
+            state = flow_map.state_dict().items()
+            self.last_good = {k: v.detach().to("cpu", copy=True) for k, v in state}
             self.last_good_step = step
         return rho
 
@@ -150,10 +150,6 @@ class DivergenceGuard:
             f"{kept}; lower the learning rate, or, from scratch, use an unweighted loss with "
             "most rows on the diagonal (flowmap.presets, e.g. build_loss('lsd'))."
         )
-
-
-def _state(flow_map: FlowMap) -> Any:
-    return flow_map.state_dict().items()
 
 
 def _value(loss: Tensor | float) -> float:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.conditioning import Conditioning, guided_velocity
+from flowmap.flowmap import FlowMap
 from flowmap.losses.cfm import cfm_loss
 from flowmap.losses.pairs import TIME_DISTRIBUTIONS, TimeDistribution
 from flowmap.ode import FIXED_STEP_METHODS, solve_at_cost
@@ -130,14 +131,7 @@ class VelocityModule(FlowModuleBase):
         super().setup(stage)
         start = self.hparams.get("warm_start")
         if start and stage == "fit" and self.global_step == 0 and not self._started:
-            source = load_module(VelocityModule, start)
-            try:
-                self.net.load_state_dict(source.sampling_net.state_dict())
-            except RuntimeError:
-                raise ValueError(
-                    f"warm_start {start!r} holds another architecture than this net; give the "
-                    "net config of that checkpoint."
-                ) from None
+            FlowMap(self.net).warm_start(load_module(VelocityModule, start))  # its EMA weights
             self._started = True  # the EMA copies the net at its first update
 
     _started = False
