@@ -215,6 +215,18 @@ class ClassConditionalMixture:
 
     __call__ = velocity  # a Velocity: b(x, t, y=..., w=...)
 
+    def log_class_posterior(self, x: Tensor) -> Tensor:
+        r"""The exact class posterior of data points, :math:`\log p(c \mid x_1)` ``(B, K)``:
+        :math:`\log \pi_c + \log p_c(x_1)`, normalised over the classes."""
+        xx = x[:, None]
+        logp = []
+        for m in self.classes:
+            mu, c2 = m.means.to(x)[None], m.stds.to(x)[None] ** 2
+            comp = -0.5 * (((xx - mu) ** 2) / c2 + torch.log(2 * math.pi * c2)).flatten(2).sum(-1)
+            logp.append(torch.logsumexp(comp + torch.log(m.weights.to(x))[None], dim=1))
+        joint = torch.stack(logp, dim=1) + torch.log(self.priors.to(x))[None]
+        return torch.log_softmax(joint, dim=1)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``n`` labelled data samples ``(x1, y)``."""
         y = torch.multinomial(self.priors, n, replacement=True, generator=generator)

@@ -77,7 +77,8 @@ class FlowMapModule(FlowModuleBase):
             prediction: epsilon, schedule: ddpm_linear, clip: true}}`` component
             (:mod:`flowmap.training.teachers`); or, from Python, any
             :class:`~flowmap.protocols.Velocity`. ``None`` self-distils: the teacher is the
-            model's own diagonal :math:`\mathrm{sg}\,\phi(\cdot,t,t)`.
+            model's own diagonal :math:`\mathrm{sg}\,\phi(\cdot,t,t)`. A flow map's checkpoint
+            is the frozen reference (and the start) of reward fine-tuning (``RewardLoss``).
         warm_start: start the student as a copy of the teacher's network (same architecture
             needed), so that before training one jump is one Euler step of the teacher; a
             function teacher (no network) leaves the student as built.
@@ -91,7 +92,6 @@ class FlowMapModule(FlowModuleBase):
             2.3×, ``benchmarks/results/exact-teacher``) or ``"constant"``.
         ema_decay: EMA of the net (null: none); the EMA samples and validates.
         data_shape: the shape of one sample (filled in from the data).
-        lr_schedule: after the warm-up, ``"cosine"`` or ``"constant"``.
         label_dropout: class-conditional nets: the probability of training a row as the null
             class (the unconditional map, and the :math:`\phi(\cdot \mid \varnothing)` that
             self-distillation's guided target needs).
@@ -155,7 +155,7 @@ class FlowMapModule(FlowModuleBase):
             self.loss.check_teacher(True)
         resolved = None
         if adapter is not None:  # the frozen base is the teacher's: loaded and copied now
-            resolved = resolve_teacher(teacher, schedule)
+            resolved = resolve_teacher(teacher, schedule, FlowMapModule)
             net = _adapted(net, resolved, adapter)
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
         #: the LoRA adapters (``None``: the net trains in full); ``merged``: folded in
@@ -181,7 +181,7 @@ class FlowMapModule(FlowModuleBase):
         if resolved is not None:
             self._adopt(resolved)
         elif not plain:  # a Python teacher: nothing to load, resolved now
-            self._adopt(resolve_teacher(teacher, schedule))
+            self._adopt(resolve_teacher(teacher, schedule, FlowMapModule))
 
     def _student_net(
         self, net: nn.Module | dict[str, Any] | None, teacher: Any, plain: bool
@@ -247,7 +247,7 @@ class FlowMapModule(FlowModuleBase):
         if (isinstance(spec, str) or is_spec(spec)) and self._teacher is None:
             # resolved here, not in __init__: a trained student loads (to sample) without its
             # teacher; its identity goes in the checkpoint
-            self._adopt(resolve_teacher(spec, self.hparams.get("schedule")))
+            self._adopt(resolve_teacher(spec, self.hparams.get("schedule"), FlowMapModule))
         if stage not in ("fit", "validate"):
             return
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

@@ -44,6 +44,7 @@ from flowmap.training.checkpoints import (
 from flowmap.training.velocity import VelocityModule
 
 __all__ = [
+    "FrozenMap",
     "ResolvedTeacher",
     "check_student",
     "is_module_checkpoint",
@@ -99,8 +100,32 @@ def teacher_identity(spec: str | Mapping[str, Any], teacher: Any = None) -> str:
     return hashlib.sha256(json.dumps([described, hashes], default=str).encode()).hexdigest()
 
 
-def load_teacher(spec: str | Mapping[str, Any]) -> tuple[Velocity, str]:
-    """The frozen teacher a spec names and its identity (one-sentence errors for a missing file)."""
+class FrozenMap(nn.Module):
+    r"""A distilled flow map as a teacher: ``flow_map`` is its frozen (EMA) map
+    :math:`X_{\mathrm{ref}}`, the velocity its diagonal :math:`\phi(x, t, t)`, and its net is
+    what a student warm-starts from (reward fine-tuning, :class:`~flowmap.steering.RewardLoss`)."""
+
+    def __init__(self, module: Any) -> None:
+        super().__init__()
+        self.flow_map = module.sampling_flow_map
+        self.path, self.num_classes = self.flow_map.path, module.num_classes
+        self.data_shape, self.hparams = module.data_shape, module.hparams
+        self.trained_on = getattr(module, "trained_on", None)
+
+    @property
+    def sampling_net(self) -> nn.Module:
+        return self.flow_map.net
+
+    def forward(self, x: Any, t: Any, **cond: Any) -> Any:
+        return self.flow_map.velocity(x, t, **cond)
+
+
+def load_teacher(
+    spec: str | Mapping[str, Any], map_module: type | None = None
+) -> tuple[Velocity, str]:
+    """The frozen teacher a spec names and its identity (one-sentence errors for a missing file);
+    given ``map_module`` (the flow-map module class), a flow map's checkpoint is a
+    :class:`FrozenMap`."""
     if is_module_checkpoint(spec):
         if not Path(spec).is_file():
             raise CheckpointError(
@@ -108,7 +133,14 @@ def load_teacher(spec: str | Mapping[str, Any]) -> tuple[Velocity, str]:
                 "(flowmap fit --config .../teacher.yaml) and pass its .ckpt path, or give a "
                 "diffusers folder or a class_path spec."
             )
-        teacher: Any = load_module(VelocityModule, spec)
+        is_map = read_checkpoint(spec).get("flowmap_module") == "FlowMapModule"
+        if is_map and map_module is not None:
+            module = load_module(map_module, spec)
+            if getattr(module, "adapter", None) is not None:
+                module.merge_adapters()
+            teacher: Any = FrozenMap(module)
+        else:
+            teacher = load_module(VelocityModule, spec)
     else:
         refuse_run_folder(spec)
         teacher = build_teacher(spec)
@@ -146,7 +178,9 @@ def student_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
                 f"Teacher checkpoint {str(spec)!r} does not exist; train a teacher first "
                 "(flowmap fit --config .../teacher.yaml) and pass its .ckpt path."
             )
-        net = read_checkpoint(spec, expected_kind="VelocityModule")
+        net = read_checkpoint(spec)
+        if net.get("flowmap_module") not in ("VelocityModule", "FlowMapModule"):
+            read_checkpoint(spec, expected_kind="VelocityModule")  # its one-sentence error
         net = net.get("hyper_parameters", {}).get("net")
         if not is_spec(net):
             raise ValueError(
@@ -228,13 +262,16 @@ def _forgive_own_keys(module: nn.Module, keys: Any) -> None:
 
 
 def resolve_teacher(
-    teacher: str | Mapping[str, Any] | Velocity, schedule: str | None = None
+    teacher: str | Mapping[str, Any] | Velocity,
+    schedule: str | None = None,
+    map_module: type | None = None,
 ) -> ResolvedTeacher:
     """The teacher a flow map distils, resolved once: a checkpoint path or spec is loaded
-    (:func:`load_teacher`), a Python velocity taken as it is. The student follows the path the
-    teacher declares (another ``schedule`` is an error), or ``schedule`` if it declares none."""
+    (:func:`load_teacher`, a flow map's checkpoint with ``map_module``), a Python velocity taken
+    as it is. The student follows the path the teacher declares (another ``schedule`` is an
+    error), or ``schedule`` if it declares none."""
     if isinstance(teacher, str | Path) or is_spec(teacher):
-        velocity, identity = load_teacher(teacher)
+        velocity, identity = load_teacher(teacher, map_module)
         spec: Any = str(teacher) if isinstance(teacher, Path) else teacher
         name = str(teacher) if not is_spec(teacher) else str(teacher["class_path"])
     else:

@@ -1,0 +1,103 @@
+r"""Search over noises with the map's jump: :math:`N` candidates :math:`X(0, 1, z_i)` per sample,
+kept by their reward.
+
+* best-of-N keeps :math:`\arg\max_i r(X(0, 1, z_i))`;
+* importance resampling draws one candidate with probability
+  :math:`\propto \exp(\lambda\, r(X(0, 1, z_i)))`, a self-normalised sample of the tilted law
+  :math:`p(x_1)\,e^{\lambda r(x_1)}/Z` (exact as :math:`N \to \infty`).
+
+NFE per sample: :math:`N` times the jumps of one candidate (no gradient calls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flowmap.flowmap import FlowMap
+from flowmap.ode import sample_flow_map
+from flowmap.steering.rewards import Reward, score
+
+__all__ = ["SearchResult", "best_of_n", "importance_resample"]
+
+
+@dataclass
+class SearchResult:
+    """The kept samples ``x`` ``(B, *shape)``, their noise, their rewards ``(B,)``, every
+    candidate's reward ``(B, N)`` and the NFE per sample."""
+
+    x: Tensor
+    noise: Tensor
+    reward: Tensor
+    candidate_rewards: Tensor
+    nfe: int
+
+
+@torch.no_grad()
+def _candidates(
+    flow_map: FlowMap,
+    reward: Reward,
+    x0: Tensor,
+    jumps: int,
+    cond: Mapping[str, Tensor] | None,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
+    if x0.dim() < 3:
+        raise ValueError(
+            f"The noise must have shape (B, N, *sample_shape) with N candidates per sample, got "
+            f"{tuple(x0.shape)}."
+        )
+    b, n = x0.shape[:2]
+    flat = x0.reshape(b * n, *x0.shape[2:])
+    kw = {k: v.repeat_interleave(n, 0) for k, v in (cond or {}).items() if v is not None}
+    xs, rs = [], []
+    for i in range(0, b * n, chunk):
+        part = {k: v[i : i + chunk] for k, v in kw.items()}
+        x1 = sample_flow_map(flow_map, flat[i : i + chunk], steps=jumps, cond=part).x
+        xs.append(x1)
+        rs.append(score(reward, x1))
+    return torch.cat(xs).reshape(x0.shape), torch.cat(rs).reshape(b, n)
+
+
+def _pick(x: Tensor, x0: Tensor, r: Tensor, index: Tensor, nfe: int) -> SearchResult:
+    rows = torch.arange(x.shape[0], device=x.device)
+    return SearchResult(x[rows, index], x0[rows, index], r[rows, index], r, nfe)
+
+
+def best_of_n(
+    flow_map: FlowMap,
+    reward: Reward,
+    x0: Tensor,
+    *,
+    jumps: int = 1,
+    cond: Mapping[str, Tensor] | None = None,
+    chunk: int = 4096,
+) -> SearchResult:
+    r"""Per sample, the candidate of highest reward among ``x0`` ``(B, N, *shape)``'s :math:`N`
+    noises, each sampled with ``jumps`` jumps; ``cond`` holds one label (scale) per sample."""
+    x, r = _candidates(flow_map, reward, x0, jumps, cond, chunk)
+    return _pick(x, x0, r, r.argmax(1), x0.shape[1] * jumps)
+
+
+def importance_resample(
+    flow_map: FlowMap,
+    reward: Reward,
+    x0: Tensor,
+    lam: float = 1.0,
+    *,
+    jumps: int = 1,
+    cond: Mapping[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    chunk: int = 4096,
+) -> SearchResult:
+    r"""Per sample, one of ``x0``'s :math:`N` candidates drawn with probability
+    :math:`\mathrm{softmax}_i(\lambda\,r_i)`."""
+    if not lam >= 0:
+        raise ValueError(f"lam must be a non-negative number, got {lam}.")
+    x, r = _candidates(flow_map, reward, x0, jumps, cond, chunk)
+    p = torch.softmax(lam * r.double(), dim=1)
+    index = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(x.device)
+    return _pick(x, x0, r, index, x0.shape[1] * jumps)
