@@ -33,7 +33,8 @@ Layers, each importing only those before it: the math core (``io``, ``paths``, `
 :math:`t - s` for any one-time network), ``teachers`` (models trained elsewhere, e.g.
 ``flowmap.teachers.DiffusionTeacher``, and ``DiffusionStudent``, such a teacher's own network as
 :math:`\phi`), ``losses``, ``presets``, ``data``, ``codecs`` (latent codecs and the data module
-that serves latents), ``metrics``, ``training``, ``apps``.
+that serves latents), ``metrics``, ``steering`` (rewards, look-ahead guidance, search and reward
+fine-tuning through the map's jump to the data end), ``training``, ``apps``.
 """
 
 from flowmap.flowmap import FlowMap, JVPMethod

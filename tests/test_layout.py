@@ -29,6 +29,7 @@ LAYERS = [
     "flowmap.data",
     "flowmap.codecs",  # latent data: a pixel data module through a codec (teachers.spec builds it)
     "flowmap.metrics",
+    "flowmap.steering",  # rewards use the digits classifier (metrics); RewardLoss is a loss
     "flowmap.training",
     "flowmap.apps",
 ]

@@ -1,10 +1,12 @@
 """The ``flowmap`` command: ``fit`` and ``validate`` (:mod:`flowmap.apps.lightning_cli`) plus
-``sample`` (:mod:`flowmap.apps.sample`) and ``report`` (:mod:`flowmap.apps.report`).
+``sample`` (:mod:`flowmap.apps.sample`), ``report`` (:mod:`flowmap.apps.report`), ``couple``
+(:mod:`flowmap.apps.couple`) and ``steer`` (:mod:`flowmap.apps.steer`).
 
 * ``flowmap fit --config recipes/toy2d/teacher.yaml [--trainer.max_steps=…]``
 * ``flowmap sample --ckpt C.ckpt --nfe 4 --n 1000 --out samples.npz``
 * ``flowmap report --teacher T.ckpt --flowmap lagrangian=L.ckpt … --out DIR`` (FID/W2 vs steps)
 * ``flowmap couple --teacher T.ckpt --n 50000 --out couplings.safetensors`` (a reflow's data)
+* ``flowmap steer --ckpt M.ckpt --reward class:3 --out steered.npz`` (steering by a reward)
 
 Every command has one error path (:func:`flowmap.apps.kit.run_command`).
 """
@@ -44,6 +46,10 @@ def _dispatch(args: list[str]) -> None:
         from flowmap.apps.couple import main as couple_main
 
         couple_main(rest)
+    elif command == "steer":
+        from flowmap.apps.steer import main as steer_main
+
+        steer_main(rest)
     elif command in TRAINER_COMMANDS:
         if any(a in ("-h", "--help") for a in rest):
             sys.stdout.write(command_help(command))

@@ -43,6 +43,7 @@ COMMANDS = {
     "sample": "draw samples from a teacher or flow-map checkpoint at a given NFE",
     "report": "FID (images) or W2 (2D data) against the number of sampling steps, with 95% intervals",
     "couple": "pair noise with a teacher's ODE endpoints: the training data of a reflow",
+    "steer": "draw samples steered towards a reward: look-ahead guidance, best-of-N, inverse problems",
 }
 #: The subcommands LightningCLI runs (the modules have no test_step or predict_step).
 TRAINER_COMMANDS = ("fit", "validate")

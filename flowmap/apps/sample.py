@@ -30,7 +30,7 @@ from flowmap.protocols import Solution
 from flowmap.training.loading import load_sampler
 from flowmap.training.threads import set_threads
 
-__all__ = ["main", "output_paths", "parser", "read_samples", "run_label"]
+__all__ = ["main", "output_paths", "parser", "read_samples", "run_label", "write_samples"]
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
@@ -157,23 +157,39 @@ def main(argv: Sequence[str] | None = None) -> Path:
             arrays["latents"] = arrays["samples"]
             sol = Solution(codec.decode(sol.x), sol.nfe)
             arrays["samples"] = sol.x.numpy()
-    if labels is not None:
-        arrays["labels"] = labels.numpy()
-    from flowmap.apps.pictures import class_grid_picture, samples_picture  # matplotlib here
-
-    npz.parent.mkdir(parents=True, exist_ok=True)
-    with open(npz, "wb") as f:  # a file object: numpy adds no second suffix
-        np.savez(f, **arrays)
     what = "noise from the data" if args.invert else "samples"
     title = f"{run_label(args.ckpt)} ({kind}): NFE {sol.nfe}"
     if args.guidance is not None:
         title += f", guidance {args.guidance:g}"
-    if labels is not None and not args.invert and args.label is None:
-        class_grid_picture(sol.x, labels, picture, title)
-    else:
-        samples_picture(sol.x, picture, title)
+    grid = labels is not None and not args.invert and args.label is None
+    write_samples(npz, picture, arrays, sol.x, title, labels, grid)
     print(f"{npz}: {len(sol.x)} {what}, NFE {sol.nfe}; picture {picture}")
     return npz
+
+
+def write_samples(
+    npz: Path,
+    picture: Path,
+    arrays: dict[str, np.ndarray],
+    x: torch.Tensor,
+    title: str,
+    labels: torch.Tensor | None = None,
+    grid: bool = False,
+) -> None:
+    """Write ``arrays`` (and ``labels``, if any) to ``npz`` (no pickle) and the picture of ``x``
+    (data space) to ``picture``: one grid row per class with ``grid`` (``labels`` in equal
+    shares), otherwise a tile of up to 64 images or a scatter plot of 2D samples."""
+    from flowmap.apps.pictures import class_grid_picture, samples_picture  # matplotlib here
+
+    if labels is not None:
+        arrays = {**arrays, "labels": labels.numpy()}
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    with open(npz, "wb") as f:  # a file object: numpy adds no second suffix
+        np.savez(f, **arrays)
+    if grid and labels is not None:
+        class_grid_picture(x, labels, picture, title)
+    else:
+        samples_picture(x, picture, title)
 
 
 def run_label(ckpt: str) -> str:

@@ -79,6 +79,10 @@ class RewardLoss(FlowMapLoss):
                 "teacher: the flow map's checkpoint (the student starts from it)."
             )
 
+    def check_reference(self, teacher: Any) -> None:
+        """Refuse, before the first step, a teacher that carries no flow map to stay near."""
+        reference_map(teacher)
+
     def off_diagonal(self, *args: Any, **kwargs: Any) -> Tensor:
         raise NotImplementedError("RewardLoss has no time pairs; it scores whole samples.")
 

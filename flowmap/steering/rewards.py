@@ -62,7 +62,13 @@ def build_reward(spec: Reward | str | Mapping[str, Any]) -> Reward:
                 f"Cannot import the reward {spec!r}; give 'package.module:function' or "
                 "'package.module.Class' of an installed module."
             ) from None
-        reward = target() if isinstance(target, type) else target
+        try:
+            reward = target() if isinstance(target, type) else target
+        except TypeError as err:
+            raise ValueError(
+                f"Cannot build the reward {spec!r} without arguments ({err}); give a class_path "
+                "spec with its init_args."
+            ) from None
         if callable(reward):
             return reward
     raise ValueError(

@@ -45,21 +45,30 @@ def _candidates(
     cond: Mapping[str, Tensor] | None,
     chunk: int,
 ) -> tuple[Tensor, Tensor]:
+    """Every candidate's sample and reward, candidate by candidate, so that the reward sees row
+    ``b`` of each batch as sample ``b`` (a per-sample observation stays aligned)."""
     if x0.dim() < 3:
         raise ValueError(
             f"The noise must have shape (B, N, *sample_shape) with N candidates per sample, got "
             f"{tuple(x0.shape)}."
         )
-    b, n = x0.shape[:2]
-    flat = x0.reshape(b * n, *x0.shape[2:])
-    kw = {k: v.repeat_interleave(n, 0) for k, v in (cond or {}).items() if v is not None}
+    kw = {k: v for k, v in (cond or {}).items() if v is not None}
     xs, rs = [], []
-    for i in range(0, b * n, chunk):
-        part = {k: v[i : i + chunk] for k, v in kw.items()}
-        x1 = sample_flow_map(flow_map, flat[i : i + chunk], steps=jumps, cond=part).x
+    for i in range(x0.shape[1]):
+        x1 = torch.cat(
+            [
+                sample_flow_map(
+                    flow_map,
+                    x0[j : j + chunk, i],
+                    steps=jumps,
+                    cond={k: v[j : j + chunk] for k, v in kw.items()},
+                ).x
+                for j in range(0, x0.shape[0], chunk)
+            ]
+        )
         xs.append(x1)
         rs.append(score(reward, x1))
-    return torch.cat(xs).reshape(x0.shape), torch.cat(rs).reshape(b, n)
+    return torch.stack(xs, dim=1), torch.stack(rs, dim=1)
 
 
 def _pick(x: Tensor, x0: Tensor, r: Tensor, index: Tensor, nfe: int) -> SearchResult:

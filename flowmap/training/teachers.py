@@ -316,6 +316,9 @@ def check_student(
     the student's classes; a guided map's :math:`b(\varnothing)` exists (the teacher's label
     dropout, or when self-distilling the map's own and its diagonal rows, ``pairs.eta > 0``)."""
     loss.check_teacher(teacher is not None)
+    check_reference = getattr(loss, "check_reference", None)  # a loss that needs a map teacher
+    if check_reference is not None and teacher is not None:
+        check_reference(teacher.velocity)
     guided = conditioning.guided
     if teacher is None:
         if guided and not conditioning.null_trained:
