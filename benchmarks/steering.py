@@ -33,7 +33,6 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +82,10 @@ class Setting:
         self.judge_test_accuracy = float(
             (self.judge.predict(x_test.flatten(1).numpy()) == y_test.numpy()).mean()
         )
+        top = SVC(gamma="scale", C=10.0).fit(x_train[:, :, :4].flatten(1).numpy(), y_train.numpy())
+        self.top_half_accuracy = float(
+            (top.predict(x_test[:, :, :4].flatten(1).numpy()) == y_test.numpy()).mean()
+        )
         self.features = FeatureExtractor("flowmap-digits")
         self.real = {
             k: self.features(to_uint8(self.x_all[self.y_all == k].clamp(-1, 1))) for k in range(10)
@@ -116,76 +119,94 @@ def diversity(x: Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------- the methods
-Method = Callable[[Tensor, Any, float, int], Tensor]  # (noise, reward, scale, seed) -> samples
+#: guided families: (name, sampler, look-ahead, gradient, the steps K to run, calls of K steps)
+FAMILIES = (
+    ("flowmap_lookahead", "map", "flow_map", "input", (1, 2, 3), lambda k: 3 * k - 1),
+    (
+        "flowmap_lookahead_endpoint",
+        "map",
+        "flow_map",
+        "endpoint",
+        (1, 2, 3, 4),
+        lambda k: 2 * k - 1,
+    ),
+    ("denoiser_lookahead_map", "map", "denoiser", "input", (1, 2), lambda k: 3 * k),
+    (
+        "denoiser_lookahead_map_endpoint",
+        "map",
+        "denoiser",
+        "endpoint",
+        (1, 2, 3, 4),
+        lambda k: 2 * k,
+    ),
+    ("denoiser_lookahead_teacher", "teacher", "denoiser", "input", (1, 2, 4), lambda k: 2 * k),
+    (
+        "denoiser_lookahead_teacher_endpoint",
+        "teacher",
+        "denoiser",
+        "endpoint",
+        (1, 2, 4, 8),
+        lambda k: k,
+    ),
+)
+
+
+def rows_for(s: Setting, scales: tuple[float, ...], extra: list[dict[str, Any]]) -> list[dict]:
+    """Every row of a task: ``run(noise, reward, scale) -> samples``, its calls and scales."""
+    fm = s.map
+    rows: list[dict[str, Any]] = [
+        dict(method="none", calls=j, run=lambda z, r, sc, j=j: jumps(fm, z, j))
+        for j in (1, 2, 4, 8)
+    ]
+    for name, sampler, lookahead, gradient, ks, calls in FAMILIES:
+        model = fm if sampler == "map" else s.teacher
+        for k in ks:
+            cost = calls(k)
+            rows.append(
+                dict(
+                    method=name,
+                    calls=cost,
+                    scales=scales,
+                    run=lambda z, r, sc, m=model, la=lookahead, gr=gradient, k=k, c=cost: guided(
+                        m, z, r, sc, la, k, gr, c
+                    ),
+                )
+            )
+    for n in (2, 4, 8):
+        rows.append(
+            dict(method="best_of_n", calls=n, search=n, run=lambda z, r, sc: best_of_n(fm, r, z).x)
+        )
+    return rows + extra
 
 
 def class_rows(s: Setting, finetuned: dict[int, Any]) -> list[dict[str, Any]]:
-    """Each row: name, method, calls, scales (None: unguided), and how it is called."""
-    fm, teacher = s.map, s.teacher
-    rows: list[dict[str, Any]] = []
-    for j in (1, 2, 4, 8):
-        rows.append(dict(method="none", calls=j, run=lambda z, k, sc, j=j: jumps(fm, z, j)))
-    for steps in (1, 2, 3):
-        rows.append(
-            dict(
-                method="flowmap_lookahead",
-                calls=3 * steps - 1,
-                scales=SCALES,
-                run=lambda z, k, sc, n=steps: guided(fm, z, s.rewards[k], sc, "flow_map", n),
-            )
+    """The class task's rows: the shared ones, importance resampling (lam = 1), the fine-tuned
+    maps and the class-conditional map."""
+    fm = s.map
+    extra: list[dict[str, Any]] = [
+        dict(
+            method="resample",
+            calls=n,
+            search=n,
+            run=lambda z, r, sc: (
+                importance_resample(fm, r, z, 1.0, generator=torch.Generator().manual_seed(0)).x
+            ),
         )
-    for steps in (1, 2):
-        rows.append(
-            dict(
-                method="denoiser_lookahead_map",
-                calls=3 * steps,
-                scales=SCALES,
-                run=lambda z, k, sc, n=steps: guided(fm, z, s.rewards[k], sc, "denoiser", n),
-            )
-        )
-    for steps in (1, 2, 4):
-        rows.append(
-            dict(
-                method="denoiser_lookahead_teacher",
-                calls=2 * steps,
-                scales=SCALES,
-                run=lambda z, k, sc, n=steps: guided(teacher, z, s.rewards[k], sc, "denoiser", n),
-            )
-        )
-    for n in (2, 4, 8):
-        rows.append(
-            dict(
-                method="best_of_n",
-                calls=n,
-                search=n,
-                run=lambda z, k, sc: best_of_n(fm, s.rewards[k], z).x,
-            )
-        )
-        rows.append(
-            dict(
-                method="resample",
-                calls=n,
-                search=n,
-                run=lambda z, k, sc: (
-                    importance_resample(
-                        fm, s.rewards[k], z, 1.0, generator=torch.Generator().manual_seed(0)
-                    ).x
-                ),
-            )
-        )
+        for n in (2, 4, 8)
+    ]
     if finetuned:
-        rows.append(
-            dict(method="finetuned", calls=1, run=lambda z, k, sc: jumps(finetuned[k], z, 1))
+        extra.append(
+            dict(method="finetuned", calls=1, run=lambda z, r, sc: jumps(finetuned[r.target], z, 1))
         )
     for w in (1.0, 2.0):
-        rows.append(
+        extra.append(
             dict(
                 method=f"conditional_w{w:g}",
                 calls=1,
-                run=lambda z, k, sc, w=w: conditional(s.conditional, z, k, w),
+                run=lambda z, r, sc, w=w: conditional(s.conditional, z, r.target, w),
             )
         )
-    return rows
+    return rows_for(s, SCALES, extra)
 
 
 @torch.no_grad()
@@ -193,8 +214,23 @@ def jumps(fm: Any, z: Tensor, n: int) -> Tensor:
     return sample_flow_map(fm, z, steps=n).x
 
 
-def guided(model: Any, z: Tensor, reward: Any, scale: float, lookahead: str, steps: int) -> Tensor:
-    return guided_sample(model, z, RewardGuidance(reward, scale, lookahead), steps=steps).x
+def guided(
+    model: Any,
+    z: Tensor,
+    reward: Any,
+    scale: float,
+    lookahead: str,
+    steps: int,
+    gradient: str,
+    calls: int,
+) -> Tensor:
+    how = RewardGuidance(reward, scale, lookahead, gradient=gradient)
+    sol = guided_sample(model, z, how, steps=steps)
+    if sol.nfe != calls:
+        raise RuntimeError(
+            f"{lookahead}/{gradient} at {steps} steps took {sol.nfe} calls, not {calls}"
+        )
+    return sol.x
 
 
 @torch.no_grad()
@@ -236,7 +272,7 @@ def measure_class(s: Setting, row: dict[str, Any], scale: float | None, seed: in
     cells = []
     for k in args.classes:
         z = noise(args.n, seed, k, row.get("search", 1))
-        x = row["run"](z, k, scale)
+        x = row["run"](z, s.rewards[k], scale)
         cell = {
             "class": k,
             "seed": seed,
@@ -259,42 +295,7 @@ def measure_class(s: Setting, row: dict[str, Any], scale: float | None, seed: in
 
 
 def inpaint_rows(s: Setting) -> list[dict[str, Any]]:
-    fm, teacher = s.map, s.teacher
-    rows: list[dict[str, Any]] = [
-        dict(method="none", calls=1, run=lambda z, r, sc: jumps(fm, z, 1))
-    ]
-    for steps in (1, 2, 3):
-        rows.append(
-            dict(
-                method="flowmap_lookahead",
-                calls=3 * steps - 1,
-                scales=INPAINT_SCALES,
-                run=lambda z, r, sc, n=steps: guided(fm, z, r, sc, "flow_map", n),
-            )
-        )
-    for steps in (1, 2):
-        rows.append(
-            dict(
-                method="denoiser_lookahead_map",
-                calls=3 * steps,
-                scales=INPAINT_SCALES,
-                run=lambda z, r, sc, n=steps: guided(fm, z, r, sc, "denoiser", n),
-            )
-        )
-    for steps in (1, 2, 4):
-        rows.append(
-            dict(
-                method="denoiser_lookahead_teacher",
-                calls=2 * steps,
-                scales=INPAINT_SCALES,
-                run=lambda z, r, sc, n=steps: guided(teacher, z, r, sc, "denoiser", n),
-            )
-        )
-    for n in (2, 4, 8):
-        rows.append(
-            dict(method="best_of_n", calls=n, search=n, run=lambda z, r, sc: best_of_n(fm, r, z).x)
-        )
-    return rows
+    return rows_for(s, INPAINT_SCALES, [])
 
 
 def inpaint_task(s: Setting, n: int) -> tuple[Tensor, Tensor, ObservationReward]:
@@ -361,6 +362,7 @@ def run(args: argparse.Namespace) -> None:
             "test_accuracy": s.judge_test_accuracy,
         },
         "settings": {k: v for k, v in vars(args).items() if k not in ("func", "out")},
+        "top_half_accuracy": s.top_half_accuracy,
         "class_steering": classes,
         "inpainting": inpaint,
     }
@@ -419,88 +421,105 @@ def fmt(e: Any, scale: float = 1.0, digits: str = ".3g") -> str:
     return f"{e.value * scale:{digits}} [{e.ci_low * scale:{digits}}, {e.ci_high * scale:{digits}}]"
 
 
+#: paired comparisons at (nearly) equal calls: (flow-map look-ahead row, denoiser look-ahead row)
+PAIRS = (
+    ("flowmap_lookahead@2", "denoiser_lookahead_teacher@2"),
+    ("flowmap_lookahead@8", "denoiser_lookahead_teacher@8"),
+    ("flowmap_lookahead@5", "denoiser_lookahead_map@6"),
+    ("flowmap_lookahead_endpoint@1", "denoiser_lookahead_teacher_endpoint@1"),
+    ("flowmap_lookahead_endpoint@3", "denoiser_lookahead_map_endpoint@4"),
+    ("flowmap_lookahead_endpoint@7", "denoiser_lookahead_map_endpoint@8"),
+    ("flowmap_lookahead_endpoint@7", "denoiser_lookahead_teacher_endpoint@8"),
+)
+
+
+def headline(records: list[dict], chosen: dict[str, float], key: str) -> str:
+    """The label of row ``key`` (``method@calls``) at its chosen scale."""
+    return f"{key}/s{chosen[key]:g}" if key in chosen else key
+
+
+def table(records: list[dict], chosen: dict[str, float], columns: list[tuple[str, str, float]]):
+    first = min(r["seed"] for r in records if r["seed"] != TUNE_SEED)
+    lines = []
+    for r in records:
+        key = f"{r['method']}@{r['calls']}"
+        if r["seed"] != first or (r["scale"] is not None and chosen.get(key) != r["scale"]):
+            continue
+        cells = cells_of(records, r["label"])
+        values = [fmt(estimate(cells, c), scale) for _, c, scale in columns]
+        lines.append(
+            f"| {r['method']} | {r['calls']} | {scale_text(r['scale'])} | "
+            + " | ".join(values)
+            + " |"
+        )
+    head = "| row | calls | scale | " + " | ".join(name for name, _, _ in columns) + " |"
+    return [head, "|---|---|---|" + "---|" * len(columns), *lines]
+
+
+def compare(records, chosen, a: str, b: str, keys: list[tuple[str, bool, float]]) -> str:
+    la, lb = headline(records, chosen, a), headline(records, chosen, b)
+    ca, cb = cells_of(records, la), cells_of(records, lb)
+    if not ca or not cb:
+        return f"- `{la}` vs `{lb}`: not run"
+    parts = []
+    for key, ratio, scale in keys:
+        what = "ratio" if ratio else "difference"
+        parts.append(f"{key} {what} {fmt(paired(ca, cb, key, ratio=ratio), scale)}")
+    return f"- `{la}` vs `{lb}`: " + "; ".join(parts)
+
+
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     res = json.loads((out / "results.json").read_text())
     cls, inp = res["class_steering"], res["inpainting"]
     cs = chosen_scales(cls, "reward_accuracy", "max")
     ins = chosen_scales(inp, "observed_error", "min")
+    st = res["settings"]
     lines = [
         "# Steering the digits map by a reward, and inpainting",
         "",
         f"- command: `{res['command']}`",
         f"- machine: {res['machine']}; wall time {res['seconds']:.0f} s",
         f"- judge: {res['judge']['model']}, test accuracy {res['judge']['test_accuracy']:.3f}",
-        f"- settings: {json.dumps(res['settings'])}",
+        f"- settings: {json.dumps(st)}",
         "- calls: network evaluations per sample, forward and gradient (backward) calls alike; "
-        "the reward's classifier is not counted",
-        "- cells: (class, seed) pairs, 95% t intervals over cells; `scale`: the headline "
-        "guidance scale, chosen on the tuning seed without the judge",
-        "- FID: in the digits CNN's features (the reward's own network), per class against all "
-        f"real images of that class, {res['settings']['n']} samples a cell (biased upward at "
-        "this size; compare rows, not to other reports)",
+        "the reward's classifier is not counted. `_endpoint` rows take the reward's gradient at "
+        "the look-ahead and apply it at x_t (no backward call through the network)",
+        "- values: mean over cells with a 95% t interval; cells are (class, seed) pairs for the "
+        "class task and seeds for inpainting; `scale`: each guided row's scale, chosen on the "
+        "tuning seed without the judge",
+        "- FID: in the digits CNN's features (the reward's own network), against all real images "
+        f"of the class ({st['n']} samples a cell; biased upward at this size: compare rows "
+        "only)",
         "",
         "## Steer to class k",
         "",
-        "| row | calls | scale | judge accuracy (%) | reward-classifier accuracy (%) | FID vs class k | diversity / real |",
-        "|---|---|---|---|---|---|---|",
+        *table(
+            cls,
+            cs,
+            [
+                ("judge accuracy (%)", "judge_accuracy", 100),
+                ("reward-classifier accuracy (%)", "reward_accuracy", 100),
+                ("FID vs class k", "fid", 1),
+                ("diversity / real", "diversity", 1),
+            ],
+        ),
+        "",
+        "Paired per cell, flow-map look-ahead against the denoiser's (judge accuracy in points):",
+        "",
     ]
-    heads = []
-    for r in cls:
-        if r["seed"] == TUNE_SEED or r["seed"] != res["settings"]["seeds"][0]:
-            continue
-        key = f"{r['method']}@{r['calls']}"
-        if r["scale"] is not None and cs.get(key) != r["scale"]:
-            continue
-        heads.append(r["label"])
-        cells = cells_of(cls, r["label"])
-        lines.append(
-            f"| {r['method']} | {r['calls']} | {scale_text(r['scale'])} | "
-            f"{fmt(estimate(cells, 'judge_accuracy'), 100, '.1f')} | "
-            f"{fmt(estimate(cells, 'reward_accuracy'), 100, '.1f')} | "
-            f"{fmt(estimate(cells, 'fid'))} | {fmt(estimate(cells, 'diversity'))} |"
-        )
-    lines += ["", "### Goals, paired per cell", ""]
-
-    def head(method: str, calls: int) -> str:
-        key = f"{method}@{calls}"
-        return f"{key}/s{cs[key]:g}" if key in cs else key
-
-    def compare(a: str, b: str) -> str:
-        ca, cb = cells_of(cls, a), cells_of(cls, b)
-        if not ca or not cb:
-            return f"- {a} vs {b}: not run"
-        acc = paired(ca, cb, "judge_accuracy")
-        fid = paired(ca, cb, "fid", ratio=True)
-        return (
-            f"- `{a}` − `{b}`: judge accuracy {fmt(acc, 100, '.1f')} points; FID ratio {fmt(fid)}"
-        )
-
-    lines.append(compare(head("flowmap_lookahead", 2), head("denoiser_lookahead_teacher", 2)))
-    lines.append(compare(head("flowmap_lookahead", 8), head("denoiser_lookahead_teacher", 8)))
-    lines.append(
-        compare(head("flowmap_lookahead", 5), head("denoiser_lookahead_map", 6))
-        + " (the denoiser with one call more)"
-    )
-    lines.append(
-        compare(head("flowmap_lookahead", 2), head("denoiser_lookahead_map", 3))
-        + " (the denoiser with one call more)"
-    )
+    keys = [("judge_accuracy", False, 100), ("fid", True, 1)]
+    lines += [compare(cls, cs, a, b, keys) for a, b in PAIRS]
     ft = cells_of(cls, "finetuned@1")
     if ft:
+        lines += ["", "Reward fine-tuned one-jump map (`recipes/digits/reward.yaml`):", ""]
         for w in ("1", "2"):
-            lines.append(
-                f"- `finetuned@1` FID / `conditional_w{w}@1` FID: "
-                f"{fmt(paired(ft, cells_of(cls, f'conditional_w{w}@1'), 'fid', ratio=True))}"
-            )
-        lines.append(
-            f"- `finetuned@1` judge accuracy: {fmt(estimate(ft, 'judge_accuracy'), 100, '.1f')}%; "
-            f"per class: "
-            + ", ".join(
-                f"{k}: {100 * np.mean([c['judge_accuracy'] for c in ft if c['class'] == k]):.1f}"
-                for k in sorted({c["class"] for c in ft})
-            )
+            lines.append(compare(cls, cs, "finetuned@1", f"conditional_w{w}@1", keys))
+        per = ", ".join(
+            f"{k}: {100 * np.mean([c['judge_accuracy'] for c in ft if c['class'] == k]):.1f}"
+            for k in sorted({c["class"] for c in ft})
         )
+        lines.append(f"- judge accuracy per class (%): {per}")
     lines += [
         "",
         "### Every scale (judge accuracy %, FID)",
@@ -517,58 +536,42 @@ def report(args: argparse.Namespace) -> None:
         row = []
         for sc in SCALES:
             cells = cells_of(cls, f"{r['method']}@{r['calls']}/s{sc:g}")
-            row.append(
-                f"{100 * np.mean([c['judge_accuracy'] for c in cells]):.1f}, "
-                f"{np.mean([c['fid'] for c in cells]):.3g}"
-                if cells
-                else ""
-            )
+            judge = 100 * np.mean([c["judge_accuracy"] for c in cells]) if cells else float("nan")
+            fid = np.mean([c["fid"] for c in cells]) if cells else float("nan")
+            row.append(f"{judge:.1f}, {fid:.3g}")
         lines.append(f"| {r['method']} | {r['calls']} | " + " | ".join(row) + " |")
     lines += [
         "",
         "## Inpainting the bottom half",
         "",
-        f"{res['settings']['n_inpaint']} test digits, top half observed; cells are seeds.",
+        f"{st['n_inpaint']} test digits, the top half observed. How much the top half says: "
+        f"an SVC of the same kind trained on top halves alone names {res['top_half_accuracy']:.3f} "
+        "of the test digits.",
         "",
-        "| row | calls | scale | masked error (hidden half, MSE) | judge accuracy of the true digit (%) | FID vs all digits |",
-        "|---|---|---|---|---|---|",
+        *table(
+            inp,
+            ins,
+            [
+                ("masked error (hidden half, MSE)", "masked_error", 1),
+                ("observed error", "observed_error", 1),
+                ("judge accuracy of the true digit (%)", "judge_accuracy", 100),
+                ("FID vs all digits", "fid", 1),
+            ],
+        ),
+        "",
+        "Paired per seed, flow-map look-ahead against the denoiser's:",
+        "",
     ]
-    for r in inp:
-        if r["seed"] != res["settings"]["seeds"][0]:
-            continue
-        key = f"{r['method']}@{r['calls']}"
-        if r["scale"] is not None and ins.get(key) != r["scale"]:
-            continue
-        cells = cells_of(inp, r["label"])
-        lines.append(
-            f"| {r['method']} | {r['calls']} | {scale_text(r['scale'])} | "
-            f"{fmt(estimate(cells, 'masked_error'))} | "
-            f"{fmt(estimate(cells, 'judge_accuracy'), 100, '.1f')} | {fmt(estimate(cells, 'fid'))} |"
-        )
-
-    def ihead(method: str, calls: int) -> str:
-        key = f"{method}@{calls}"
-        return f"{key}/s{ins[key]:g}" if key in ins else key
-
-    lines += ["", "Paired per seed (flow-map look-ahead − denoiser look-ahead):", ""]
-    for a, b in (
-        (("flowmap_lookahead", 2), ("denoiser_lookahead_teacher", 2)),
-        (("flowmap_lookahead", 8), ("denoiser_lookahead_teacher", 8)),
-    ):
-        ca, cb = cells_of(inp, ihead(*a)), cells_of(inp, ihead(*b))
-        lines.append(
-            f"- `{ihead(*a)}` − `{ihead(*b)}`: masked error "
-            f"{fmt(paired(ca, cb, 'masked_error'))}; judge accuracy "
-            f"{fmt(paired(ca, cb, 'judge_accuracy'), 100, '.1f')} points"
-        )
+    keys = [("masked_error", False, 1), ("judge_accuracy", False, 100)]
+    lines += [compare(inp, ins, a, b, keys) for a, b in PAIRS]
     lines += ["", "![class steering](steering.png)", "", "![inpainting](inpainting.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
 def pictures(s: Setting, finetuned: dict[int, Any], args: argparse.Namespace) -> None:
-    """Class steering: one row per method (class 0..9, two samples each); inpainting: observed,
-    truth and the two look-aheads at 8 calls."""
+    """Class steering: one row per method (two samples of each class); inpainting: observed,
+    truth and the look-aheads at about 8 calls."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -578,43 +581,53 @@ def pictures(s: Setting, finetuned: dict[int, Any], args: argparse.Namespace) ->
     res = json.loads((out / "results.json").read_text())
     cs = chosen_scales(res["class_steering"], "reward_accuracy", "max")
     ins = chosen_scales(res["inpainting"], "observed_error", "min")
-    rows = {f"{r['method']}@{r['calls']}": r for r in class_rows(s, finetuned)}
     show = [
         "none@1",
-        "denoiser_lookahead_teacher@8",
         "flowmap_lookahead@8",
+        "flowmap_lookahead_endpoint@7",
+        "denoiser_lookahead_teacher@8",
+        "denoiser_lookahead_teacher_endpoint@8",
         "best_of_n@8",
         "finetuned@1",
         "conditional_w1@1",
     ]
-    show = [k for k in show if k in rows]
-    fig, axes = plt.subplots(len(show), 1, figsize=(10, 1.3 * len(show)))
-    for ax, key in zip(np.atleast_1d(axes), show):
-        tiles = []
-        for k in args.classes:
-            z = noise(2, args.seeds[0], k, rows[key].get("search", 1))
-            tiles.append(rows[key]["run"](z, k, cs.get(key)))
-        x = torch.cat(tiles).clamp(-1, 1)[:, 0]
-        ax.imshow(torch.cat(list(x), dim=1).numpy(), cmap="gray", vmin=-1, vmax=1)
-        ax.set_title(f"{key}" + (f" (scale {cs[key]:g})" if key in cs else ""), fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
+
+    def grid(rows: dict[str, dict], chosen: dict[str, float], keys: list[str], make) -> None:
+        keys = [k for k in keys if k in rows]
+        fig, axes = plt.subplots(len(keys), 1, figsize=(10, 1.3 * len(keys)))
+        for ax, key in zip(np.atleast_1d(axes), keys):
+            x = make(rows[key], chosen.get(key)).clamp(-1, 1)[:, 0]
+            ax.imshow(torch.cat(list(x), dim=1).numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.set_title(key + (f" (scale {chosen[key]:g})" if key in chosen else ""), fontsize=8)
+            ax.axis("off")
+        fig.tight_layout()
+        return fig
+
+    rows = {f"{r['method']}@{r['calls']}": r for r in class_rows(s, finetuned)}
+
+    def classes(row, scale):
+        return torch.cat(
+            [
+                row["run"](noise(2, args.seeds[0], k, row.get("search", 1)), s.rewards[k], scale)
+                for k in args.classes
+            ]
+        )
+
+    with torch.no_grad():
+        fig = grid(rows, cs, show, classes)
     fig.savefig(out / "steering.png", dpi=120)
     plt.close(fig)
     truth, _, reward = inpaint_task(s, 12)
-    z = noise(12, args.seeds[0], 99)
-    fm = guided(s.map, z, reward, ins.get("flowmap_lookahead@8", 2.0), "flow_map", 3)
-    den = guided(s.teacher, z, reward, ins.get("denoiser_lookahead_teacher@8", 2.0), "denoiser", 4)
-    panels = [truth * reward.mask - (1 - reward.mask), truth, fm, den]
-    names = ["observed", "truth", "flow-map look-ahead, 8 calls", "denoiser look-ahead, 8 calls"]
-    fig, axes = plt.subplots(4, 1, figsize=(8, 4.5))
-    for ax, p, name in zip(axes, panels, names):
-        ax.imshow(
-            torch.cat(list(p.clamp(-1, 1)[:, 0]), dim=1).numpy(), cmap="gray", vmin=-1, vmax=1
-        )
-        ax.set_title(name, fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
+    rows = {f"{r['method']}@{r['calls']}": r for r in inpaint_rows(s)}
+    rows["observed"] = dict(run=lambda z, r, sc: truth * reward.mask - (1 - reward.mask))
+    rows["truth"] = dict(run=lambda z, r, sc: truth)
+    keys = ["observed", "truth", *show[1:5], "best_of_n@8"]
+
+    def inpainted(row, scale):
+        return row["run"](noise(12, args.seeds[0], 99, row.get("search", 1)), reward, scale)
+
+    with torch.no_grad():
+        fig = grid(rows, ins, keys, inpainted)
     fig.savefig(out / "inpainting.png", dpi=120)
     plt.close(fig)
 

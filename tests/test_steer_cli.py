@@ -104,6 +104,8 @@ def test_a_reward_by_import_path_moves_the_samples_its_way(model, request, tmp_p
     steered = run(ckpt, tmp_path / "steered.npz", *reward)
     np.testing.assert_array_equal(plain["noise"], steered["noise"])  # the same seed
     assert steered["samples"][:, 0].mean() > plain["samples"][:, 0].mean() + 0.5
+    at_end = run(ckpt, tmp_path / "at_end.npz", *reward, "--gradient", "endpoint")
+    assert at_end["samples"][:, 0].mean() > plain["samples"][:, 0].mean() + 0.5
     # a teacher looks ahead with its denoiser, by default and on request
     if model == "tiny_teacher":
         again = run(ckpt, tmp_path / "again.npz", *reward, "--lookahead", "denoiser")

@@ -100,6 +100,11 @@ def test_lookahead_guidance_by_the_class_posterior_moves_the_histogram_to_the_cl
     assert share_of_class_one(oracle, teacher.x) > 0.97
     # gradient calls are counted: a jump step 3, the last 2 (its look-ahead is the jump); Euler 2
     assert by_map.nfe == 3 * 4 - 1 and teacher.nfe == 2 * 16
+    # the gradient at the endpoint, applied at x_t, needs no backward call through the network
+    at_end = guided_sample(
+        exact_map, z, RewardGuidance(reward, scale=1.0, gradient="endpoint"), steps=4
+    )
+    assert at_end.nfe == 2 * 4 - 1 and share_of_class_one(oracle, at_end.x) > 0.9
     # the guided samples stay on the data (near a class-1 component)
     means = oracle.classes[1].means
     nearest = torch.cdist(by_map.x, means).min(1).values
@@ -217,6 +222,8 @@ def test_bad_rewards_and_options_are_one_sentence(exact_map):
         guided_sample(lambda x, t: x, x, RewardGuidance(lambda x: x.sum(1)), steps=2)
     with pytest.raises(ValueError, match="lookahead"):
         RewardGuidance(lambda x: x.sum(1), lookahead="tweedie")
+    with pytest.raises(ValueError, match="gradient"):
+        RewardGuidance(lambda x: x.sum(1), gradient="jacobian")
     with pytest.raises(ValueError, match="teacher"):
         RewardLoss(lambda x: x.sum(1))(exact_map, x)
     with pytest.raises(ValueError, match="teacher"):

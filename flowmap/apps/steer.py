@@ -2,7 +2,8 @@ r"""``flowmap steer``: samples steered towards a high reward :math:`r(x)` (:mod:
 
     flowmap steer --ckpt MODEL.ckpt --reward SPEC [--reward-args JSON] --n 64 --out steered.npz
                   [--seed 0] [--steps 4] [--scale 1.0] [--lookahead flow_map|denoiser]
-                  [--schedule tilt|constant] [--class C] [--guidance W]
+                  [--schedule tilt|constant] [--gradient input|endpoint] [--class C]
+                  [--guidance W]
     flowmap steer --ckpt MAP.ckpt --reward SPEC --best-of 8 --out best.npz      (search)
     flowmap steer --ckpt MAP.ckpt --reward SPEC --resample 8 --lam 1 --out tilted.npz
     flowmap steer --ckpt MODEL.ckpt --observed obs.npz --out restored.npz     (inverse problem)
@@ -43,6 +44,7 @@ from flowmap.codecs import trained_codec
 from flowmap.conditioning import guidance_cost
 from flowmap.io import read_npz
 from flowmap.steering import (
+    GRADIENTS,
     LOOKAHEADS,
     SCHEDULES,
     ClassReward,
@@ -148,6 +150,13 @@ def _guidance_options(p: Any) -> None:
         default="tilt",
         help="weight of the guidance over time: tilt (that of the tilted law p(x) exp r(x)) "
         "or constant",
+    )
+    p.add_argument(
+        "--gradient",
+        choices=GRADIENTS,
+        default="input",
+        help="input: differentiate the reward through the look-ahead (a backward call each "
+        "step); endpoint: its gradient at the endpoint, applied at x (no backward call)",
     )
     p.add_argument(
         "--class",
@@ -277,7 +286,7 @@ def _guide(
     what)``; a guided teacher's calls (both branches of classifier-free guidance) count 2."""
     x0 = torch.randn(n, *module.data_shape, generator=g)
     lookahead = args.lookahead or ("flow_map" if is_map else "denoiser")
-    steering = RewardGuidance(reward, args.scale, lookahead, args.schedule)
+    steering = RewardGuidance(reward, args.scale, lookahead, args.schedule, gradient=args.gradient)
     if is_map:
         model: Any = module.sampling_flow_map
         cond = module.conditioning.sampling_condition(labels, args.guidance, n)

@@ -12,6 +12,7 @@ r"""Flow maps beyond sampling: steering by a reward :math:`r(x)` through the map
 
 from flowmap.steering.finetune import RewardLoss, reference_map
 from flowmap.steering.guidance import (
+    GRADIENTS,
     LOOKAHEADS,
     SCHEDULES,
     RewardGuidance,
@@ -33,6 +34,7 @@ __all__ = [
     "ObservationReward",
     "build_reward",
     "score",
+    "GRADIENTS",
     "LOOKAHEADS",
     "SCHEDULES",
     "RewardGuidance",

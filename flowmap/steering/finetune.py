@@ -21,7 +21,7 @@ from flowmap.flowmap import FlowMap
 from flowmap.losses import FlowMapLoss
 from flowmap.losses.base import mean_square
 from flowmap.ode import sample_flow_map
-from flowmap.steering.rewards import Reward, build_reward, score
+from flowmap.steering.rewards import build_reward, score
 
 __all__ = ["RewardLoss", "reference_map"]
 

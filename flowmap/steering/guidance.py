@@ -48,6 +48,7 @@ __all__ = [
 LOOKAHEADS = ("flow_map", "denoiser")
 SCHEDULES = ("tilt", "constant")
 NORMALIZATIONS = ("clip", "unit", "none")
+GRADIENTS = ("input", "endpoint")
 
 
 def denoiser_lookahead(path: AffinePath, x: Tensor, t: Tensor, velocity: Tensor) -> Tensor:
@@ -74,6 +75,11 @@ class RewardGuidance:
         normalize: ``"clip"`` scales a gradient of RMS above 1 down to 1 per sample and keeps a
             smaller one (a saturated reward does not push); ``"unit"`` rescales every gradient
             to RMS 1 (FMTT); ``"none"`` takes :math:`g` as it is.
+        gradient: ``"input"`` differentiates through the look-ahead,
+            :math:`g = \nabla_{x_t} r(\hat x_1)` (a backward call through the network);
+            ``"endpoint"`` takes :math:`g = \nabla r(\hat x_1)` at the endpoint and applies it at
+            :math:`x_t` (no backward call; the look-ahead's Jacobian taken as the identity, as
+            manifold-preserving guidance does with the denoiser).
     """
 
     reward: Reward
@@ -82,6 +88,7 @@ class RewardGuidance:
     schedule: str = "tilt"
     max_weight: float = 2.0
     normalize: str = "clip"
+    gradient: str = "input"
 
     def __post_init__(self) -> None:
         if self.lookahead not in LOOKAHEADS:
@@ -94,6 +101,8 @@ class RewardGuidance:
             raise ValueError(
                 f"Unknown normalize {self.normalize!r}; choose one of {NORMALIZATIONS}."
             )
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"Unknown gradient {self.gradient!r}; choose one of {GRADIENTS}.")
         if self.max_weight <= 0:
             raise ValueError(f"max_weight must be positive, got {self.max_weight}.")
 
@@ -137,8 +146,9 @@ def guided_sample(
     steps (or a ``grid``). A :class:`~flowmap.FlowMap` jumps (:math:`X(t_k, t_{k+1}, \cdot)`), any
     other velocity takes Euler steps and looks ahead with its denoiser only.
 
-    NFE per sample: a flow map's step costs 3 (look-ahead forward and backward, then the jump),
-    its last step 2 with the flow-map look-ahead (the look-ahead is the jump); an Euler step 2.
+    NFE per sample: a look-ahead is one forward call and, with ``gradient="input"``, one backward
+    call; a flow map's jump is one more, except on the last step with the flow-map look-ahead
+    (the look-ahead is that jump), and an Euler step shares the look-ahead's call.
     """
     is_map = isinstance(model, FlowMap)
     if guidance.lookahead == "flow_map" and not is_map:
@@ -155,11 +165,12 @@ def guided_sample(
         )
     kw = {k: v for k, v in (cond or {}).items() if v is not None}
     ts = time_grid(steps, grid, 0.0, 1.0).tolist()
+    through = guidance.gradient == "input"
     nfe = 0
     for a, b in zip(ts[:-1], ts[1:]):
         t = as_time(a, x)
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+        with torch.set_grad_enabled(through):
+            xg = x.detach().requires_grad_(through)
             move = None
             if guidance.lookahead == "flow_map":
                 x_hat = model(xg, t, as_time(1.0, x), **kw)
@@ -170,8 +181,11 @@ def guided_sample(
                 x_hat = denoiser_lookahead(path, xg, t, v)
                 if not is_map:
                     move = x + (b - a) * v.detach()
+        nfe += 2 if through else 1
+        with torch.enable_grad():
+            if not through:  # the gradient at the endpoint, applied at x_t
+                xg = x_hat = x_hat.detach().requires_grad_(True)
             g, _ = guidance.direction(x_hat, xg)
-            nfe += 2
         if move is None:
             with torch.no_grad():
                 move = model(x, t, as_time(b, x), **kw)
