@@ -38,7 +38,8 @@ def test_flow_map_recipes_inject_their_loss_by_class_path(config):
     model = yaml.safe_load(config.read_text())["model"]
     assert model["class_path"] == "flowmap.training.FlowMapModule"
     loss = {"lora": "lagrangian"}.get(config.stem, config.stem)  # LoRA adapters, Lagrangian loss
-    assert model["init_args"]["loss"]["class_path"] == f"flowmap.losses.{loss.title()}Loss"
+    package = "steering" if loss == "reward" else "losses"  # reward fine-tuning: flowmap.steering
+    assert model["init_args"]["loss"]["class_path"] == f"flowmap.{package}.{loss.title()}Loss"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")

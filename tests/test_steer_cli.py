@@ -249,7 +249,6 @@ def test_reward_finetuning_through_fit_starts_at_the_map_and_raises_the_reward(
     """``flowmap fit`` with RewardLoss and a flow map's checkpoint as the teacher: the student
     starts as that map (reward and distance equal the reference's at step 0) and learns to
     raise r(x) = x[:, 0]; a velocity teacher is refused in one sentence before any step."""
-    from flowmap.steering import RewardLoss
     from flowmap.training import FlowMapModule, load_module
 
     tune = [
@@ -278,12 +277,24 @@ def test_reward_finetuning_through_fit_starts_at_the_map_and_raises_the_reward(
     z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before, after = reference(z, 0.0, 1.0), tuned.sampling_flow_map(z, 0.0, 1.0)
-        start = RewardLoss(reward_right, beta=0.1)(reference, z, reference, x0=z)
-    assert float(start["distance"]) == 0.0  # the reference is its own start
     assert after[:, 0].mean() > before[:, 0].mean() + 0.5
     # held by the penalty: -x + beta (dx^2 + dy^2)/2 is least at dx = 1/beta = 10, dy = 0
     shift = after - before
     assert shift[:, 0].mean() < 10.5 and shift[:, 1].abs().mean() < 1.0
+    # the student starts as the map: one step at a learning rate of 1e-12 leaves it the reference
+    still = tmp_path / "still"
+    cli_main(
+        [
+            *tune,
+            "--trainer.max_steps=1",
+            "--model.lr=1e-12",
+            f"--model.teacher={tiny_map}",
+            f"--trainer.default_root_dir={still}",
+        ]
+    )
+    start = load_module(FlowMapModule, next(still.rglob("last.ckpt"))).sampling_flow_map
+    with torch.no_grad():
+        torch.testing.assert_close(start(z, 0.0, 1.0), before)
     with pytest.raises(ValueError, match="flow map's checkpoint"):
         cli_main(
             [

@@ -14,14 +14,15 @@ from flowmap.paths import AffinePath, as_time
 from flowmap.steering import (
     ClassReward,
     ObservationReward,
+    RewardError,
     RewardGuidance,
     RewardLoss,
     best_of_n,
     build_reward,
     denoiser_lookahead,
+    evaluate_reward,
     guided_sample,
     importance_resample,
-    score,
 )
 from tests.helpers import ExactPhi
 
@@ -147,10 +148,45 @@ def test_best_of_n_keeps_the_argmax_and_resampling_follows_the_tilt():
     torch.testing.assert_close(sharp.x, out.x)
     # lam = 0: a uniform draw among the candidates (chi-square, 5 dof, p < 1e-4 at 25.7)
     many = torch.randn(3000, 6, 2, generator=torch.Generator().manual_seed(2))
-    flat = importance_resample(fm, reward, many, lam=0.0, generator=torch.Generator().manual_seed(3))
+    flat = importance_resample(
+        fm, reward, many, lam=0.0, generator=torch.Generator().manual_seed(3)
+    )
     index = (flat.candidate_rewards == flat.reward[:, None]).double().argmax(1)
     counts = torch.bincount(index, minlength=6).double()
     assert float(((counts - 500) ** 2 / 500).sum()) < 25.7
+
+
+def test_importance_resampling_draws_the_tilted_law():
+    """A Gaussian tilted by a linear reward, exp(lam a.x) N(mu, C), is N(mu + lam C a, C)."""
+    target = GaussianTarget(torch.tensor([0.5, -1.0]), torch.tensor([0.8, 0.3]))
+    fm = FlowMap(ExactPhi(target))
+    z = torch.randn(4000, 64, 2, generator=torch.Generator().manual_seed(4))
+
+    def reward(x):
+        return x[:, 0] - 2.0 * x[:, 1]
+
+    out = importance_resample(fm, reward, z, lam=0.5, generator=torch.Generator().manual_seed(5))
+    expected = torch.tensor([0.5 + 0.5 * 0.64, -1.0 - 0.5 * 2.0 * 0.09])
+    torch.testing.assert_close(out.x.mean(0), expected, atol=0.04, rtol=0)
+    assert out.nfe == 64
+
+
+def test_the_reward_losss_noise_differs_across_ranks(monkeypatch):
+    """Every rank draws its own noise (ranks share the seed; the batch is noise only)."""
+    import torch.distributed as dist
+
+    from flowmap.steering.finetune import own_noise
+
+    like = torch.zeros(8, 2)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    draws = []
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        torch.manual_seed(0)
+        draws.append(own_noise(like))
+    assert not torch.allclose(draws[0], draws[1])
+    torch.manual_seed(0)
+    torch.testing.assert_close(own_noise(like), draws[1])  # reproducible per rank and seed
 
 
 def test_the_reward_losss_gradient_is_its_finite_difference():
@@ -210,12 +246,18 @@ def test_inpainting_as_a_reward_pulls_the_observed_entries_to_the_observation(or
 
 def test_bad_rewards_and_options_are_one_sentence(exact_map):
     x = torch.zeros(4, 2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="shape \\(B,\\)"):
-        score(lambda x: x, x)
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        score(lambda x: torch.log(x[:, 0] - 1), x)
-    with pytest.raises(TypeError, match="tensor"):
-        score(lambda x: 1.0, x)
+    with pytest.raises(RewardError, match="shape \\(B,\\)"):
+        evaluate_reward(lambda x: x, x)
+    with pytest.raises(RewardError, match="non-finite"):
+        evaluate_reward(lambda x: torch.log(x[:, 0] - 1), x)
+    with pytest.raises(RewardError, match="tensor"):
+        evaluate_reward(lambda x: 1.0, x)
+    with pytest.raises(RewardError, match="not differentiable"):
+        guided_sample(exact_map, x, RewardGuidance(lambda x: x.sum(1).detach()), steps=2)
+    with pytest.raises(ValueError, match="rise to t = 1"):
+        guided_sample(exact_map, x, RewardGuidance(lambda x: x.sum(1)), grid=[0.0, 0.5])
+    with pytest.raises(ValueError, match="finite"):
+        RewardGuidance(lambda x: x.sum(1), scale=float("nan"))
     with pytest.raises(ValueError, match="shape \\(B,\\)"):  # before any step is taken
         guided_sample(exact_map, x, RewardGuidance(lambda x: x.sum()), steps=2)
     with pytest.raises(ValueError, match="needs a FlowMap"):

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
-import pkgutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,6 @@ from torch import Tensor
 from flowmap.apps.kit import CommandParser, check_writable_file, positive_int
 from flowmap.apps.sample import _labels, output_paths, run_label, write_samples
 from flowmap.codecs import trained_codec
-from flowmap.conditioning import guidance_cost
 from flowmap.io import read_npz
 from flowmap.steering import (
     GRADIENTS,
@@ -53,9 +52,10 @@ from flowmap.steering import (
     RewardGuidance,
     best_of_n,
     build_reward,
+    evaluate_reward,
     guided_sample,
+    import_reward,
     importance_resample,
-    score,
 )
 from flowmap.training.loading import load_sampler
 from flowmap.training.threads import set_threads
@@ -232,17 +232,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     n = n or DEFAULT_N
     labels = _labels(module, args.label, n)
     g = torch.Generator().manual_seed(args.seed)
-    try:
-        if candidates:
-            x, noise, r, nfe, how = _search(module, reward, args, labels, n, g)
-        else:
-            x, noise, r, nfe, how = _guide(module, reward, args, labels, n, g, is_map)
-    except FloatingPointError as err:  # a non-finite reward or gradient (flowmap.steering)
-        raise ValueError(str(err)) from None
-    except TypeError as err:  # a reward that returned no tensor (flowmap.steering.score)
-        if str(err).startswith("The reward "):
-            raise ValueError(str(err)) from None
-        raise
+    if candidates:
+        x, noise, r, nfe, how = _search(module, reward, args, labels, n, g)
+    else:
+        x, noise, r, nfe, how = _guide(module, reward, args, labels, n, g, is_map)
     mean = float(r.mean())
     arrays = {"samples": x.numpy(), "noise": noise.numpy(), "reward": r.numpy()}
     title = f"{run_label(args.ckpt)} ({kind}): {how}, NFE {nfe}, mean reward {mean:.3g}"
@@ -290,17 +283,15 @@ def _guide(
     if is_map:
         model: Any = module.sampling_flow_map
         cond = module.conditioning.sampling_condition(labels, args.guidance, n)
-        cost = 1
     else:
         model, cond = module, {"y": labels, "w": args.guidance}
-        cost = 1 if labels is None else guidance_cost(args.guidance)
     if isinstance(model, torch.nn.Module):
         model.requires_grad_(False)  # gradients in x only
     sol = guided_sample(model, x0, steering, steps=args.steps, cond=cond)
     with torch.no_grad():
-        r = score(reward, sol.x)
+        r = evaluate_reward(reward, sol.x)
     how = f"guided, {lookahead} look-ahead, scale {args.scale:g}"
-    return sol.x, x0, r, sol.nfe * cost, how
+    return sol.x, x0, r, sol.nfe, how
 
 
 def _search(
@@ -340,13 +331,7 @@ def reward_of(spec: str, args_json: str | None = None) -> Reward:
             return ClassReward(k)
         except ValueError as err:  # a class the classifier does not know
             raise ValueError(f"--reward {spec!r}: {err}") from None
-    try:
-        target = pkgutil.resolve_name(spec)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(
-            f"Cannot import the reward {spec!r}; give 'package.module:function' or "
-            "'package.module.Class' of an installed module, or class:K."
-        ) from None
+    target = import_reward(spec)
     if isinstance(target, type):
         return build_reward({"class_path": spec.replace(":", "."), "init_args": kwargs})
     if not callable(target):
@@ -355,6 +340,10 @@ def reward_of(spec: str, args_json: str | None = None) -> Reward:
         )
     if not kwargs:
         return target
+    try:
+        inspect.signature(target).bind_partial(None, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"--reward-args do not fit {spec}: {err}.") from None
     return functools.update_wrapper(functools.partial(target, **kwargs), target)
 
 

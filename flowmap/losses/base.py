@@ -213,6 +213,10 @@ class FlowMapLoss(nn.Module, ABC):
             return (self.pairs if has_teacher else self.scratch_pairs), self.weighting
         return self.scratch_pairs, _UNWEIGHTED  # from scratch, unweighted unless given
 
+    #: whether the teacher is a flow map's checkpoint, the frozen reference the student starts
+    #: from (reward fine-tuning); any other loss refuses one
+    takes_map_teacher: ClassVar[bool] = False
+
     #: whether the loss can distil a given teacher (MeanFlow's target is the data's own
     #: conditional velocity, so it cannot)
     accepts_teacher: ClassVar[bool] = True

@@ -14,6 +14,7 @@ from flowmap.steering.finetune import RewardLoss, reference_map
 from flowmap.steering.guidance import (
     GRADIENTS,
     LOOKAHEADS,
+    NORMALIZATIONS,
     SCHEDULES,
     RewardGuidance,
     denoiser_lookahead,
@@ -23,19 +24,24 @@ from flowmap.steering.rewards import (
     ClassReward,
     ObservationReward,
     Reward,
+    RewardError,
     build_reward,
-    score,
+    evaluate_reward,
+    import_reward,
 )
 from flowmap.steering.search import SearchResult, best_of_n, importance_resample
 
 __all__ = [
     "Reward",
+    "RewardError",
+    "import_reward",
     "ClassReward",
     "ObservationReward",
     "build_reward",
-    "score",
+    "evaluate_reward",
     "GRADIENTS",
     "LOOKAHEADS",
+    "NORMALIZATIONS",
     "SCHEDULES",
     "RewardGuidance",
     "denoiser_lookahead",

@@ -4,10 +4,11 @@ r"""Reward fine-tuning of a few-jump map against its frozen reference (DRaFT thr
    L(\theta) = E_z\big[-\lambda\, r(X_\theta(0, 1, z))
                + \beta\,\|X_\theta(0, 1, z) - X_{\mathrm{ref}}(0, 1, z)\|^2\big],
 
-the penalty a mean over entries (on the same noise it bounds :math:`W_2^2` between the two
-maps' laws). With ``jumps`` > 1 both maps compose that many uniform jumps and the gradient runs
-through all of them. In :class:`~flowmap.training.FlowMapModule` the reference is the teacher:
-a flow-map checkpoint, which the student also starts from.
+the penalty a mean over the :math:`d` entries (on the same noise, :math:`d` times it bounds
+:math:`W_2^2` between the two maps' laws). With ``jumps`` > 1 both maps compose that many
+uniform jumps and the gradient runs through all of them; the tuned map is trained for that many
+jumps only. In :class:`~flowmap.training.FlowMapModule` the reference is the teacher: a flow-map
+checkpoint, which the student also starts from.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from flowmap.flowmap import FlowMap
 from flowmap.losses import FlowMapLoss
 from flowmap.losses.base import mean_square
 from flowmap.ode import sample_flow_map
-from flowmap.steering.rewards import build_reward, score
+from flowmap.steering.rewards import build_reward, evaluate_reward
 
-__all__ = ["RewardLoss", "reference_map"]
+__all__ = ["RewardLoss", "own_noise", "reference_map"]
 
 
 def reference_map(teacher: Any) -> FlowMap:
@@ -36,6 +38,15 @@ def reference_map(teacher: Any) -> FlowMap:
             f"the flow map's checkpoint (a FlowMapModule .ckpt), not a {type(teacher).__name__}."
         )
     return ref
+
+
+def own_noise(like: Tensor) -> Tensor:
+    """Standard normal noise shaped like ``like``, different on every rank of a distributed run
+    (whose ranks share a seed): the reward's batch is noise only, not data the sampler splits."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    seed = int(torch.randint(0, 2**62, ())) + rank  # the shared stream advances alike
+    g = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=g, device=like.device, dtype=like.dtype)
 
 
 class RewardLoss(FlowMapLoss):
@@ -51,6 +62,7 @@ class RewardLoss(FlowMapLoss):
 
     name = "reward"
     accepts_teacher = True
+    takes_map_teacher = True
     trivial_at_identity = False
 
     def __init__(
@@ -101,12 +113,12 @@ class RewardLoss(FlowMapLoss):
         """``{"loss", "reward", "distance"}``; ``x1`` only gives the batch's shape."""
         self.check_teacher(teacher is not None)
         ref = reference_map(teacher)
-        z = torch.randn_like(x1) if x0 is None else x0
+        z = own_noise(x1) if x0 is None else x0
         cond = {"y": y, "w": w}
         x = sample_flow_map(flow_map, z, steps=self.jumps, cond=cond).x
         with torch.no_grad():
             x_ref = sample_flow_map(ref, z, steps=self.jumps, cond=cond).x
-        r = score(self.reward, x)
+        r = evaluate_reward(self.reward, x)
         distance = mean_square(x - x_ref)
         loss = (-self.scale * r + self.beta * distance).mean()
         return {"loss": loss, "reward": r.mean().detach(), "distance": distance.mean().detach()}

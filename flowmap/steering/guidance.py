@@ -14,8 +14,10 @@ differentiated, and the velocity is pushed along the normalised gradient:
 (an Euler step :math:`x + h\,b_t(x)` in place of the jump for a velocity). The weight
 :math:`w_t = \sigma_t(\dot\alpha_t\sigma_t/\alpha_t - \dot\sigma_t)`, clipped at ``max_weight``
 (``"tilt"``; :math:`(1-t)/t` on the linear path), is the factor by which a change of the score
-changes the velocity, so :math:`\lambda\hat g` acts as the score of the tilt
-:math:`p(x_1)\,e^{r(x_1)}` (Flow Map Trajectory Tilting, Diamond Maps); ``"constant"`` takes
+changes the velocity: with ``normalize="none"``, :math:`\lambda = 1` and no clip,
+:math:`g` in place of the score's change follows the tilt :math:`p(x_1)\,e^{r(x_1)}` as far as
+:math:`\log E[e^{r(x_1)} \mid x_t] \approx r(\hat x_1)` holds (Flow Map Trajectory Tilting,
+Diamond Maps); the normalised, clipped push is a heuristic on top. ``"constant"`` takes
 :math:`w_t = 1`.
 
 NFE counts network evaluations per sample: each forward call of the model and each backward
@@ -24,17 +26,19 @@ pass through it (a gradient call) is one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from flowmap.conditioning import guidance_cost
 from flowmap.flowmap import FlowMap
 from flowmap.ode import time_grid
 from flowmap.paths import AffinePath, as_time, data_and_noise, expand_like
 from flowmap.protocols import Solution, Velocity
-from flowmap.steering.rewards import Reward, score
+from flowmap.steering.rewards import Reward, RewardError, evaluate_reward
 
 __all__ = [
     "LOOKAHEADS",
@@ -103,8 +107,11 @@ class RewardGuidance:
             )
         if self.gradient not in GRADIENTS:
             raise ValueError(f"Unknown gradient {self.gradient!r}; choose one of {GRADIENTS}.")
-        if self.max_weight <= 0:
-            raise ValueError(f"max_weight must be positive, got {self.max_weight}.")
+        if not math.isfinite(self.scale) or not self.max_weight > 0:
+            raise ValueError(
+                f"scale must be a finite number and max_weight positive, got {self.scale} and "
+                f"{self.max_weight}."
+            )
 
     def weight(self, path: AffinePath, t: Tensor, x: Tensor) -> Tensor:
         """:math:`w_t` per sample, broadcast against ``x``."""
@@ -119,12 +126,12 @@ class RewardGuidance:
     def direction(self, x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         r"""``(ĝ, r)``: the (normalised) gradient of :math:`r(\hat x_1)` with respect to ``x``
         (which ``x_hat`` was computed from, with grad) and the rewards."""
-        r = score(self.reward, x_hat)
+        r = evaluate_reward(self.reward, x_hat)
         (g,) = torch.autograd.grad(r.sum(), x)
         if not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(
-                "The reward's gradient is not finite at some samples; smooth the reward or lower "
-                "its scale."
+            raise RewardError(
+                "The reward's gradient is not finite at some samples; smooth the reward (e.g. "
+                "clamp what it takes a log or a root of)."
             )
         if self.normalize != "none":
             rms = g.flatten(1).pow(2).mean(1).sqrt()
@@ -165,7 +172,11 @@ def guided_sample(
         )
     kw = {k: v for k, v in (cond or {}).items() if v is not None}
     ts = time_grid(steps, grid, 0.0, 1.0).tolist()
+    if ts[-1] != 1.0 or ts[0] > ts[-1]:
+        raise ValueError(f"The guided grid must rise to t = 1 (the data end), got {ts}.")
     through = guidance.gradient == "input"
+    # a velocity guided by classes costs both branches a call (a flow map has it baked in)
+    per_call = 1 if is_map or "y" not in kw else guidance_cost(kw.get("w"))
     nfe = 0
     for a, b in zip(ts[:-1], ts[1:]):
         t = as_time(a, x)
@@ -181,7 +192,7 @@ def guided_sample(
                 x_hat = denoiser_lookahead(path, xg, t, v)
                 if not is_map:
                     move = x + (b - a) * v.detach()
-        nfe += 2 if through else 1
+        nfe += (2 if through else 1) * per_call
         with torch.enable_grad():
             if not through:  # the gradient at the endpoint, applied at x_t
                 xg = x_hat = x_hat.detach().requires_grad_(True)
@@ -189,6 +200,6 @@ def guided_sample(
         if move is None:
             with torch.no_grad():
                 move = model(x, t, as_time(b, x), **kw)
-            nfe += 1
+            nfe += per_call
         x = move + (b - a) * guidance.scale * guidance.weight(path, t, x) * g
     return Solution(x.detach(), nfe)

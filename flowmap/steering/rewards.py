@@ -11,7 +11,7 @@ Any callable of that signature is a reward (a Python function, an ``nn.Module``,
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,29 +21,58 @@ from torch import Tensor, nn
 from flowmap.metrics import load_digits_classifier
 from flowmap.teachers.spec import build_component, is_spec
 
-__all__ = ["Reward", "ClassReward", "ObservationReward", "build_reward", "score"]
+__all__ = [
+    "Reward",
+    "RewardError",
+    "ClassReward",
+    "ObservationReward",
+    "build_reward",
+    "import_reward",
+    "evaluate_reward",
+]
 
 Reward = Callable[[Tensor], Tensor]
 
 
-def score(reward: Reward, x: Tensor) -> Tensor:
-    """``reward(x)``, checked: one finite value per sample, shape ``(B,)`` (one-sentence errors)."""
+class RewardError(ValueError):
+    """A reward that does not return one finite, differentiable value per sample."""
+
+
+def evaluate_reward(reward: Reward, x: Tensor) -> Tensor:
+    """``reward(x)``, checked: one finite value per sample, shape ``(B,)``, differentiable where
+    ``x`` is (:class:`RewardError`, one sentence each)."""
     name = getattr(reward, "__name__", type(reward).__name__)
     r = reward(x)
     if not isinstance(r, Tensor):
-        raise TypeError(f"The reward {name} returned a {type(r).__name__}; return a tensor (B,).")
+        raise RewardError(f"The reward {name} returned a {type(r).__name__}; return a tensor (B,).")
     if r.shape != (x.shape[0],):
-        raise ValueError(
+        raise RewardError(
             f"The reward {name} returned shape {tuple(r.shape)} for a batch of {x.shape[0]}; "
             "return one value per sample, shape (B,) (e.g. sum over the other dimensions)."
         )
     if not bool(torch.isfinite(r).all()):
         bad = int((~torch.isfinite(r)).sum())
-        raise FloatingPointError(
+        raise RewardError(
             f"The reward {name} returned {bad} non-finite value(s) of {x.shape[0]}; clamp or "
             "smooth it (a log of a probability needs log_softmax, not log(softmax))."
         )
+    if x.requires_grad and torch.is_grad_enabled() and not r.requires_grad:
+        raise RewardError(
+            f"The reward {name} is not differentiable in x (its value does not depend on x "
+            "through torch operations); compute it with torch from x, not with numpy or detach."
+        )
     return r
+
+
+def import_reward(path: str) -> Any:
+    """The object an import path names, ``package.module:name`` or ``package.module.Name``."""
+    try:
+        return pkgutil.resolve_name(path)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(
+            f"Cannot import the reward {path!r}; give 'package.module:function' or "
+            "'package.module.Class' of an installed module."
+        ) from None
 
 
 def build_reward(spec: Reward | str | Mapping[str, Any]) -> Reward:
@@ -54,14 +83,7 @@ def build_reward(spec: Reward | str | Mapping[str, Any]) -> Reward:
     if is_spec(spec):
         return build_component(spec)
     if isinstance(spec, str):
-        module, _, name = spec.replace(":", ".").rpartition(".")
-        try:
-            target = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError):
-            raise ValueError(
-                f"Cannot import the reward {spec!r}; give 'package.module:function' or "
-                "'package.module.Class' of an installed module."
-            ) from None
+        target = import_reward(spec)
         try:
             reward = target() if isinstance(target, type) else target
         except TypeError as err:
@@ -93,12 +115,14 @@ class ClassReward(nn.Module):
         classes = getattr(getattr(self.classifier, "head", None), "out_features", None)
         if target < 0 or (classes is not None and target >= classes):
             raise ValueError(
-                f"target {target} is not a class of this classifier (0..{(classes or 1) - 1})."
+                f"target {target} is not a class of this classifier"
+                + (f" (0..{classes - 1})." if classes else " (a class is a number from 0).")
             )
         self.target = int(target)
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.classifier(x)
+        weight = next(self.classifier.parameters(), None)
+        logits = self.classifier(x if weight is None else x.to(weight.dtype))
         return torch.log_softmax(logits.float(), dim=1)[:, self.target].to(x.dtype)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from flowmap.flowmap import FlowMap
 from flowmap.ode import sample_flow_map
-from flowmap.steering.rewards import Reward, score
+from flowmap.steering.rewards import Reward, evaluate_reward
 
 __all__ = ["SearchResult", "best_of_n", "importance_resample"]
 
@@ -67,7 +67,7 @@ def _candidates(
             ]
         )
         xs.append(x1)
-        rs.append(score(reward, x1))
+        rs.append(evaluate_reward(reward, x1))
     return torch.stack(xs, dim=1), torch.stack(rs, dim=1)
 
 
@@ -104,9 +104,12 @@ def importance_resample(
 ) -> SearchResult:
     r"""Per sample, one of ``x0``'s :math:`N` candidates drawn with probability
     :math:`\mathrm{softmax}_i(\lambda\,r_i)`."""
-    if not lam >= 0:
-        raise ValueError(f"lam must be a non-negative number, got {lam}.")
+    if not 0 <= lam < float("inf"):
+        raise ValueError(f"lam must be a finite non-negative number, got {lam}.")
     x, r = _candidates(flow_map, reward, x0, jumps, cond, chunk)
     p = torch.softmax(lam * r.double(), dim=1)
-    index = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(x.device)
+    index = torch.multinomial(
+        p.to(generator.device if generator else p.device), 1, generator=generator
+    )
+    index = index.squeeze(1).to(x.device)
     return _pick(x, x0, r, index, x0.shape[1] * jumps)

@@ -155,7 +155,7 @@ class FlowMapModule(FlowModuleBase):
             self.loss.check_teacher(True)
         resolved = None
         if adapter is not None:  # the frozen base is the teacher's: loaded and copied now
-            resolved = resolve_teacher(teacher, schedule, FlowMapModule)
+            resolved = resolve_teacher(teacher, schedule, self._map_class)
             net = _adapted(net, resolved, adapter)
         self._setup_common(net, lr, weight_decay, warmup_steps, ema_decay, data_shape, lr_schedule)
         #: the LoRA adapters (``None``: the net trains in full); ``merged``: folded in
@@ -181,7 +181,7 @@ class FlowMapModule(FlowModuleBase):
         if resolved is not None:
             self._adopt(resolved)
         elif not plain:  # a Python teacher: nothing to load, resolved now
-            self._adopt(resolve_teacher(teacher, schedule, FlowMapModule))
+            self._adopt(resolve_teacher(teacher, schedule, self._map_class))
 
     def _student_net(
         self, net: nn.Module | dict[str, Any] | None, teacher: Any, plain: bool
@@ -224,6 +224,10 @@ class FlowMapModule(FlowModuleBase):
         return self.conditioning.guidance
 
     @property
+    def _map_class(self) -> type | None:  # a flow map's checkpoint is a teacher for such a loss
+        return FlowMapModule if self.loss.takes_map_teacher else None
+
+    @property
     def guided(self) -> bool:
         """Whether the map follows a guided velocity (some training scale is not 1)."""
         return self.conditioning.guided
@@ -247,7 +251,7 @@ class FlowMapModule(FlowModuleBase):
         if (isinstance(spec, str) or is_spec(spec)) and self._teacher is None:
             # resolved here, not in __init__: a trained student loads (to sample) without its
             # teacher; its identity goes in the checkpoint
-            self._adopt(resolve_teacher(spec, self.hparams.get("schedule"), FlowMapModule))
+            self._adopt(resolve_teacher(spec, self.hparams.get("schedule"), self._map_class))
         if stage not in ("fit", "validate"):
             return
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
