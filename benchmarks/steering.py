@@ -119,35 +119,14 @@ def diversity(x: Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------- the methods
-#: guided families: (name, sampler, look-ahead, gradient, the steps K to run, calls of K steps)
+#: guided families: (name, sampler, look-ahead, gradient, the steps K to run, calls a step)
 FAMILIES = (
-    ("flowmap_lookahead", "map", "flow_map", "input", (1, 2, 3), lambda k: 3 * k - 1),
-    (
-        "flowmap_lookahead_endpoint",
-        "map",
-        "flow_map",
-        "endpoint",
-        (1, 2, 3, 4),
-        lambda k: 2 * k - 1,
-    ),
-    ("denoiser_lookahead_map", "map", "denoiser", "input", (1, 2), lambda k: 3 * k),
-    (
-        "denoiser_lookahead_map_endpoint",
-        "map",
-        "denoiser",
-        "endpoint",
-        (1, 2, 3, 4),
-        lambda k: 2 * k,
-    ),
-    ("denoiser_lookahead_teacher", "teacher", "denoiser", "input", (1, 2, 4), lambda k: 2 * k),
-    (
-        "denoiser_lookahead_teacher_endpoint",
-        "teacher",
-        "denoiser",
-        "endpoint",
-        (1, 2, 4, 8),
-        lambda k: k,
-    ),
+    ("flowmap_lookahead", "map", "flow_map", "input", (1, 2), 3),
+    ("flowmap_lookahead_endpoint", "map", "flow_map", "endpoint", (1, 2, 3, 4), 2),
+    ("denoiser_lookahead_map", "map", "denoiser", "input", (1, 2), 3),
+    ("denoiser_lookahead_map_endpoint", "map", "denoiser", "endpoint", (1, 2, 3, 4), 2),
+    ("denoiser_lookahead_teacher", "teacher", "denoiser", "input", (1, 2, 3, 4), 2),
+    ("denoiser_lookahead_teacher_endpoint", "teacher", "denoiser", "endpoint", (2, 4, 6, 8), 1),
 )
 
 
@@ -161,7 +140,7 @@ def rows_for(s: Setting, scales: tuple[float, ...], extra: list[dict[str, Any]])
     for name, sampler, lookahead, gradient, ks, calls in FAMILIES:
         model = fm if sampler == "map" else s.teacher
         for k in ks:
-            cost = calls(k)
+            cost = calls * k
             rows.append(
                 dict(
                     method=name,
@@ -421,15 +400,16 @@ def fmt(e: Any, scale: float = 1.0, digits: str = ".3g") -> str:
     return f"{e.value * scale:{digits}} [{e.ci_low * scale:{digits}}, {e.ci_high * scale:{digits}}]"
 
 
-#: paired comparisons at (nearly) equal calls: (flow-map look-ahead row, denoiser look-ahead row)
+#: paired comparisons at equal calls: (flow-map look-ahead row, denoiser look-ahead row)
 PAIRS = (
-    ("flowmap_lookahead@2", "denoiser_lookahead_teacher@2"),
-    ("flowmap_lookahead@8", "denoiser_lookahead_teacher@8"),
-    ("flowmap_lookahead@5", "denoiser_lookahead_map@6"),
-    ("flowmap_lookahead_endpoint@1", "denoiser_lookahead_teacher_endpoint@1"),
-    ("flowmap_lookahead_endpoint@3", "denoiser_lookahead_map_endpoint@4"),
-    ("flowmap_lookahead_endpoint@7", "denoiser_lookahead_map_endpoint@8"),
-    ("flowmap_lookahead_endpoint@7", "denoiser_lookahead_teacher_endpoint@8"),
+    ("flowmap_lookahead@3", "denoiser_lookahead_map@3"),
+    ("flowmap_lookahead@6", "denoiser_lookahead_map@6"),
+    ("flowmap_lookahead@6", "denoiser_lookahead_teacher@6"),
+    ("flowmap_lookahead_endpoint@2", "denoiser_lookahead_map_endpoint@2"),
+    ("flowmap_lookahead_endpoint@4", "denoiser_lookahead_map_endpoint@4"),
+    ("flowmap_lookahead_endpoint@8", "denoiser_lookahead_map_endpoint@8"),
+    ("flowmap_lookahead_endpoint@2", "denoiser_lookahead_teacher_endpoint@2"),
+    ("flowmap_lookahead_endpoint@8", "denoiser_lookahead_teacher_endpoint@8"),
 )
 
 
@@ -583,9 +563,9 @@ def pictures(s: Setting, finetuned: dict[int, Any], args: argparse.Namespace) ->
     ins = chosen_scales(res["inpainting"], "observed_error", "min")
     show = [
         "none@1",
-        "flowmap_lookahead@8",
-        "flowmap_lookahead_endpoint@7",
-        "denoiser_lookahead_teacher@8",
+        "flowmap_lookahead@6",
+        "flowmap_lookahead_endpoint@8",
+        "denoiser_lookahead_map_endpoint@8",
         "denoiser_lookahead_teacher_endpoint@8",
         "best_of_n@8",
         "finetuned@1",

@@ -92,7 +92,7 @@ def test_steer_writes_samples_noise_and_rewards_and_a_picture(tiny_map, tmp_path
     printed = capsys.readouterr().out
     # two jumps: look-ahead forward and backward then the jump, the last jump is the look-ahead
     assert printed.startswith(f"{out}: 16 steered samples (guided, flow_map look-ahead, scale 1)")
-    assert "NFE 5 per sample" in printed and f"mean reward {mean:.4g}" in printed
+    assert "NFE 6 per sample" in printed and f"mean reward {mean:.4g}" in printed
     assert f"picture {out.with_suffix('.png')}" in printed
 
 

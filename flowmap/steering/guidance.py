@@ -7,11 +7,13 @@ differentiated, and the velocity is pushed along the normalised gradient:
    \hat x_1 = X(t, 1, x_t) \ \text{(flow map)} \quad\text{or}\quad
    \hat x_1 = E[x_1 \mid x_t] \ \text{(denoiser, from } b_t(x_t)\text{)},
 
-   g = \nabla_{x_t} r(\hat x_1), \qquad \hat g = g / \mathrm{rms}(g),
+   g = \nabla_{x_t} r(\hat x_1), \qquad \hat g = g / \max(\mathrm{rms}(g), 1),
 
-   x_{t_{k+1}} = X(t_k, t_{k+1}, x_{t_k}) + (t_{k+1} - t_k)\,\lambda\,w_{t_k}\,\hat g
+   x_{t_{k+1}} = X\big(t_k, t_{k+1}, x_{t_k} + h\,\lambda\,w_{t_k}\,\hat g\big),
+   \qquad h = t_{k+1} - t_k
 
-(an Euler step :math:`x + h\,b_t(x)` in place of the jump for a velocity). The weight
+(the push, then the jump, which carries it to :math:`t_{k+1}`; a velocity takes the Euler step
+of the pushed field, :math:`x + h\,(b_t(x) + \lambda w_t \hat g)`). The weight
 :math:`w_t = \sigma_t(\dot\alpha_t\sigma_t/\alpha_t - \dot\sigma_t)`, clipped at ``max_weight``
 (``"tilt"``; :math:`(1-t)/t` on the linear path), is the factor by which a change of the score
 changes the velocity: with ``normalize="none"``, :math:`\lambda = 1` and no clip,
@@ -150,12 +152,13 @@ def guided_sample(
     cond: Mapping[str, Tensor] | None = None,
 ) -> Solution:
     r"""Sample from noise ``x`` (at :math:`t = 0`) with look-ahead guidance over ``steps`` uniform
-    steps (or a ``grid``). A :class:`~flowmap.FlowMap` jumps (:math:`X(t_k, t_{k+1}, \cdot)`), any
-    other velocity takes Euler steps and looks ahead with its denoiser only.
+    steps (or a ``grid``). A :class:`~flowmap.FlowMap` pushes, then jumps
+    (:math:`X(t_k, t_{k+1}, \cdot)`); any other velocity takes Euler steps and looks ahead with
+    its denoiser only.
 
-    NFE per sample: a look-ahead is one forward call and, with ``gradient="input"``, one backward
-    call; a flow map's jump is one more, except on the last step with the flow-map look-ahead
-    (the look-ahead is that jump), and an Euler step shares the look-ahead's call.
+    NFE per sample and step: the look-ahead's forward call, with ``gradient="input"`` its
+    backward call, and a flow map's jump (an Euler step shares the look-ahead's call); a velocity
+    guided by classes pays both branches of each call.
     """
     is_map = isinstance(model, FlowMap)
     if guidance.lookahead == "flow_map" and not is_map:
@@ -182,24 +185,21 @@ def guided_sample(
         t = as_time(a, x)
         with torch.set_grad_enabled(through):
             xg = x.detach().requires_grad_(through)
-            move = None
             if guidance.lookahead == "flow_map":
                 x_hat = model(xg, t, as_time(1.0, x), **kw)
-                if b == 1.0:
-                    move = x_hat.detach()  # the look-ahead is this step's jump
             else:
                 v = model.velocity(xg, t, **kw) if is_map else model(xg, t, **kw)
                 x_hat = denoiser_lookahead(path, xg, t, v)
-                if not is_map:
-                    move = x + (b - a) * v.detach()
         nfe += (2 if through else 1) * per_call
         with torch.enable_grad():
             if not through:  # the gradient at the endpoint, applied at x_t
                 xg = x_hat = x_hat.detach().requires_grad_(True)
             g, _ = guidance.direction(x_hat, xg)
-        if move is None:
+        push = (b - a) * guidance.scale * guidance.weight(path, t, x) * g
+        if is_map:
             with torch.no_grad():
-                move = model(x, t, as_time(b, x), **kw)
-            nfe += per_call
-        x = move + (b - a) * guidance.scale * guidance.weight(path, t, x) * g
+                x = model(x + push, t, as_time(b, x), **kw)
+            nfe += 1
+        else:
+            x = x + (b - a) * v.detach() + push
     return Solution(x.detach(), nfe)
