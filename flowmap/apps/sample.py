@@ -30,9 +30,25 @@ from flowmap.protocols import Solution
 from flowmap.training.loading import load_sampler
 from flowmap.training.threads import set_threads
 
-__all__ = ["main", "output_paths", "parser", "read_samples", "run_label", "write_samples"]
+__all__ = [
+    "main",
+    "output_paths",
+    "writable_outputs",
+    "parser",
+    "read_samples",
+    "run_label",
+    "write_samples",
+]
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+def writable_outputs(out: Path) -> tuple[Path, Path]:
+    """:func:`output_paths`, each checked writable before any work (one sentence if not)."""
+    npz, picture = output_paths(out)
+    check_writable_file(npz, "--out")
+    check_writable_file(picture, "--out")
+    return npz, picture
 
 
 def output_paths(out: Path) -> tuple[Path, Path]:
@@ -123,9 +139,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Run ``flowmap sample``; returns the path of the ``.npz`` written. A problem the user can fix
     raises :class:`ValueError` or :class:`~flowmap.training.CheckpointError` (one sentence)."""
     args = parser().parse_args(argv)
-    npz, picture = output_paths(args.out)
-    check_writable_file(npz, "--out")
-    check_writable_file(picture, "--out")
+    npz, picture = writable_outputs(args.out)
     if args.invert and args.data_npz is None:
         raise ValueError("--invert needs --data-npz, the data to map to noise.")
     set_threads()

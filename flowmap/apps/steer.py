@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowmap.apps.kit import CommandParser, check_writable_file, positive_int
-from flowmap.apps.sample import _labels, output_paths, run_label, write_samples
+from flowmap.apps.kit import CommandParser, positive_int
+from flowmap.apps.sample import _labels, run_label, writable_outputs, write_samples
 from flowmap.codecs import trained_codec
 from flowmap.io import read_npz
 from flowmap.steering import (
@@ -201,9 +201,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Run ``flowmap steer``; returns the path of the ``.npz`` written. A problem the user can fix
     raises :class:`ValueError` or :class:`~flowmap.training.CheckpointError` (one sentence)."""
     args = parser().parse_args(argv)
-    npz, picture = output_paths(args.out)
-    check_writable_file(npz, "--out")
-    check_writable_file(picture, "--out")
+    npz, picture = writable_outputs(args.out)
     if (args.reward is None) == (args.observed is None):
         raise ValueError(
             "Give one reward: --reward SPEC, or --observed obs.npz for an inverse problem "
