@@ -11,7 +11,7 @@ unconditional U-Net teacher and its Lagrangian map, and the class-conditional gu
   Euler steps; best-of-N and importance resampling (:math:`\\lambda = 1`, weights :math:`p(k \\mid
   x)`: Bayes' rule makes the tilt :math:`p(x \\mid k)`) over one-jump candidates; the one-jump
   map fine-tuned on the reward (``flowmap fit --config recipes/digits/reward.yaml``, one per
-  class); the class-conditional map at one jump with guidance w = 1 and 2 (the reference).
+  class, with the KL penalty and with the distance penalty); the class-conditional map at one jump with guidance w = 1 and 2 (the reference).
 * **Inpainting**: the bottom half of test digits is hidden; reward :math:`-\\|M \\odot (x - y)\\|^2`
   on the top half. Masked error on the hidden half, the judge's accuracy of the true digit, FID
   against all digits.
@@ -158,7 +158,7 @@ def rows_for(s: Setting, scales: tuple[float, ...], extra: list[dict[str, Any]])
     return rows + extra
 
 
-def class_rows(s: Setting, finetuned: dict[int, Any]) -> list[dict[str, Any]]:
+def class_rows(s: Setting, finetuned: dict[str, dict[int, Any]]) -> list[dict[str, Any]]:
     """The class task's rows: the shared ones, importance resampling (lam = 1), the fine-tuned
     maps and the class-conditional map."""
     fm = s.map
@@ -173,9 +173,9 @@ def class_rows(s: Setting, finetuned: dict[int, Any]) -> list[dict[str, Any]]:
         )
         for n in (2, 4, 8)
     ]
-    if finetuned:
+    for name, maps in finetuned.items():
         extra.append(
-            dict(method="finetuned", calls=1, run=lambda z, r, sc: jumps(finetuned[r.target], z, 1))
+            dict(method=name, calls=1, run=lambda z, r, sc, m=maps: jumps(m[r.target], z, 1))
         )
     for w in (1.0, 2.0):
         extra.append(
@@ -223,26 +223,36 @@ def row_label(row: dict[str, Any], scale: float | None) -> str:
 
 
 # ------------------------------------------------------------------------------- fine-tuning
-def finetune(args: argparse.Namespace) -> dict[int, Any]:
-    """One reward fine-tuned one-jump map per class, through ``flowmap fit``."""
-    maps = {}
-    for k in args.classes:
-        root = Path(args.runs) / f"reward-{k}"
-        ckpt = root / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
-            cli_main(
-                [
-                    "fit",
-                    "--config",
-                    "recipes/digits/reward.yaml",
-                    f"--model.teacher={args.flowmap}",
-                    f"--model.loss.init_args.reward.init_args.target={k}",
-                    f"--trainer.max_steps={args.finetune_steps}",
-                    f"--trainer.default_root_dir={root}",
-                    "--trainer.enable_progress_bar=false",
-                ]
-            )
-        maps[k] = load_module(FlowMapModule, ckpt).sampling_flow_map.eval()
+#: the fine-tuning variants: row name -> (run folder prefix, overrides of the recipe)
+FINETUNES = {
+    "finetuned_kl": ("reward-kl", []),  # the recipe: penalty kl
+    "finetuned_distance": ("reward", ["--model.loss.init_args.penalty=distance"]),  # beta 0.1
+}
+
+
+def finetune(args: argparse.Namespace) -> dict[str, dict[int, Any]]:
+    """Reward fine-tuned one-jump maps, one per class and variant, through ``flowmap fit``."""
+    maps: dict[str, dict[int, Any]] = {}
+    for name, (prefix, overrides) in FINETUNES.items():
+        maps[name] = {}
+        for k in args.classes:
+            root = Path(args.runs) / f"{prefix}-{k}"
+            ckpt = root / "checkpoints" / "last.ckpt"
+            if not ckpt.is_file():
+                cli_main(
+                    [
+                        "fit",
+                        "--config",
+                        "recipes/digits/reward.yaml",
+                        f"--model.teacher={args.flowmap}",
+                        f"--model.loss.init_args.reward.init_args.target={k}",
+                        *overrides,
+                        f"--trainer.max_steps={args.finetune_steps}",
+                        f"--trainer.default_root_dir={root}",
+                        "--trainer.enable_progress_bar=false",
+                    ]
+                )
+            maps[name][k] = load_module(FlowMapModule, ckpt).sampling_flow_map.eval()
     return maps
 
 
@@ -490,11 +500,17 @@ def report(args: argparse.Namespace) -> None:
     ]
     keys = [("judge_accuracy", False, 100), ("fid", True, 1)]
     lines += [compare(cls, cs, a, b, keys) for a, b in PAIRS]
-    ft = cells_of(cls, "finetuned@1")
-    if ft:
-        lines += ["", "Reward fine-tuned one-jump map (`recipes/digits/reward.yaml`):", ""]
+    for name in FINETUNES:
+        ft = cells_of(cls, f"{name}@1")
+        if not ft:
+            continue
+        lines += [
+            "",
+            f"Reward fine-tuned one-jump map, `{name}` (`recipes/digits/reward.yaml`):",
+            "",
+        ]
         for w in ("1", "2"):
-            lines.append(compare(cls, cs, "finetuned@1", f"conditional_w{w}@1", keys))
+            lines.append(compare(cls, cs, f"{name}@1", f"conditional_w{w}@1", keys))
         per = ", ".join(
             f"{k}: {100 * np.mean([c['judge_accuracy'] for c in ft if c['class'] == k]):.1f}"
             for k in sorted({c["class"] for c in ft})
@@ -549,7 +565,7 @@ def report(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-def pictures(s: Setting, finetuned: dict[int, Any], args: argparse.Namespace) -> None:
+def pictures(s: Setting, finetuned: dict[str, dict[int, Any]], args: argparse.Namespace) -> None:
     """Class steering: one row per method (two samples of each class); inpainting: observed,
     truth and the look-aheads at about 8 calls."""
     import matplotlib
@@ -568,7 +584,8 @@ def pictures(s: Setting, finetuned: dict[int, Any], args: argparse.Namespace) ->
         "denoiser_lookahead_map_endpoint@8",
         "denoiser_lookahead_teacher_endpoint@8",
         "best_of_n@8",
-        "finetuned@1",
+        "finetuned_kl@1",
+        "finetuned_distance@1",
         "conditional_w1@1",
     ]
 
