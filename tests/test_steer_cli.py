@@ -281,6 +281,30 @@ def test_reward_finetuning_through_fit_starts_at_the_map_and_raises_the_reward(
     # held by the penalty: -x + beta (dx^2 + dy^2)/2 is least at dx = 1/beta = 10, dy = 0
     shift = after - before
     assert shift[:, 0].mean() < 10.5 and shift[:, 1].abs().mean() < 1.0
+    # penalty kl fits the tilt p_ref exp(r): its mean of x[:, 0] is the reference's weighted one
+    kl = tmp_path / "kl"
+    tune_kl = [
+        a.replace("beta: 0.1", "penalty: kl, candidates: 2048")
+        if a.startswith("--model.loss=")
+        else a
+        for a in tune
+    ]
+    cli_main(
+        [
+            *tune_kl,
+            "--trainer.max_steps=60",
+            "--model.lr=0.003",
+            f"--model.teacher={tiny_map}",
+            f"--trainer.default_root_dir={kl}",
+        ]
+    )
+    fitted = load_module(FlowMapModule, next(kl.rglob("last.ckpt"))).sampling_flow_map
+    with torch.no_grad():
+        tilted = fitted(z, 0.0, 1.0)
+    weights = torch.softmax(before[:, 0], 0)
+    expected = (weights * before[:, 0]).sum()
+    assert abs(tilted[:, 0].mean() - expected) < 0.3 < expected - before[:, 0].mean()
+    assert tilted[:, 1].std() > 0.7 * before[:, 1].std()  # the untilted coordinate keeps its spread
     # the student starts as the map: one step at a learning rate of 1e-12 leaves it the reference
     still = tmp_path / "still"
     cli_main(

@@ -171,6 +171,32 @@ def test_importance_resampling_draws_the_tilted_law():
     assert out.nfe == 64
 
 
+def test_the_kl_penalty_transports_the_samples_to_the_tilted_reference():
+    """penalty kl: the targets' mean is the reference's tilted mean, N(mu + lam C a, C) for a
+    linear reward; the reward is never differentiated; labels are refused."""
+    target = GaussianTarget(torch.tensor([0.5, -1.0]), torch.tensor([0.8, 0.3]))
+    reference = FlowMap(ExactPhi(target))
+
+    def reward(x):
+        return (x[:, 0] - 2.0 * x[:, 1]).detach()  # a black box: no gradient
+
+    torch.manual_seed(0)
+    loss = RewardLoss(reward, scale=0.5, penalty="kl", candidates=8192)
+    x = reference(torch.randn(1024, 2), 0.0, 1.0)
+    targets = loss._tilted_targets(reference, x)
+    expected = torch.tensor([0.5 + 0.5 * 0.64, -1.0 - 0.5 * 2.0 * 0.09])
+    torch.testing.assert_close(targets.mean(0), expected, atol=0.03, rtol=0)
+    net = MLP(data_shape=[2], width=16, depth=1)
+    out = loss(FlowMap(net), torch.zeros(64, 2), reference)
+    assert {"loss", "transport", "reward", "distance"} <= set(out)
+    out["loss"].backward()  # through the map only
+    assert all(p.grad is not None for p in net.parameters())
+    with pytest.raises(ValueError, match="unconditional"):
+        loss(FlowMap(net), torch.zeros(4, 2), reference, y=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="penalty"):
+        RewardLoss(reward, penalty="wasserstein")
+
+
 def test_the_reward_losss_noise_differs_across_ranks(monkeypatch):
     """Every rank draws its own noise (ranks share the seed; the batch is noise only)."""
     import torch.distributed as dist

@@ -155,7 +155,7 @@ class RewardLoss(FlowMapLoss):
         x = sample_flow_map(flow_map, z, steps=self.jumps, cond=cond).x
         with torch.no_grad():
             x_ref = sample_flow_map(ref, z, steps=self.jumps, cond=cond).x
-            distance = mean_square(x - x_ref)
+        distance = mean_square(x - x_ref)  # differentiated for penalty distance
         if self.penalty == "kl":
             with torch.no_grad():
                 r = evaluate_reward(self.reward, x)
