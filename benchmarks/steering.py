@@ -11,7 +11,8 @@ unconditional U-Net teacher and its Lagrangian map, and the class-conditional gu
   Euler steps; best-of-N and importance resampling (:math:`\\lambda = 1`, weights :math:`p(k \\mid
   x)`: Bayes' rule makes the tilt :math:`p(x \\mid k)`) over one-jump candidates; the one-jump
   map fine-tuned on the reward (``flowmap fit --config recipes/digits/reward.yaml``, one per
-  class, with the KL penalty and with the distance penalty); the class-conditional map at one jump with guidance w = 1 and 2 (the reference).
+  class, with the KL penalty and with the distance penalty); the class-conditional map at one
+  jump with guidance w = 1 and 2 (the reference).
 * **Inpainting**: the bottom half of test digits is hidden; reward :math:`-\\|M \\odot (x - y)\\|^2`
   on the top half. Masked error on the hidden half, the judge's accuracy of the true digit, FID
   against all digits.
