@@ -459,6 +459,42 @@ def compare(records, chosen, a: str, b: str, keys: list[tuple[str, bool, float]]
     return f"- `{la}` vs `{lb}`: " + "; ".join(parts)
 
 
+def section(records, chosen, columns, paired_title: str, keys) -> list[str]:
+    """A task's table at the chosen scales, then its paired comparisons (:data:`PAIRS`)."""
+    return [
+        *table(records, chosen, columns),
+        "",
+        paired_title,
+        "",
+        *(compare(records, chosen, a, b, keys) for a, b in PAIRS),
+    ]
+
+
+def every_scale(records: list[dict]) -> list[str]:
+    """Judge accuracy and FID of every guided row at every scale (the chosen one and the rest)."""
+    lines = [
+        "",
+        "### Every scale (judge accuracy %, FID)",
+        "",
+        "| row | calls | " + " | ".join(f"s={sc:g}" for sc in SCALES) + " |",
+        "|---|---|" + "---|" * len(SCALES),
+    ]
+    seen = []
+    for r in records:
+        key = (r["method"], r["calls"])
+        if r["scale"] is None or key in seen:
+            continue
+        seen.append(key)
+        row = []
+        for sc in SCALES:
+            cells = cells_of(records, f"{r['method']}@{r['calls']}/s{sc:g}")
+            judge = 100 * np.mean([c["judge_accuracy"] for c in cells]) if cells else float("nan")
+            fid = np.mean([c["fid"] for c in cells]) if cells else float("nan")
+            row.append(f"{judge:.1f}, {fid:.3g}")
+        lines.append(f"| {r['method']} | {r['calls']} | " + " | ".join(row) + " |")
+    return lines
+
+
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     res = json.loads((out / "results.json").read_text())
@@ -466,6 +502,7 @@ def report(args: argparse.Namespace) -> None:
     cs = chosen_scales(cls, "reward_accuracy", "max")
     ins = chosen_scales(inp, "observed_error", "min")
     st = res["settings"]
+    keys = [("judge_accuracy", False, 100), ("fid", True, 1)]
     lines = [
         "# Steering the digits map by a reward, and inpainting",
         "",
@@ -485,7 +522,7 @@ def report(args: argparse.Namespace) -> None:
         "",
         "## Steer to class k",
         "",
-        *table(
+        *section(
             cls,
             cs,
             [
@@ -494,13 +531,10 @@ def report(args: argparse.Namespace) -> None:
                 ("FID vs class k", "fid", 1),
                 ("diversity / real", "diversity", 1),
             ],
+            "Paired per cell, flow-map look-ahead against the denoiser's (judge accuracy in points):",
+            keys,
         ),
-        "",
-        "Paired per cell, flow-map look-ahead against the denoiser's (judge accuracy in points):",
-        "",
     ]
-    keys = [("judge_accuracy", False, 100), ("fid", True, 1)]
-    lines += [compare(cls, cs, a, b, keys) for a, b in PAIRS]
     for name in FINETUNES:
         ft = cells_of(cls, f"{name}@1")
         if not ft:
@@ -517,26 +551,7 @@ def report(args: argparse.Namespace) -> None:
             for k in sorted({c["class"] for c in ft})
         )
         lines.append(f"- judge accuracy per class (%): {per}")
-    lines += [
-        "",
-        "### Every scale (judge accuracy %, FID)",
-        "",
-        "| row | calls | " + " | ".join(f"s={sc:g}" for sc in SCALES) + " |",
-        "|---|---|" + "---|" * len(SCALES),
-    ]
-    seen = []
-    for r in cls:
-        key = (r["method"], r["calls"])
-        if r["scale"] is None or key in seen:
-            continue
-        seen.append(key)
-        row = []
-        for sc in SCALES:
-            cells = cells_of(cls, f"{r['method']}@{r['calls']}/s{sc:g}")
-            judge = 100 * np.mean([c["judge_accuracy"] for c in cells]) if cells else float("nan")
-            fid = np.mean([c["fid"] for c in cells]) if cells else float("nan")
-            row.append(f"{judge:.1f}, {fid:.3g}")
-        lines.append(f"| {r['method']} | {r['calls']} | " + " | ".join(row) + " |")
+    lines += every_scale(cls)
     lines += [
         "",
         "## Inpainting the bottom half",
@@ -545,7 +560,7 @@ def report(args: argparse.Namespace) -> None:
         f"an SVC of the same kind trained on top halves alone names {res['top_half_accuracy']:.3f} "
         "of the test digits.",
         "",
-        *table(
+        *section(
             inp,
             ins,
             [
@@ -554,13 +569,10 @@ def report(args: argparse.Namespace) -> None:
                 ("judge accuracy of the true digit (%)", "judge_accuracy", 100),
                 ("FID vs all digits", "fid", 1),
             ],
+            "Paired per seed, flow-map look-ahead against the denoiser's:",
+            [("masked_error", False, 1), ("judge_accuracy", False, 100)],
         ),
-        "",
-        "Paired per seed, flow-map look-ahead against the denoiser's:",
-        "",
     ]
-    keys = [("masked_error", False, 1), ("judge_accuracy", False, 100)]
-    lines += [compare(inp, ins, a, b, keys) for a, b in PAIRS]
     lines += ["", "![class steering](steering.png)", "", "![inpainting](inpainting.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     print("\n".join(lines))

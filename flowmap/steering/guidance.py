@@ -125,9 +125,9 @@ class RewardGuidance:
         w = torch.where(a > 0, tilt, torch.full_like(tilt, self.max_weight))
         return expand_like(w.clamp(max=self.max_weight).to(x.dtype), x)
 
-    def direction(self, x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        r"""``(ĝ, r)``: the (normalised) gradient of :math:`r(\hat x_1)` with respect to ``x``
-        (which ``x_hat`` was computed from, with grad) and the rewards."""
+    def direction(self, x_hat: Tensor, x: Tensor) -> Tensor:
+        r""":math:`\hat g`: the (normalised) gradient of :math:`r(\hat x_1)` with respect to ``x``
+        (which ``x_hat`` was computed from, with grad)."""
         r = evaluate_reward(self.reward, x_hat)
         (g,) = torch.autograd.grad(r.sum(), x)
         if not bool(torch.isfinite(g).all()):
@@ -139,7 +139,7 @@ class RewardGuidance:
             rms = g.flatten(1).pow(2).mean(1).sqrt()
             floor = 1.0 if self.normalize == "clip" else 1e-12
             g = g / expand_like(rms.clamp_min(floor), g)
-        return g, r.detach()
+        return g
 
 
 def guided_sample(
@@ -194,7 +194,7 @@ def guided_sample(
         with torch.enable_grad():
             if not through:  # the gradient at the endpoint, applied at x_t
                 xg = x_hat = x_hat.detach().requires_grad_(True)
-            g, _ = guidance.direction(x_hat, xg)
+            g = guidance.direction(x_hat, xg)
         push = (b - a) * guidance.scale * guidance.weight(path, t, x) * g
         if is_map:
             with torch.no_grad():

@@ -133,8 +133,11 @@ def load_teacher(
                 "(flowmap fit --config .../teacher.yaml) and pass its .ckpt path, or give a "
                 "diffusers folder or a class_path spec."
             )
-        is_map = read_checkpoint(spec).get("flowmap_module") == "FlowMapModule"
-        if is_map and map_module is not None:
+        # read for its kind only where a map may be the teacher (else load_module checks it)
+        if (
+            map_module is not None
+            and read_checkpoint(spec).get("flowmap_module") == "FlowMapModule"
+        ):
             module = load_module(map_module, spec)
             if getattr(module, "adapter", None) is not None:
                 module.merge_adapters()
